@@ -1,0 +1,38 @@
+# Two commands on a fresh machine (Python 3.11+, pip and make): `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.yoloq-installed
+PARAMS ?= params.yaml
+VAL    ?= data/coco/val
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD ?= 1
+export YOLO_OFFLINE ?= 1
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[export,dev]'
+	$(BIN)/python -m pip install --quiet --no-deps yolov5==7.0.14
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/yoloq run -p $(PARAMS)
+
+test: $(STAMP)
+	$(BIN)/ruff check yoloq flows tasks tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_int8.py --val $(VAL)
+
+lint: $(STAMP)
+	$(BIN)/ruff check yoloq flows tasks tests benchmarks
+	$(BIN)/ruff format --check yoloq flows tasks tests benchmarks
+
+clean:
+	rm -rf runs mlartifacts mlflow.db

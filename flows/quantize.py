@@ -1,0 +1,217 @@
+"""The quantize DAG: export -> simplify -> calibrate -> build -> validate, logged to MLflow, judged by the gate.
+
+    params.yaml -> export -> simplify -> calibrate (Q/DQ) -> build (per variant) -> validate (per variant)
+                                                     \\-> MLflow parent run + one child run per variant
+
+The flow does all MLflow logging from its own thread (explicit run ids); tasks only compute.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.tracking import RunTracker
+from tasks.build import build_task
+from tasks.calibrate import calibrate_task
+from tasks.export import export_task
+from tasks.simplify import simplify_task
+from tasks.validate import validate_task
+from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key, files_sha256, remove_stale_temps
+from yoloq.backends import get_backend
+from yoloq.calibrate import CalibrationResult
+from yoloq.config import Params, load_params
+from yoloq.errors import GateFailed
+from yoloq.metrics import per_class_table
+from yoloq.preprocess import list_images
+from yoloq.report import (
+    GateVerdict,
+    VariantResult,
+    check_gate,
+    comparison_plot,
+    results_document,
+    results_table,
+    with_deltas,
+)
+from yoloq.validate import load_validation_set
+
+
+@dataclass(frozen=True)
+class FlowOutcome:
+    results: list[VariantResult]
+    gate: GateVerdict
+    run_id: str
+    tracking_uri: str
+    report_dir: Path
+
+    def document(self) -> dict[str, Any]:
+        return results_document(self.results, self.run_id, self.tracking_uri, self.gate)
+
+
+@flow(name="yoloq-quantize", log_prints=True)
+def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Quantize the model in params.yaml and validate every variant; raises GateFailed when accuracy is lost."""
+    params = load_params(Path(params_path), overrides or [])
+    outcome = run_pipeline(params, Path(params_path).resolve().parent)
+    document = outcome.document()
+    if not outcome.gate.passed:
+        raise GateFailed("accuracy gate failed: " + "; ".join(outcome.gate.reasons), document)
+    return document
+
+
+def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
+    logger = get_run_logger()
+    for variant in params.variants:  # fail before any work when a backend is missing
+        get_backend(variant.backend)
+    cache_dir = params.output_dir / "cache"
+    stale = remove_stale_temps(cache_dir)
+    if stale:
+        logger.warning("removed %d half-written files left by an interrupted run", stale)
+    dataset_images = list_images(params.validation.images) if params.validation.images.is_dir() else []
+    data_hashes = {
+        "model_sha256": _sha_or_missing(params.model.path),
+        "validation_images_sha256": files_sha256(dataset_images) if dataset_images else "missing",
+    }
+    run_name = f"{params.model.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
+    logger.info("MLflow run %s at %s", tracker.parent_run_id, tracker.tracking_uri)
+    try:
+        outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
+    except BaseException as exc:
+        tracker.fail_all(exc)
+        raise
+    return outcome
+
+
+def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
+    logger = get_run_logger()
+    parent = tracker.parent_run_id
+    exported = export_task(params.model, params.export, cache_dir / "export")
+    facts = exported.facts
+    tracker.set_tags(parent, {"model.family": facts.family, "model.head_format": facts.head_format})
+    tracker.log_params(parent, {"model.num_classes": str(len(facts.names)), "model.stride": str(facts.stride)})
+
+    dataset = load_validation_set(params.validation, len(facts.names))
+    stats = dataset.stats
+    logger.info(
+        "validation: %d images, %d boxes, %d background images (no label file), %d label files without image",
+        stats.num_images,
+        stats.num_boxes,
+        stats.background_images,
+        stats.orphan_labels,
+    )
+    validation_images = [t.path for t in dataset.truths]
+
+    simplify_images = list_images(params.calibration.images)[: params.simplify.check_images] or validation_images
+    simplified = simplify_task(
+        exported.onnx_path, simplify_images, exported.input_name, facts.imgsz, params.simplify, cache_dir / "simplify"
+    )
+    tracker.log_metrics(
+        parent, {"simplify.max_abs_error": simplified.max_abs_error, "simplify.max_rel_error": simplified.max_rel_error}
+    )
+    tracker.set_tags(parent, {"simplify.result": simplified.message})
+    fp32_onnx = simplified.onnx_path
+
+    calibration: CalibrationResult | None = None
+    if params.needs_qdq:
+        calibration = calibrate_task(
+            fp32_onnx,
+            exported.input_name,
+            facts.imgsz,
+            params.calibration,
+            validation_images,
+            cache_dir / "calibration",
+        )
+        tracker.log_metrics(
+            parent,
+            {
+                "calibration.seconds": calibration.seconds,
+                "calibration.validation_overlap": calibration.validation_overlap,
+            },
+        )
+
+    raw_results: list[VariantResult] = []
+    per_class: dict[str, str] = {}
+    for variant in params.variants:
+        built = build_task(variant, fp32_onnx, calibration.qdq_path if calibration else None, cache_dir / "build")
+        score = validate_task(built, dataset, facts, params.validation)
+        raw_results.append(
+            VariantResult(
+                name=variant.name,
+                precision=variant.precision,
+                backend=variant.backend,
+                map50_95=score.map.map50_95,
+                map50=score.map.map50,
+                latency_ms_b1=score.timing.latency_ms_b1,
+                throughput_ips=score.timing.throughput_ips,
+                throughput_batch=score.timing.throughput_batch,
+                size_mb=built.size_mb,
+                model_path=built.path,
+            )
+        )
+        per_class[variant.name] = per_class_table(score.map)
+
+    results = with_deltas(raw_results, params.reference_variant.name)
+    gate = check_gate(results, params.gate.max_map_drop)
+    outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir)
+    _log_results(params, tracker, outcome, per_class, calibration)
+    return outcome
+
+
+def _log_results(
+    params: Params,
+    tracker: RunTracker,
+    outcome: FlowOutcome,
+    per_class: dict[str, str],
+    calibration: CalibrationResult | None,
+) -> None:
+    parent, report_dir = tracker.parent_run_id, outcome.report_dir
+    table = results_table(outcome.results)
+    dataset_note = f"validation: {params.validation.images} ({len(list_images(params.validation.images))} images)"
+    for result in outcome.results:
+        variant_params = {"precision": result.precision, "backend": result.backend, "model": str(result.model_path)}
+        child = tracker.start_child(result.name, variant_params)
+        metrics = {
+            "map50_95": result.map50_95,
+            "map50": result.map50,
+            "delta_map50_95_vs_fp32": result.delta_map50_95,
+            "delta_map50_vs_fp32": result.delta_map50,
+            "latency_ms_b1": result.latency_ms_b1,
+            "throughput_ips": result.throughput_ips,
+            "size_mb": result.size_mb,
+        }
+        tracker.log_metrics(child, metrics)
+        tracker.log_metrics(parent, {f"{result.name}.{k}": v for k, v in metrics.items()})
+        variant_dir = report_dir / result.name
+        per_class_path = atomic_write_text(variant_dir / "per_class_ap.md", per_class[result.name] + "\n")
+        artifacts = [per_class_path, result.model_path]
+        if calibration and result.precision == "int8":
+            artifacts.append(calibration.manifest_path)
+        tracker.log_artifacts(child, artifacts)
+        tracker.finish(child)
+
+    plot = comparison_plot(outcome.results, report_dir / "comparison.png", f"{params.model.path.name}: mAP vs speed")
+    results_md = atomic_write_text(report_dir / "results.md", f"{table}\n\n{dataset_note}\n")
+    results_json = atomic_write_json(report_dir / "results.json", outcome.document())
+    tracker.log_artifacts(parent, [plot, results_md, results_json])
+    tracker.set_tags(
+        parent, {"gate": "passed" if outcome.gate.passed else "failed", "gate.reasons": "; ".join(outcome.gate.reasons)}
+    )
+    gate_line = "gate: passed" if outcome.gate.passed else "gate: FAILED: " + "; ".join(outcome.gate.reasons)
+    create_markdown_artifact(
+        key=f"results-{content_key(parent, length=8)}",
+        markdown=f"# yoloq results\n\n{table}\n\n{dataset_note}\n\n{gate_line}\n\nMLflow run `{parent}`",
+        description="yoloq: per-variant mAP and speed",
+    )
+    tracker.finish(parent)  # the run completed; its `gate` tag says whether the variants may ship
+
+
+def _sha_or_missing(path: Path) -> str:
+    from yoloq.artifacts import file_sha256
+
+    return file_sha256(path) if path.is_file() else "missing"

@@ -1,0 +1,125 @@
+"""MLflow logging for the quantize flow: one parent run per flow run, one child run per variant.
+
+Everything goes through an explicit `MlflowClient` and run ids (never the thread-local active run), so logging
+from the flow can never produce orphan runs, and a failure marks every open run FAILED with the error.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from yoloq.config import MlflowConfig, Params, flatten
+
+PACKAGES = ("yoloq", "prefect", "mlflow", "onnx", "onnxsim", "onnxruntime", "polygraphy", "numpy", "torch", "tensorrt")
+_MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(config: MlflowConfig, project_dir: Path) -> str:
+    """params.yaml's mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db."""
+    if config.tracking_uri:
+        return config.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(project_dir / 'mlflow.db').resolve()}"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit(project_dir: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class RunTracker:
+    client: MlflowClient
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    open_runs: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, params: Params, project_dir: Path, run_name: str, data_hashes: dict[str, str]) -> RunTracker:
+        uri = resolve_tracking_uri(params.mlflow, project_dir)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(params.mlflow.experiment)
+        if experiment is None:
+            location = (project_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            experiment_id = client.create_experiment(params.mlflow.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {
+            "mlflow.runName": run_name,
+            "mlflow.source.git.commit": git_commit(project_dir),
+            "host": platform.node(),
+            "host.platform": platform.platform(),
+            "host.cpu_count": str(os.cpu_count()),
+            "python": platform.python_version(),
+            **{f"version.{k}": v for k, v in package_versions().items()},
+            **{f"data.{k}": v for k, v in data_hashes.items()},
+        }
+        run = client.create_run(experiment_id, tags=tags)
+        tracker = cls(client, uri, experiment_id, run.info.run_id, [run.info.run_id])
+        tracker.log_params(tracker.parent_run_id, flatten(params))
+        return tracker
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        items = [Metric(k, float(v), 0, 0) for k, v in metrics.items()]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, paths: list[Path], folder: str | None = None) -> None:
+        for path in paths:
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), folder)
+            elif path.is_file():
+                self.client.log_artifact(run_id, str(path), folder)
+
+    def start_child(self, name: str, params: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, tags={"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": name}
+        )
+        self.open_runs.append(run.info.run_id)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def finish(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FINISHED")
+        self.open_runs.remove(run_id)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Mark every run still open FAILED, with the error as a tag (children first)."""
+        message = f"{type(error).__name__}: {error}"
+        for run_id in reversed(list(self.open_runs)):
+            try:
+                self.set_tags(run_id, {"error": message})
+                self.client.set_terminated(run_id, "FAILED")
+            finally:
+                self.open_runs.remove(run_id)

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks around the core stages: logging and progress here, the work in `yoloq`."""

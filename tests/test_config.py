@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT
+from yoloq.backends import get_backend
+from yoloq.config import apply_override, flatten, load_params, parse_override
+from yoloq.errors import BackendUnavailable, ConfigError
+
+
+def write_params(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def shipped() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def test_shipped_params_load_and_resolve_paths_against_their_folder():
+    params = load_params(PROJECT / "params.yaml")
+    assert params.model.path == PROJECT / "data/models/yolov5n.pt"
+    assert params.calibration.images == PROJECT / "data/coco/calib/images"
+    assert params.reference_variant.name == "fp32"
+    assert params.needs_qdq
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    data = shipped()
+    data["calibration"]["algoritm"] = "minmax"
+    with pytest.raises(ConfigError) as err:
+        load_params(write_params(tmp_path, data))
+    message = str(err.value)
+    assert "calibration.algoritm: unknown key" in message
+    assert "algorithm" in message and "num_images" in message
+
+
+def test_wrong_choice_lists_valid_choices(tmp_path):
+    data = shipped()
+    data["calibration"]["algorithm"] = "entropy2"
+    with pytest.raises(
+        ConfigError, match=r"calibration.algorithm: Input should be 'minmax', 'entropy' or 'percentile'"
+    ):
+        load_params(write_params(tmp_path, data))
+
+
+def test_wrong_type_is_reported_with_its_key(tmp_path):
+    data = shipped()
+    data["calibration"]["num_images"] = "many"
+    with pytest.raises(ConfigError, match=r"calibration.num_images: Input should be a valid integer"):
+        load_params(write_params(tmp_path, data))
+
+
+def test_set_overrides_any_key_and_is_validated():
+    params = load_params(
+        PROJECT / "params.yaml", ["calibration.num_images=16", "validation.images=/x/y", "variants.1.name=q8"]
+    )
+    assert params.calibration.num_images == 16
+    assert params.validation.images == Path("/x/y")
+    assert params.variants[1].name == "q8"
+    with pytest.raises(ConfigError, match="validation.batchsize: unknown key"):
+        load_params(PROJECT / "params.yaml", ["validation.batchsize=4"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_params(PROJECT / "params.yaml", ["calibration.num_images"])
+    with pytest.raises(ConfigError, match="needs an index"):
+        load_params(PROJECT / "params.yaml", ["variants.7.name=x"])
+
+
+def test_override_parsing():
+    assert parse_override("a.b=1.5") == (["a", "b"], 1.5)
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    data: dict = {"a": {"b": 1}, "l": [{"x": 1}]}
+    apply_override(data, ["a", "c"], True)
+    apply_override(data, ["l", "0", "x"], 2)
+    assert data == {"a": {"b": 1, "c": True}, "l": [{"x": 2}]}
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ({"name": "q", "precision": "int8"}, "precision int8 needs quantization"),
+        ({"name": "q", "precision": "fp32", "quantization": "qdq"}, "needs precision int8"),
+        ({"name": "q", "precision": "int8", "quantization": "implicit"}, "exists only on backend 'tensorrt'"),
+        ({"name": "h", "precision": "fp16"}, "fp16 is built by backend 'tensorrt' only"),
+    ],
+)
+def test_inconsistent_variants_are_rejected(tmp_path, variant, message):
+    data = shipped()
+    data["variants"].append(variant)
+    with pytest.raises(ConfigError, match=message):
+        load_params(write_params(tmp_path, data))
+
+
+def test_variants_need_unique_names_and_an_fp32_reference(tmp_path):
+    data = shipped()
+    data["variants"].append({"name": "fp32"})
+    with pytest.raises(ConfigError, match="repeated: fp32"):
+        load_params(write_params(tmp_path, data))
+    data = shipped()
+    data["variants"] = [data["variants"][1]]
+    with pytest.raises(ConfigError, match="need one fp32 variant"):
+        load_params(write_params(tmp_path, data))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_tensorrt_variant_without_tensorrt_is_a_clear_error():
+    with pytest.raises(BackendUnavailable, match="pip install"):
+        get_backend("tensorrt")
+
+
+def test_flatten_for_mlflow():
+    flat = flatten(load_params(PROJECT / "params.yaml"))
+    assert flat["calibration.algorithm"] == "minmax"
+    assert flat["variants.1.quantization"] == "qdq"

@@ -1,0 +1,40 @@
+"""The small interface every backend implements: build a variant, load it as a runner, run a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from yoloq.config import VariantConfig
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A variant ready to run: an ONNX model (ONNX Runtime) or an engine (TensorRT)."""
+
+    variant: VariantConfig
+    path: Path
+    size_mb: float
+    build_seconds: float
+    details: dict[str, str] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """Runs NCHW float32 batches; returns the raw detection output."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def build(self, variant: VariantConfig, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path) -> BuiltModel:
+        """Make the variant from the FP32 ONNX (or the Q/DQ ONNX for explicit INT8)."""
+        ...
+
+    def load(self, built: BuiltModel) -> Runner:
+        """A runner for a built variant."""
+        ...

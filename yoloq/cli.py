@@ -1,0 +1,164 @@
+"""The `yoloq` command: `run` the quantize flow, or `validate` one model.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad input or configuration, 3 accuracy gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from yoloq.errors import GateFailed, YoloqError
+
+
+def _quiet_prefect_defaults() -> None:
+    """Offline-friendly defaults for Prefect's temporary server (the user's environment wins)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yoloq", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the quantize flow on params.yaml")
+    run.add_argument("-p", "--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a params.yaml key, e.g. --set calibration.num_images=64 (repeatable)",
+    )
+    run.add_argument("--json", type=Path, help="write the results as JSON to this file")
+
+    validate = commands.add_parser("validate", help="COCO mAP of one ONNX model")
+    validate.add_argument("--model", type=Path, required=True, help="ONNX model (exported by yoloq or Ultralytics)")
+    validate.add_argument("--images", type=Path, required=True, help="folder of images")
+    validate.add_argument("--labels", type=Path, required=True, help="folder of YOLO .txt labels or a COCO json")
+    validate.add_argument("--imgsz", type=int, default=640, help="input size when the model does not say (640)")
+    validate.add_argument("--num-images", type=int, default=None, help="first N images only")
+    validate.add_argument("--json", type=Path, help="write the result as JSON to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.params, args.overrides, args.json)
+        return _validate(args)
+    except GateFailed as exc:
+        if exc.document:
+            _print_document(exc.document)
+            _write_json(args.json, exc.document)
+        print(f"\nyoloq: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except YoloqError as exc:
+        print(f"yoloq: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("yoloq: interrupted; finished outputs are kept, partial ones were discarded", file=sys.stderr)
+        return 130
+
+
+def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
+    from yoloq.config import load_params
+
+    load_params(params, overrides)  # report configuration errors before Prefect starts a server
+    _quiet_prefect_defaults()
+    from flows.quantize import quantize_flow
+
+    document = quantize_flow(params_path=str(params), overrides=overrides)
+    _print_document(document)
+    _write_json(json_path, document)
+    return 0
+
+
+def _print_document(document: dict[str, Any]) -> None:
+    from yoloq.report import VariantResult, results_table
+
+    rows = [
+        VariantResult(
+            name=v["name"],
+            precision=v["precision"],
+            backend=v["backend"],
+            map50_95=v["map50_95"],
+            map50=v["map50"],
+            latency_ms_b1=v["latency_ms_b1"],
+            throughput_ips=v["throughput_ips"],
+            throughput_batch=v["throughput_batch"],
+            size_mb=v["size_mb"],
+            model_path=Path(),
+            delta_map50_95=v["delta_map50_95_vs_fp32"],
+        )
+        for v in document["variants"]
+    ]
+    print()
+    print(results_table(rows))
+    print()
+    print(f"gate: {'passed' if document.get('gate_passed', True) else 'FAILED'}")
+    print(f"MLflow run id: {document['mlflow_run_id']}")
+    print(f"tracking URI:  {document['tracking_uri']}")
+    print(f"MLflow UI:     mlflow ui --backend-store-uri {document['tracking_uri']}")
+
+
+def _write_json(path: Path | None, document: dict[str, Any]) -> None:
+    if path is None:
+        return
+    from yoloq.artifacts import atomic_write_json
+
+    atomic_write_json(path, document)
+    print(f"results written to {path}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from yoloq.backends.onnxruntime import OnnxRuntimeRunner
+    from yoloq.config import TimingConfig, ValidationConfig
+    from yoloq.errors import BackendUnavailable, InputError
+    from yoloq.export import facts_for_onnx
+    from yoloq.validate import evaluate, load_validation_set, measure_timing
+
+    model: Path = args.model
+    if model.suffix.lower() in (".engine", ".plan", ".trt"):
+        raise BackendUnavailable(f"{model}: TensorRT engines need the TensorRT backend, not installed in this version")
+    if not model.is_file():
+        raise InputError(f"model {model} not found")
+    if model.suffix.lower() != ".onnx":
+        raise InputError(f"model {model}: validate takes an .onnx model; export checkpoints with `yoloq run` first")
+    facts = facts_for_onnx(model, args.imgsz)
+    config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
+    dataset = load_validation_set(config, len(facts.names))
+    runner = OnnxRuntimeRunner(model)
+    result = evaluate(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, progress=print)
+    timing = measure_timing(runner, [t.path for t in dataset.truths], facts.imgsz, TimingConfig())
+    document = {
+        "model": str(model),
+        "images": str(args.images),
+        "num_images": result.num_images,
+        "num_boxes": result.num_boxes,
+        "map50_95": round(result.map50_95, 5),
+        "map50": round(result.map50, 5),
+        "latency_ms_b1": round(timing.latency_ms_b1, 3),
+        "throughput_ips": round(timing.throughput_ips, 2),
+        "per_class_ap": {k: round(v, 5) for k, v in result.per_class_ap.items()},
+    }
+    print(
+        f"{model.name}: mAP50-95 {result.map50_95:.4f}  mAP50 {result.map50:.4f}  on {result.num_images} images "
+        f"({result.num_boxes} boxes); {timing.latency_ms_b1:.1f} ms at batch 1, {timing.throughput_ips:.1f} images/s "
+        f"at batch {timing.throughput_batch}"
+    )
+    _write_json(args.json, document)
+    print(json.dumps({k: document[k] for k in ("map50_95", "map50")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

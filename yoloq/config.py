@@ -1,0 +1,242 @@
+"""Typed configuration: params.yaml validated by pydantic, with `section.key=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from yoloq.errors import ConfigError
+
+Precision = Literal["fp32", "fp16", "int8"]
+Quantization = Literal["none", "qdq", "implicit"]
+BackendName = Literal["onnxruntime", "tensorrt"]
+CalibrationAlgorithm = Literal["minmax", "entropy", "percentile"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(Section):
+    path: Path = Field(description="PyTorch checkpoint (.pt), Ultralytics model yaml, or ONNX model")
+    imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="square input size in pixels")
+
+
+class ExportConfig(Section):
+    opset: int = Field(17, ge=17, le=21)
+    dynamic_batch: bool = True
+
+
+class SimplifyConfig(Section):
+    enabled: bool = True
+    check_images: int = Field(4, ge=1, le=64, description="calibration images used to prove equivalence")
+    atol: float = Field(1e-3, gt=0)
+    rtol: float = Field(1e-3, gt=0)
+
+
+class CalibrationConfig(Section):
+    images: Path = Path("data/coco/calib/images")
+    num_images: int = Field(128, ge=1, le=100_000)
+    min_images: int = Field(8, ge=1, description="fail when fewer readable images remain")
+    batch_size: int = Field(8, ge=1, le=256)
+    algorithm: CalibrationAlgorithm = "minmax"
+    percentile: float = Field(99.999, gt=90.0, le=100.0)
+    max_validation_overlap: float = Field(
+        0.05, ge=0.0, le=1.0, description="largest share of calibration images that may also be validation images"
+    )
+
+
+class VariantConfig(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    precision: Precision = "fp32"
+    quantization: Quantization = "none"
+    backend: BackendName = "onnxruntime"
+
+    @model_validator(mode="after")
+    def _quantization_matches_precision(self) -> VariantConfig:
+        if self.precision == "int8" and self.quantization == "none":
+            raise ValueError(f"variant {self.name!r}: precision int8 needs quantization 'qdq' or 'implicit'")
+        if self.precision != "int8" and self.quantization != "none":
+            raise ValueError(f"variant {self.name!r}: quantization {self.quantization!r} needs precision int8")
+        if self.quantization == "implicit" and self.backend != "tensorrt":
+            raise ValueError(f"variant {self.name!r}: implicit INT8 calibration exists only on backend 'tensorrt'")
+        if self.precision == "fp16" and self.backend == "onnxruntime":
+            raise ValueError(f"variant {self.name!r}: fp16 is built by backend 'tensorrt' only")
+        return self
+
+
+class TimingConfig(Section):
+    warmup: int = Field(3, ge=0)
+    iterations: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1, description="batch for the throughput measurement")
+
+
+class ValidationConfig(Section):
+    images: Path = Path("data/coco/val/images")
+    labels: Path = Path("data/coco/val/labels")
+    num_images: int | None = Field(None, ge=1, description="first N images (sorted by name); null = all")
+    batch_size: int = Field(8, ge=1, le=256)
+    conf_threshold: float = Field(0.001, ge=0.0, lt=1.0)
+    iou_threshold: float = Field(0.6, gt=0.0, le=1.0)
+    max_detections: int = Field(300, ge=1)
+    timing: TimingConfig = TimingConfig()
+
+
+class GateConfig(Section):
+    max_map_drop: float = Field(0.015, ge=0.0, le=1.0, description="largest mAP50-95 drop vs fp32 (0.015 = 1.5 points)")
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db")
+    experiment: str = "yoloq"
+
+
+class Params(Section):
+    model: ModelConfig
+    export: ExportConfig = ExportConfig()
+    simplify: SimplifyConfig = SimplifyConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    variants: list[VariantConfig] = Field(min_length=1)
+    validation: ValidationConfig = ValidationConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    output_dir: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _unique_variant_names(self) -> Params:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)}")
+        if not any(v.precision == "fp32" for v in self.variants):
+            raise ValueError(
+                "variants need one fp32 variant: it is the accuracy reference every delta is measured from"
+            )
+        return self
+
+    @property
+    def reference_variant(self) -> VariantConfig:
+        """The first fp32 variant: deltas and the gate are measured against it."""
+        return next(v for v in self.variants if v.precision == "fp32")
+
+    @property
+    def needs_qdq(self) -> bool:
+        return any(v.quantization == "qdq" for v in self.variants)
+
+    def resolved(self, base_dir: Path) -> Params:
+        """A copy where every relative path is made absolute against `base_dir` (the params file's folder)."""
+
+        def absolute(path: Path) -> Path:
+            return path if path.is_absolute() else (base_dir / path).resolve()
+
+        data = self.model_copy(deep=True)
+        data.model.path = absolute(data.model.path)
+        data.calibration.images = absolute(data.calibration.images)
+        data.validation.images = absolute(data.validation.images)
+        data.validation.labels = absolute(data.validation.labels)
+        data.output_dir = absolute(data.output_dir)
+        return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as a YAML scalar)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set calibration.num_images=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return [part for part in key.strip().split(".")], value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `value` at `path` inside nested dicts/lists (list items by index: variants.1.name=...)."""
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        where = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {'.'.join(path)}: {where} needs an index 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:depth])} is a value, not a section")
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key" + _valid_keys_hint(err["loc"])
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        lines.append(
+            f"  {where}: {message} (got {err.get('input')!r})" if err["type"] != "missing" else f"  {where}: {message}"
+        )
+    return "\n".join(lines)
+
+
+def _valid_keys_hint(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[str(part)].annotation
+        inner = getattr(annotation, "__args__", (annotation,))[0] if hasattr(annotation, "__args__") else annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+        else:
+            return ""
+    return "; valid keys: " + ", ".join(model.model_fields)
+
+
+def load_params(path: Path, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply `--set` overrides, validate, and resolve paths against the file's folder."""
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found: pass -p PATH or create params.yaml (see README)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, calibration, variants, ...)")
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        apply_override(data, key_path, value)
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from exc
+    return params.resolved(path.resolve().parent)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"section.key": "value"} for MLflow params."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    flat: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            flat.update(flatten(value, f"{prefix}{index}."))
+    else:
+        flat[prefix.rstrip(".")] = str(data)
+    return flat

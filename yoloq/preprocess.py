@@ -1,0 +1,72 @@
+"""The one preprocessing function shared by calibration and validation: letterbox, pad 114, RGB, /255, NCHW."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an original image maps into the network input: input = original * scale + (pad_x, pad_y)."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+    original_width: int
+    original_height: int
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files in `folder`, sorted by name (the order every stage uses)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_image(path: Path) -> np.ndarray | None:
+    """BGR uint8 HxWx3, or None when the file cannot be decoded. Grayscale images become 3-channel."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return image
+
+
+def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio, pad to size x size with 114 (centered), return (CHW float32 RGB /255, mapping)."""
+    height, width = image_bgr.shape[:2]
+    scale = min(size / height, size / width)
+    new_width, new_height = round(width * scale), round(height * scale)
+    if (new_width, new_height) != (width, height):
+        image_bgr = cv2.resize(image_bgr, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+    pad_x, pad_y = (size - new_width) / 2, (size - new_height) / 2
+    top, bottom = round(pad_y - 0.1), round(pad_y + 0.1)
+    left, right = round(pad_x - 0.1), round(pad_x + 0.1)
+    padded = cv2.copyMakeBorder(
+        image_bgr, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
+    )
+    chw = np.ascontiguousarray(padded[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+    return chw, Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
+
+
+def load_preprocessed(path: Path, size: int) -> tuple[np.ndarray, Letterbox] | None:
+    """Read and letterbox one image; None when unreadable."""
+    image = read_image(path)
+    if image is None:
+        return None
+    return letterbox(image, size)
+
+
+def boxes_to_original(boxes_xyxy: np.ndarray, box: Letterbox) -> np.ndarray:
+    """Map xyxy boxes from network-input pixels back to original-image pixels, clipped to the image."""
+    out = boxes_xyxy.astype(np.float64, copy=True)
+    out[:, [0, 2]] = (out[:, [0, 2]] - box.pad_x) / box.scale
+    out[:, [1, 3]] = (out[:, [1, 3]] - box.pad_y) / box.scale
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, box.original_width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, box.original_height)
+    return out

@@ -1,0 +1,116 @@
+"""Results of a run: per-variant numbers, deltas against FP32, the gate, a table, a JSON document and a plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yoloq.artifacts import atomic_path
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    name: str
+    precision: str
+    backend: str
+    map50_95: float
+    map50: float
+    latency_ms_b1: float
+    throughput_ips: float
+    throughput_batch: int
+    size_mb: float
+    model_path: Path
+    delta_map50_95: float = 0.0  # against the FP32 reference variant, in mAP units (0.01 = 1 point)
+    delta_map50: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "backend": self.backend,
+            "map50_95": round(self.map50_95, 5),
+            "map50": round(self.map50, 5),
+            "delta_map50_95_vs_fp32": round(self.delta_map50_95, 5),
+            "latency_ms_b1": round(self.latency_ms_b1, 3),
+            "throughput_ips": round(self.throughput_ips, 2),
+            "throughput_batch": self.throughput_batch,
+            "size_mb": round(self.size_mb, 3),
+        }
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    passed: bool
+    reasons: list[str]
+
+
+def with_deltas(results: list[VariantResult], reference_name: str) -> list[VariantResult]:
+    reference = next(r for r in results if r.name == reference_name)
+    from dataclasses import replace
+
+    return [
+        replace(r, delta_map50_95=r.map50_95 - reference.map50_95, delta_map50=r.map50 - reference.map50)
+        for r in results
+    ]
+
+
+def check_gate(results: list[VariantResult], max_map_drop: float) -> GateVerdict:
+    """Every variant must stay within `max_map_drop` mAP50-95 of the FP32 reference."""
+    reasons = [
+        f"{r.name}: mAP50-95 {r.map50_95:.4f} is {-r.delta_map50_95 * 100:.2f} points below FP32 "
+        f"(gate allows {max_map_drop * 100:.2f})"
+        for r in results
+        if -r.delta_map50_95 > max_map_drop + 1e-12
+    ]
+    return GateVerdict(passed=not reasons, reasons=reasons)
+
+
+def results_table(results: list[VariantResult]) -> str:
+    """A markdown table (readable in a terminal, in MLflow and in the Prefect UI)."""
+    batch = results[0].throughput_batch if results else 8
+    header = (
+        f"| variant | precision | backend | mAP50-95 | mAP50 | Δ vs FP32 (points) | latency ms (b1) | "
+        f"images/s (b{batch}) | size MB |"
+    )
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.precision} | {r.backend} | {r.map50_95:.4f} | {r.map50:.4f} | "
+            f"{r.delta_map50_95 * 100:+.2f} | {r.latency_ms_b1:.1f} | {r.throughput_ips:.1f} | {r.size_mb:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def results_document(results: list[VariantResult], run_id: str, tracking_uri: str, gate: GateVerdict) -> dict[str, Any]:
+    return {
+        "variants": [r.as_json() for r in results],
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "gate_passed": gate.passed,
+        "gate_reasons": gate.reasons,
+    }
+
+
+def comparison_plot(results: list[VariantResult], path: Path, title: str) -> Path:
+    """mAP50-95 against images/s, one labelled point per variant (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in results:
+        axes.scatter(r.throughput_ips, r.map50_95, s=60)
+        axes.annotate(
+            f"{r.name} ({r.backend})", (r.throughput_ips, r.map50_95), textcoords="offset points", xytext=(6, 4)
+        )
+    axes.set_xlabel(f"images/s (batch {results[0].throughput_batch})")
+    axes.set_ylabel("mAP50-95")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return path

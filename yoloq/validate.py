@@ -1,0 +1,132 @@
+"""Stage 5, validate: COCO mAP of a runner on labelled images, and its latency and throughput."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from yoloq.backends.base import Runner
+from yoloq.config import TimingConfig, ValidationConfig
+from yoloq.errors import InputError
+from yoloq.heads import HeadFormat, decode
+from yoloq.labels import GroundTruthStats, ImageTruth, load_ground_truth
+from yoloq.metrics import MapResult, coco_map
+from yoloq.preprocess import boxes_to_original, list_images, load_preprocessed
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    truths: list[ImageTruth]
+    stats: GroundTruthStats
+
+
+@dataclass(frozen=True)
+class Timing:
+    latency_ms_b1: float
+    throughput_ips: float
+    throughput_batch: int
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    map: MapResult
+    timing: Timing
+    seconds: float
+
+
+def load_validation_set(config: ValidationConfig, num_classes: int) -> ValidationSet:
+    """The validation images (first `num_images` by name) and their ground truth."""
+    if not config.images.is_dir():
+        raise InputError(f"validation images folder {config.images} not found: set validation.images")
+    if not config.labels.exists():
+        raise InputError(f"validation labels {config.labels} not found: set validation.labels (folder or COCO json)")
+    images = list_images(config.images)
+    if config.num_images is not None:
+        images = images[: config.num_images]
+    if not images:
+        raise InputError(f"validation folder {config.images} holds no images")
+    truths, stats = load_ground_truth(images, config.labels, num_classes)
+    return ValidationSet(truths, stats)
+
+
+def evaluate(
+    runner: Runner,
+    dataset: ValidationSet,
+    head_format: HeadFormat,
+    imgsz: int,
+    class_names: list[str],
+    config: ValidationConfig,
+    progress: Progress | None = None,
+) -> MapResult:
+    """Run every validation image through `runner` and score the detections with COCO mAP."""
+    detections = []
+    total = len(dataset.truths)
+    report_every = max(1, total // 4)
+    for start in range(0, total, config.batch_size):
+        chunk = dataset.truths[start : start + config.batch_size]
+        inputs, boxes = [], []
+        for truth in chunk:
+            loaded = load_preprocessed(truth.path, imgsz)
+            if loaded is None:
+                raise InputError(f"validation image {truth.path} is unreadable: remove or replace it")
+            inputs.append(loaded[0])
+            boxes.append(loaded[1])
+        output = runner.infer(np.stack(inputs))
+        decoded = decode(output, head_format, config.conf_threshold, config.iou_threshold, config.max_detections)
+        for item, box in zip(decoded, boxes, strict=True):
+            original = boxes_to_original(item.boxes_xyxy, box).astype(np.float32)
+            detections.append(dataclasses.replace(item, boxes_xyxy=original))
+        done = start + len(chunk)
+        if progress and (done // report_every != start // report_every or done == total):
+            progress(f"  validated {done}/{total} images")
+    return coco_map(dataset.truths, detections, class_names)
+
+
+def measure_timing(runner: Runner, images: list[Path], imgsz: int, config: TimingConfig) -> Timing:
+    """Latency at batch 1 (median ms) and throughput at `config.batch_size` (images/s), on real images."""
+    if not images:
+        raise InputError("timing needs at least one image")
+    frames = [load_preprocessed(p, imgsz) for p in images[: config.batch_size]]
+    stacked = np.stack([f[0] for f in frames if f is not None])
+    batch = np.concatenate([stacked] * -(-config.batch_size // len(stacked)))[: config.batch_size]
+    single = batch[:1]
+    for _ in range(config.warmup):
+        runner.infer(single)
+        runner.infer(batch)
+    latencies = []
+    for _ in range(config.iterations):
+        start = time.perf_counter()
+        runner.infer(single)
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(config.iterations):
+        runner.infer(batch)
+    elapsed = time.perf_counter() - start
+    return Timing(
+        latency_ms_b1=statistics.median(latencies) * 1000.0,
+        throughput_ips=config.batch_size * config.iterations / elapsed,
+        throughput_batch=config.batch_size,
+    )
+
+
+def score_variant(
+    runner: Runner,
+    dataset: ValidationSet,
+    head_format: HeadFormat,
+    imgsz: int,
+    class_names: list[str],
+    config: ValidationConfig,
+    progress: Progress | None = None,
+) -> VariantScore:
+    start = time.perf_counter()
+    result = evaluate(runner, dataset, head_format, imgsz, class_names, config, progress)
+    timing = measure_timing(runner, [t.path for t in dataset.truths], imgsz, config.timing)
+    return VariantScore(map=result, timing=timing, seconds=time.perf_counter() - start)
