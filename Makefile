@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/cpu_int8.py --val $(VAL)
+	$(BIN)/python benchmarks/cpu_int8.py $(foreach v,$(VAL),--val $(v))
 
 lint: $(STAMP)
 	$(BIN)/ruff check yoloq flows tasks tests benchmarks

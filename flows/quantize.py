@@ -53,7 +53,7 @@ class FlowOutcome:
         return results_document(self.results, self.run_id, self.tracking_uri, self.gate)
 
 
-@flow(name="yoloq-quantize", log_prints=True)
+@flow(name="yoloq-quantize")
 def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Quantize the model in params.yaml and validate every variant; raises GateFailed when accuracy is lost."""
     params = load_params(Path(params_path), overrides or [])

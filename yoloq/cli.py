@@ -70,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
+    from yoloq.backends import get_backend
     from yoloq.config import load_params
 
-    load_params(params, overrides)  # report configuration errors before Prefect starts a server
+    for variant in load_params(params, overrides).variants:  # report bad input before Prefect starts a server
+        get_backend(variant.backend)
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
 

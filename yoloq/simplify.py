@@ -107,7 +107,7 @@ def compare_models(
         OnnxrtRunner(SessionFromOnnx(str(reference)), name="original"),
         OnnxrtRunner(SessionFromOnnx(str(candidate)), name="simplified"),
     ]
-    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
         results = Comparator.run(runners, data_loader=loader)
         accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
     max_abs, max_rel = 0.0, 0.0

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from tests.conftest import PROJECT, VAL_IMAGES, VAL_LABELS
+from yoloq.cli import main
+
+
+def test_params_typo_exits_2_with_the_valid_keys(tmp_path, capsys):
+    data = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    data["validation"]["conf_treshold"] = 0.01
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", "-p", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "validation.conf_treshold: unknown key" in err and "conf_threshold" in err
+
+
+def test_bad_set_value_exits_2(capsys):
+    assert main(["run", "-p", str(PROJECT / "params.yaml"), "--set", "calibration.algorithm=entropy2"]) == 2
+    assert "'minmax', 'entropy' or 'percentile'" in capsys.readouterr().err
+
+
+def test_tensorrt_variant_on_this_machine_exits_2_with_the_install_hint(tmp_path, capsys):
+    overrides = [
+        "variants.1.backend=tensorrt",
+        f"output_dir={tmp_path}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+    ]
+    args = ["run", "-p", str(PROJECT / "params.yaml")] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 2
+    assert "pip install '.[tensorrt]'" in capsys.readouterr().err
+    assert not (tmp_path / "m.db").exists()  # refused before any work
+
+
+def test_validate_one_onnx_model_writes_json(simplified, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = main(
+        [
+            "validate",
+            "--model",
+            str(simplified.onnx_path),
+            "--images",
+            str(VAL_IMAGES),
+            "--labels",
+            str(VAL_LABELS),
+            "--num-images",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 16 and 0.2 < result["map50_95"] < 0.6
+    assert result["per_class_ap"]
+
+
+def test_validate_rejects_missing_model_and_engines(tmp_path, capsys):
+    assert main(["validate", "--model", str(tmp_path / "x.onnx"), "--images", ".", "--labels", "."]) == 2
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"x")
+    assert main(["validate", "--model", str(engine), "--images", ".", "--labels", "."]) == 2
+    assert "TensorRT" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""End to end: the real Prefect flow on the real yolov5n and COCO images, logging to a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PROJECT
+from yoloq.cli import main
+
+REFERENCE_FP32_MAP = 0.3367  # data/README.md: yolov5n on coco/val (64 images)
+CALIBRATION_IMAGES = 64  # fewer than the default 128 to keep CI short
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A params.yaml in a fresh folder pointing at the shipped model and data, with its own MLflow store."""
+    root = tmp_path_factory.mktemp("project")
+    data = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    data["model"]["path"] = str(PROJECT / "data/models/yolov5n.pt")
+    data["calibration"]["images"] = str(PROJECT / "data/coco/calib/images")
+    data["calibration"]["num_images"] = CALIBRATION_IMAGES
+    data["validation"]["images"] = str(PROJECT / "data/coco/val/images")
+    data["validation"]["labels"] = str(PROJECT / "data/coco/val/labels")
+    data["validation"]["timing"]["iterations"] = 5
+    (root / "params.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> dict:
+    from flows.quantize import quantize_flow
+
+    return quantize_flow(params_path=str(project / "params.yaml"))
+
+
+def test_flow_reproduces_the_reference_and_int8_stays_close(first_run):
+    variants = {v["name"]: v for v in first_run["variants"]}
+    assert set(variants) == {"fp32", "int8"}
+    assert variants["fp32"]["map50_95"] == pytest.approx(REFERENCE_FP32_MAP, abs=0.005)
+    assert variants["int8"]["map50_95"] >= variants["fp32"]["map50_95"] - 0.015
+    assert variants["int8"]["backend"] == "onnxruntime" and variants["int8"]["precision"] == "int8"
+    for variant in variants.values():
+        assert variant["latency_ms_b1"] > 0 and variant["throughput_ips"] > 0 and variant["size_mb"] > 1
+    assert first_run["gate_passed"]
+
+
+def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run, project):
+    assert first_run["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(first_run["tracking_uri"])
+    parent = client.get_run(first_run["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["calibration.num_images"] == str(CALIBRATION_IMAGES)
+    assert parent.data.tags["gate"] == "passed"
+    assert parent.data.tags["data.model_sha256"].startswith("4f180cf2")
+    assert "version.onnxruntime" in parent.data.tags and "mlflow.source.git.commit" in parent.data.tags
+    assert parent.data.metrics["int8.delta_map50_95_vs_fp32"] >= -0.015
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.png", "results.md", "results.json"} <= parent_files
+
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["tags.mlflow.runName"],
+    )
+    assert [c.data.tags["mlflow.runName"] for c in children] == ["fp32", "int8"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"map50_95", "map50", "delta_map50_95_vs_fp32", "latency_ms_b1", "throughput_ips"} <= set(
+            child.data.metrics
+        )
+        files = {f.path for f in client.list_artifacts(child.info.run_id)}
+        assert "per_class_ap.md" in files and any(f.endswith(".onnx") for f in files)
+    int8_files = {f.path for f in client.list_artifacts(children[1].info.run_id)}
+    assert any(f.endswith(".calibration.json") for f in int8_files)
+    manifest_name = next(f for f in int8_files if f.endswith(".calibration.json"))
+    manifest = json.loads(Path(client.download_artifacts(children[1].info.run_id, manifest_name)).read_text())
+    assert len(manifest["images"]) == CALIBRATION_IMAGES and manifest["algorithm"] == "minmax"
+    assert manifest["excluded_nodes"]  # the head's decoding tail stays in float
+
+
+def test_cli_rerun_reuses_cached_stages_and_a_failed_gate_exits_3(first_run, project, capsys):
+    int8_delta = next(v for v in first_run["variants"] if v["name"] == "int8")["delta_map50_95_vs_fp32"]
+    out = project / "gate.json"
+    code = main(["run", "-p", str(project / "params.yaml"), "--set", "gate.max_map_drop=0.0", "--json", str(out)])
+    printed = capsys.readouterr()
+    document = json.loads(out.read_text())
+    rerun_delta = next(v for v in document["variants"] if v["name"] == "int8")["delta_map50_95_vs_fp32"]
+    assert rerun_delta == pytest.approx(int8_delta, abs=1e-6)  # the cached Q/DQ model gives the same result
+    assert "MLflow run id:" in printed.out and "| int8 |" in printed.out
+    if int8_delta < 0:  # INT8 lost accuracy, so a zero-loss gate must fail
+        assert code == 3 and "accuracy gate failed" in printed.err
+        run = MlflowClient(document["tracking_uri"]).get_run(document["mlflow_run_id"])
+        assert run.data.tags["gate"] == "failed"
+    else:
+        assert code == 0
