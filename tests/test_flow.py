@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,17 @@ def test_cli_rerun_reuses_cached_stages_and_a_failed_gate_exits_3(first_run, pro
         assert run.data.tags["gate"] == "failed"
     else:
         assert code == 0
+
+
+def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, project, tmp_path, capsys):
+    labels = tmp_path / "labels"
+    shutil.copytree(PROJECT / "data/coco/val/labels", labels)
+    (labels / "000000000139.txt").write_text("58 0.38 0.41 0.03 0.16\n91 0.5 0.5 0.1 0.1\n")
+    code = main(["run", "-p", str(project / "params.yaml"), "--set", f"validation.labels={labels}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "000000000139.txt:2" in err
+    client = MlflowClient(first_run["tracking_uri"])
+    experiment = client.get_experiment_by_name("yoloq")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    latest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert latest.info.status == "FAILED" and "000000000139.txt:2" in latest.data.tags["error"]
