@@ -84,7 +84,8 @@ def main() -> int:
         f"{os.cpu_count()} cores; calibration {params.calibration.algorithm} on {calibration.num_images} images"
     )
     print(
-        f"| set | images | boxes | variant | mAP50-95 | mAP50 | Δ vs FP32 (points) | latency ms (b1) | images/s (b{batch}) |"
+        "| set | images | boxes | variant | mAP50-95 | mAP50 | Δ vs FP32 (points) | latency ms (b1) | "
+        f"images/s (b{batch}) |"
     )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))

@@ -23,7 +23,7 @@ from tasks.export import export_task
 from tasks.simplify import simplify_task
 from tasks.validate import validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key, files_sha256, remove_stale_temps
-from yoloq.backends import get_backend
+from yoloq.backends import BuiltModel, resolve_variants
 from yoloq.calibrate import CalibrationResult
 from yoloq.config import Params, load_params
 from yoloq.errors import GateFailed
@@ -56,7 +56,7 @@ class FlowOutcome:
 @flow(name="yoloq-quantize")
 def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Quantize the model in params.yaml and validate every variant; raises GateFailed when accuracy is lost."""
-    params = load_params(Path(params_path), overrides or [])
+    params = resolve_variants(load_params(Path(params_path), overrides or []))  # exit 2 early if a backend is missing
     outcome = run_pipeline(params, Path(params_path).resolve().parent)
     document = outcome.document()
     if not outcome.gate.passed:
@@ -66,8 +66,6 @@ def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None 
 
 def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
     logger = get_run_logger()
-    for variant in params.variants:  # fail before any work when a backend is missing
-        get_backend(variant.backend)
     cache_dir = params.output_dir / "cache"
     stale = remove_stale_temps(cache_dir)
     if stale:
@@ -118,7 +116,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     fp32_onnx = simplified.onnx_path
 
     calibration: CalibrationResult | None = None
-    if params.needs_qdq:
+    if params.needs_calibration:
         calibration = calibrate_task(
             fp32_onnx,
             exported.input_name,
@@ -127,6 +125,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
             validation_images,
             cache_dir / "calibration",
         )
+        tracker.set_tags(parent, {"data.calibration_images_sha256": calibration.images_sha256})
         tracker.log_metrics(
             parent,
             {
@@ -137,9 +136,12 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
 
     raw_results: list[VariantResult] = []
     per_class: dict[str, str] = {}
+    builds: dict[str, BuiltModel] = {}
     for variant in params.variants:
-        built = build_task(variant, fp32_onnx, calibration.qdq_path if calibration else None, cache_dir / "build")
-        score = validate_task(built, dataset, facts, params.validation)
+        qdq_onnx = calibration.qdq_path if calibration else None
+        built = build_task(variant, params, fp32_onnx, qdq_onnx, cache_dir / "build")
+        builds[variant.name] = built
+        score = validate_task(built, dataset, facts, params)
         raw_results.append(
             VariantResult(
                 name=variant.name,
@@ -159,7 +161,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     results = with_deltas(raw_results, params.reference_variant.name)
     gate = check_gate(results, params.gate.max_map_drop)
     outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir)
-    _log_results(params, tracker, outcome, per_class, calibration)
+    _log_results(params, tracker, outcome, per_class, builds, calibration)
     return outcome
 
 
@@ -168,14 +170,20 @@ def _log_results(
     tracker: RunTracker,
     outcome: FlowOutcome,
     per_class: dict[str, str],
+    builds: dict[str, BuiltModel],
     calibration: CalibrationResult | None,
 ) -> None:
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     table = results_table(outcome.results)
     dataset_note = f"validation: {params.validation.images} ({len(list_images(params.validation.images))} images)"
     for result in outcome.results:
-        variant_params = {"precision": result.precision, "backend": result.backend, "model": str(result.model_path)}
-        child = tracker.start_child(result.name, variant_params)
+        built = builds[result.name]
+        variant_params = {
+            **built.variant.model_dump(mode="json"),
+            "model": str(result.model_path),
+            **{f"build.{k}": v for k, v in built.details.items()},
+        }
+        child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()})
         metrics = {
             "map50_95": result.map50_95,
             "map50": result.map50,
@@ -187,14 +195,17 @@ def _log_results(
         }
         tracker.log_metrics(child, metrics)
         tracker.log_metrics(parent, {f"{result.name}.{k}": v for k, v in metrics.items()})
+        if built.build_seconds:
+            tracker.log_metrics(child, {"build_seconds": built.build_seconds})
         variant_dir = report_dir / result.name
         per_class_path = atomic_write_text(variant_dir / "per_class_ap.md", per_class[result.name] + "\n")
-        artifacts = [per_class_path, result.model_path]
-        if calibration and result.precision == "int8":
+        artifacts = [per_class_path, result.model_path, *_build_artifacts(built)]
+        if calibration and built.variant.quantization == "qdq":
             artifacts.append(calibration.manifest_path)
         tracker.log_artifacts(child, artifacts)
         tracker.finish(child)
 
+    tracker.log_metrics(parent, fp16_vs_int8(outcome.results))
     plot = comparison_plot(outcome.results, report_dir / "comparison.png", f"{params.model.path.name}: mAP vs speed")
     results_md = atomic_write_text(report_dir / "results.md", f"{table}\n\n{dataset_note}\n")
     results_json = atomic_write_json(report_dir / "results.json", outcome.document())
@@ -209,6 +220,30 @@ def _log_results(
         description="yoloq: per-variant mAP and speed",
     )
     tracker.finish(parent)  # the run completed; its `gate` tag says whether the variants may ship
+
+
+def fp16_vs_int8(results: list[VariantResult]) -> dict[str, float]:
+    """For each INT8 variant, its mAP delta and speed-up against the first FP16 variant (if the run has one)."""
+    fp16 = next((r for r in results if r.precision == "fp16"), None)
+    if fp16 is None:
+        return {}
+    metrics: dict[str, float] = {}
+    for r in results:
+        if r.precision == "int8":
+            metrics[f"{r.name}.delta_map50_95_vs_fp16"] = r.map50_95 - fp16.map50_95
+            metrics[f"{r.name}.speedup_vs_fp16"] = r.throughput_ips / fp16.throughput_ips
+            metrics[f"{r.name}.latency_ratio_vs_fp16"] = r.latency_ms_b1 / fp16.latency_ms_b1
+    return metrics
+
+
+def _build_artifacts(built: BuiltModel) -> list[Path]:
+    """Files a build left beside the model that belong in MLflow: build log, caches, the build record."""
+    keys = ("build_log", "timing_cache", "calibration_cache")
+    paths = [Path(built.details[k]) for k in keys if built.details.get(k)]
+    record = built.path.with_suffix(".json")
+    if built.details and record.is_file():
+        paths.append(record)
+    return [p for p in paths if p.is_file()]
 
 
 def _sha_or_missing(path: Path) -> str:

@@ -26,7 +26,7 @@ def test_shipped_params_load_and_resolve_paths_against_their_folder():
     assert params.model.path == PROJECT / "data/models/yolov5n.pt"
     assert params.calibration.images == PROJECT / "data/coco/calib/images"
     assert params.reference_variant.name == "fp32"
-    assert params.needs_qdq
+    assert params.needs_calibration
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):
@@ -124,3 +124,68 @@ def test_flatten_for_mlflow():
     flat = flatten(load_params(PROJECT / "params.yaml"))
     assert flat["calibration.algorithm"] == "minmax"
     assert flat["variants.1.quantization"] == "qdq"
+
+
+# -- backend selection and the tensorrt section ---------------------------------------------------------------
+
+
+def test_top_level_backend_is_inherited_by_variants_without_one(tmp_path):
+    data = shipped()
+    data["backend"] = "tensorrt"
+    data["variants"].append({"name": "q8", "precision": "int8", "quantization": "implicit", "calibrator": "entropy2"})
+    data["variants"].append({"name": "h", "precision": "fp16"})
+    params = load_params(write_params(tmp_path, data))
+    by_name = {v.name: v for v in params.variants}
+    assert by_name["fp32"].backend == "onnxruntime"  # its own backend wins
+    assert by_name["q8"].backend == "tensorrt" and by_name["q8"].trt_calibrator == "entropy2"
+    assert by_name["h"].backend == "tensorrt"
+
+
+def test_fp16_and_implicit_are_accepted_on_auto(tmp_path):
+    data = shipped()
+    data["variants"].append({"name": "h", "precision": "fp16", "backend": "auto"})
+    data["variants"].append({"name": "q8", "precision": "int8", "quantization": "implicit", "backend": "auto"})
+    params = load_params(write_params(tmp_path, data))
+    assert params.variants[3].trt_calibrator == "minmax"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"backend": "cuda"}, r"backend: Input should be 'auto', 'onnxruntime' or 'tensorrt'"),
+        ({"tensorrt": {"profile": {"min_batch": 8, "opt_batch": 4}}}, "min_batch <= opt_batch <= max_batch"),
+        ({"tensorrt": {"builder_optimization_level": 6}}, "builder_optimization_level"),
+        ({"tensorrt": {"tactic_sources": ["cudnn"]}}, "not a TacticSource name"),
+        ({"tensorrt": {"workspace": 1}}, r"tensorrt.workspace: unknown key; valid keys: profile, workspace_mb"),
+        ({"tensorrt": {"profile": {"opt": 1}}}, r"valid keys: min_batch, opt_batch, max_batch"),
+    ],
+)
+def test_bad_tensorrt_settings_are_reported(tmp_path, change, message):
+    data = {**shipped(), **change}
+    with pytest.raises(ConfigError, match=message):
+        load_params(write_params(tmp_path, data))
+
+
+def test_calibrator_only_with_implicit(tmp_path):
+    data = shipped()
+    data["variants"][1]["calibrator"] = "entropy2"  # the shipped int8 variant is qdq
+    with pytest.raises(ConfigError, match="calibrator 'entropy2' applies to quantization 'implicit' only"):
+        load_params(write_params(tmp_path, data))
+    data["variants"][1]["calibrator"] = "entropy"
+    with pytest.raises(ConfigError, match="'minmax', 'entropy2' or 'legacy'"):
+        load_params(write_params(tmp_path, data))
+
+
+def test_tensorrt_defaults_and_timing_cache_path_resolution(tmp_path):
+    data = shipped()
+    data["tensorrt"] = {"timing_cache": "caches/timing.cache", "tactic_sources": ["EDGE_MASK_CONVOLUTIONS"]}
+    params = load_params(write_params(tmp_path, data))
+    assert params.tensorrt.timing_cache == tmp_path / "caches/timing.cache"
+    assert params.tensorrt.profile.max_batch == 32 and params.tensorrt.fp16_fallback
+    assert params.tensorrt.timing.iterations >= 200
+    assert (
+        load_params(
+            PROJECT / "params.yaml", ["tensorrt.builder_optimization_level=0"]
+        ).tensorrt.builder_optimization_level
+        == 0
+    )

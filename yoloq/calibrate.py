@@ -33,6 +33,7 @@ class CalibrationResult:
     excluded_nodes: list[str]
     seconds: float
     reused: bool
+    images_sha256: str
 
 
 def check_overlap(calibration: CalibrationSet, validation_images: list[Path], max_share: float) -> int:
@@ -86,6 +87,7 @@ def calibrate(
             manifest["excluded_nodes"],
             0.0,
             reused=True,
+            images_sha256=selected.content_hash,
         )
     loader = CalibrationDataLoader(selected.images, input_name, imgsz, config.batch_size)
     if progress:
@@ -120,4 +122,5 @@ def calibrate(
         result.excluded_nodes,
         seconds,
         reused=False,
+        images_sha256=selected.content_hash,
     )

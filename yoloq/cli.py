@@ -70,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
-    from yoloq.backends import get_backend
+    from yoloq.backends import resolve_variants
     from yoloq.config import load_params
 
-    for variant in load_params(params, overrides).variants:  # report bad input before Prefect starts a server
-        get_backend(variant.backend)
+    resolve_variants(load_params(params, overrides))  # report bad input before Prefect starts a server
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
 
@@ -121,26 +120,54 @@ def _write_json(path: Path | None, document: dict[str, Any]) -> None:
     print(f"results written to {path}")
 
 
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
+    """A TensorRT runner for an engine built by yoloq; its model facts come from the source ONNX in its record."""
+    from yoloq.artifacts import read_json
+    from yoloq.backends import get_backend
+    from yoloq.config import TensorRTConfig
+    from yoloq.errors import InputError
+    from yoloq.export import facts_for_onnx
+
+    get_backend("tensorrt")  # BackendUnavailable (exit 2) with the reason and the install hint
+    from yoloq.backends.tensorrt import TensorRTRunner, device_timing
+
+    record = engine.with_suffix(".json")
+    if not record.is_file():
+        raise InputError(
+            f"engine {engine}: its build record {record.name} is missing; validate the source ONNX instead"
+        )
+    source = Path(read_json(record)["details"]["source_onnx"])
+    if not source.is_file():
+        raise InputError(f"engine {engine}: its source ONNX {source} is gone; validate that ONNX instead")
+    facts = facts_for_onnx(source, imgsz)
+    settings = TensorRTConfig()
+    return TensorRTRunner(engine), facts, lambda runner, images: device_timing(runner, images, facts.imgsz, settings)
+
+
 def _validate(args: argparse.Namespace) -> int:
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
     from yoloq.config import TimingConfig, ValidationConfig
-    from yoloq.errors import BackendUnavailable, InputError
+    from yoloq.errors import InputError
     from yoloq.export import facts_for_onnx
     from yoloq.validate import evaluate, load_validation_set, measure_timing
 
     model: Path = args.model
-    if model.suffix.lower() in (".engine", ".plan", ".trt"):
-        raise BackendUnavailable(f"{model}: TensorRT engines need the TensorRT backend, not installed in this version")
     if not model.is_file():
         raise InputError(f"model {model} not found")
-    if model.suffix.lower() != ".onnx":
-        raise InputError(f"model {model}: validate takes an .onnx model; export checkpoints with `yoloq run` first")
-    facts = facts_for_onnx(model, args.imgsz)
+    if model.suffix.lower() in ENGINE_SUFFIXES:
+        runner, facts, timing_fn = _engine_runner(model, args.imgsz)
+    elif model.suffix.lower() == ".onnx":
+        runner, facts, timing_fn = OnnxRuntimeRunner(model), facts_for_onnx(model, args.imgsz), None
+    else:
+        raise InputError(f"model {model}: validate takes an .onnx model or a TensorRT engine built by yoloq")
     config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
     dataset = load_validation_set(config, len(facts.names))
-    runner = OnnxRuntimeRunner(model)
     result = evaluate(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, progress=print)
-    timing = measure_timing(runner, [t.path for t in dataset.truths], facts.imgsz, TimingConfig())
+    images = [t.path for t in dataset.truths]
+    timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, facts.imgsz, TimingConfig())
     document = {
         "model": str(model),
         "images": str(args.images),

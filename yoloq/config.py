@@ -12,8 +12,13 @@ from yoloq.errors import ConfigError
 
 Precision = Literal["fp32", "fp16", "int8"]
 Quantization = Literal["none", "qdq", "implicit"]
-BackendName = Literal["onnxruntime", "tensorrt"]
+BackendName = Literal["auto", "onnxruntime", "tensorrt"]
+"""What params.yaml may ask for; `auto` = TensorRT when it imports and a CUDA GPU exists, else ONNX Runtime."""
+ResolvedBackendName = Literal["onnxruntime", "tensorrt"]
+"""A concrete backend, after `auto` is resolved on this machine (yoloq.backends.resolve_backend)."""
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile"]
+TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
+"""TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
 
 
 class Section(BaseModel):
@@ -55,7 +60,12 @@ class VariantConfig(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     precision: Precision = "fp32"
     quantization: Quantization = "none"
-    backend: BackendName = "onnxruntime"
+    backend: BackendName = Field(
+        "onnxruntime", description="onnxruntime, tensorrt, or auto; a variant without one takes the top-level backend"
+    )
+    calibrator: TrtCalibrator | None = Field(
+        None, description="TensorRT calibrator for quantization implicit; null = minmax (entropy2 loses ~12 points)"
+    )
 
     @model_validator(mode="after")
     def _quantization_matches_precision(self) -> VariantConfig:
@@ -63,10 +73,84 @@ class VariantConfig(Section):
             raise ValueError(f"variant {self.name!r}: precision int8 needs quantization 'qdq' or 'implicit'")
         if self.precision != "int8" and self.quantization != "none":
             raise ValueError(f"variant {self.name!r}: quantization {self.quantization!r} needs precision int8")
-        if self.quantization == "implicit" and self.backend != "tensorrt":
-            raise ValueError(f"variant {self.name!r}: implicit INT8 calibration exists only on backend 'tensorrt'")
+        if self.quantization == "implicit" and self.backend == "onnxruntime":
+            raise ValueError(
+                f"variant {self.name!r}: implicit INT8 calibration exists only on backend 'tensorrt' "
+                "(or 'auto' on a machine with TensorRT); use quantization qdq for onnxruntime"
+            )
         if self.precision == "fp16" and self.backend == "onnxruntime":
-            raise ValueError(f"variant {self.name!r}: fp16 is built by backend 'tensorrt' only")
+            raise ValueError(
+                f"variant {self.name!r}: fp16 is built by backend 'tensorrt' only "
+                "(or 'auto' on a machine with TensorRT)"
+            )
+        if self.calibrator is not None and self.quantization != "implicit":
+            raise ValueError(
+                f"variant {self.name!r}: calibrator {self.calibrator!r} applies to quantization 'implicit' only "
+                f"(TensorRT calibration); remove it, or set quantization: implicit"
+            )
+        return self
+
+    @property
+    def trt_calibrator(self) -> TrtCalibrator:
+        """The calibrator an implicit INT8 variant uses: its own, else minmax."""
+        return self.calibrator or "minmax"
+
+
+class TensorRTProfile(Section):
+    """The dynamic-batch optimization profile: engines accept batches min..max and are tuned for opt.
+
+    Implicit INT8 calibration runs at the opt batch (TensorRT calibrates with the profile's opt shape)."""
+
+    min_batch: int = Field(1, ge=1, le=1024)
+    opt_batch: int = Field(8, ge=1, le=1024)
+    max_batch: int = Field(32, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TensorRTProfile:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(
+                f"tensorrt.profile needs min_batch <= opt_batch <= max_batch, "
+                f"got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
+        return self
+
+
+class TensorRTTimingConfig(Section):
+    """Device-time measurement of an engine (CUDA events), at batch 1 and at the profile's max batch."""
+
+    warmup: int = Field(20, ge=0)
+    iterations: int = Field(200, ge=1, description="timed executions per batch size (the issue asks for >= 200)")
+
+
+class TensorRTConfig(Section):
+    """Engine builds (backend tensorrt). TensorRT's own defaults where a key is null."""
+
+    profile: TensorRTProfile = TensorRTProfile()
+    workspace_mb: int = Field(4096, ge=16, description="builder workspace memory pool limit (MiB)")
+    builder_optimization_level: int = Field(
+        3, ge=0, le=5, description="0 builds fastest (about 10x faster), 3 is TensorRT's default, 5 searches most"
+    )
+    tactic_sources: list[str] | None = Field(
+        None,
+        description="TacticSource names to allow, e.g. [EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS]; null = TensorRT's "
+        "default (the 8.6 kit in ../shared/gpu has no cuBLAS/cuDNN and needs exactly those two)",
+    )
+    timing_cache: Path | None = Field(
+        None, description="tactic timing cache shared by builds; null = one per TensorRT version and GPU in the cache"
+    )
+    fp16_fallback: bool = Field(
+        True, description="INT8 engines may run layers in FP16 where faster or unquantized (else FP32)"
+    )
+    timing: TensorRTTimingConfig = TensorRTTimingConfig()
+
+    @model_validator(mode="after")
+    def _tactic_source_names(self) -> TensorRTConfig:
+        for name in self.tactic_sources or []:
+            if not name.isidentifier() or name.upper() != name:
+                raise ValueError(
+                    f"tensorrt.tactic_sources: {name!r} is not a TacticSource name; use upper-case names such as "
+                    "EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS, CUBLAS, CUBLAS_LT, CUDNN"
+                )
         return self
 
 
@@ -98,6 +182,9 @@ class MlflowConfig(Section):
 
 class Params(Section):
     model: ModelConfig
+    backend: BackendName = Field(
+        "onnxruntime", description="backend of every variant that names none: auto, onnxruntime or tensorrt"
+    )
     export: ExportConfig = ExportConfig()
     simplify: SimplifyConfig = SimplifyConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -105,7 +192,22 @@ class Params(Section):
     validation: ValidationConfig = ValidationConfig()
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    tensorrt: TensorRTConfig = TensorRTConfig()
     output_dir: Path = Path("runs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variants_inherit_backend(cls, data: Any) -> Any:
+        """A variant without its own `backend` takes the top-level one (checked with the variant's other keys)."""
+        if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
+            return data
+        if data.get("backend") not in ("auto", "onnxruntime", "tensorrt"):
+            return data  # absent (variants keep their default), or invalid (reported once, at `backend`)
+        variants = [
+            {**v, "backend": data["backend"]} if isinstance(v, dict) and "backend" not in v else v
+            for v in data["variants"]
+        ]
+        return {**data, "variants": variants}
 
     @model_validator(mode="after")
     def _unique_variant_names(self) -> Params:
@@ -125,8 +227,9 @@ class Params(Section):
         return next(v for v in self.variants if v.precision == "fp32")
 
     @property
-    def needs_qdq(self) -> bool:
-        return any(v.quantization == "qdq" for v in self.variants)
+    def needs_calibration(self) -> bool:
+        """Any INT8 variant: the calibration stage runs (image checks, overlap with validation, Q/DQ model)."""
+        return any(v.precision == "int8" for v in self.variants)
 
     def resolved(self, base_dir: Path) -> Params:
         """A copy where every relative path is made absolute against `base_dir` (the params file's folder)."""
@@ -140,6 +243,8 @@ class Params(Section):
         data.validation.images = absolute(data.validation.images)
         data.validation.labels = absolute(data.validation.labels)
         data.output_dir = absolute(data.output_dir)
+        if data.tensorrt.timing_cache is not None:
+            data.tensorrt.timing_cache = absolute(data.tensorrt.timing_cache)
         return data
 
 

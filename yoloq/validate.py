@@ -125,8 +125,12 @@ def score_variant(
     class_names: list[str],
     config: ValidationConfig,
     progress: Progress | None = None,
+    timing_fn: Callable[[Runner, list[Path]], Timing] | None = None,
 ) -> VariantScore:
+    """mAP, then timing: wall clock at batch 1 and `config.timing.batch_size` unless the backend brings its own
+    `timing_fn` (TensorRT: device time with CUDA events at batch 1 and the profile's max batch)."""
     start = time.perf_counter()
     result = evaluate(runner, dataset, head_format, imgsz, class_names, config, progress)
-    timing = measure_timing(runner, [t.path for t in dataset.truths], imgsz, config.timing)
+    images = [t.path for t in dataset.truths]
+    timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, imgsz, config.timing)
     return VariantScore(map=result, timing=timing, seconds=time.perf_counter() - start)

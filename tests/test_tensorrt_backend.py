@@ -1,0 +1,333 @@
+"""TensorRT backend pieces that need no GPU (selection, config, cache keys and reuse rules, inputs, timing helpers),
+and one engine build that runs only where TensorRT and a GPU exist."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+
+from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES
+from yoloq.backends import get_backend, resolve_backend, resolve_variants, tensorrt_availability
+from yoloq.backends.tensorrt import (
+    OnnxInput,
+    TensorRTBackend,
+    TrtEnvironment,
+    calibration_cache_key,
+    default_timing_cache,
+    engine_key,
+    library_version,
+    measure_end_to_end,
+    numpy_dtype,
+    onnx_input,
+    tactic_sources,
+)
+from yoloq.backends.trt_cuda import GpuInfo
+from yoloq.backends.trt_versions import Availability, TrtVersion, capabilities, plan_variant
+from yoloq.config import CalibrationConfig, TensorRTConfig, ValidationConfig, VariantConfig, load_params
+from yoloq.errors import BackendUnavailable, InputError
+
+H200 = GpuInfo(0, "NVIDIA H200", "9.0", 143771)
+AVAILABLE = Availability((), TrtVersion(8, 6, 1), H200)
+MISSING = Availability(("TensorRT is not installed (import tensorrt: No module named 'tensorrt')",))
+TRT_AVAILABLE = tensorrt_availability().available
+
+
+def write_params(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def shipped() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+# -- backend selection --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(TRT_AVAILABLE, reason="TensorRT and a GPU are available here")
+def test_asking_for_tensorrt_without_it_gives_the_reason_and_the_hint():
+    with pytest.raises(BackendUnavailable) as err:
+        get_backend("tensorrt")
+    message = str(err.value)
+    assert "TensorRT is not installed" in message or "no GPU" in message
+    assert "pip install '.[tensorrt]'" in message
+
+
+@pytest.mark.skipif(TRT_AVAILABLE, reason="TensorRT and a GPU are available here")
+def test_auto_falls_back_to_onnxruntime_here():
+    assert get_backend("auto").name == "onnxruntime"
+
+
+def test_auto_resolves_per_machine_and_per_variant():
+    fp32_auto = VariantConfig(name="a", backend="auto")
+    fp16_auto = VariantConfig(name="h", precision="fp16", backend="auto")
+    assert resolve_backend(fp32_auto, lambda: AVAILABLE) == "tensorrt"
+    assert resolve_backend(fp32_auto, lambda: MISSING) == "onnxruntime"
+    assert resolve_backend(fp16_auto, lambda: AVAILABLE) == "tensorrt"
+    with pytest.raises(BackendUnavailable, match=r"variant 'h' \(fp16.*needs TensorRT.*pip install '.\[tensorrt\]'"):
+        resolve_backend(fp16_auto, lambda: MISSING)
+    with pytest.raises(BackendUnavailable, match="not installed"):
+        resolve_backend(VariantConfig(name="t", backend="tensorrt"), lambda: MISSING)
+
+
+def test_onnxruntime_variants_never_probe_tensorrt():
+    def probe() -> Availability:
+        raise AssertionError("probed")
+
+    assert resolve_backend(VariantConfig(name="o"), probe) == "onnxruntime"
+
+
+def test_resolve_variants_probes_once_and_returns_concrete_backends(tmp_path):
+    data = shipped()
+    data["backend"] = "auto"
+    for variant in data["variants"]:
+        variant.pop("backend")
+    params = load_params(write_params(tmp_path, data))
+    assert [v.backend for v in params.variants] == ["auto", "auto"]
+    calls = []
+
+    def probe() -> Availability:
+        calls.append(1)
+        return AVAILABLE
+
+    resolved = resolve_variants(params, probe)
+    assert [v.backend for v in resolved.variants] == ["tensorrt", "tensorrt"] and len(calls) == 1
+    assert [v.backend for v in params.variants] == ["auto", "auto"]  # the original is left alone
+    assert [v.backend for v in resolve_variants(params, lambda: MISSING).variants] == ["onnxruntime", "onnxruntime"]
+
+
+# -- keys and caches ------------------------------------------------------------------------------------------------
+
+ENV = {
+    "tensorrt_version": "8.6.1",
+    "tensorrt_library_version": "8.6.0",
+    "gpu": "NVIDIA H200",
+    "gpu_compute_capability": "9.0",
+    "gpu_memory_mb": "143771",
+}
+
+
+def test_calibration_cache_key_changes_with_every_input():
+    base = ("sha", "images", "minmax", 8, 640, "8.6.1", "8.6.0")
+    key = calibration_cache_key(*base)
+    assert calibration_cache_key(*base) == key
+    for index, other in enumerate(("sha2", "images2", "entropy2", 16, 320, "10.3.0", "10.3.0")):
+        changed = list(base)
+        changed[index] = other
+        assert calibration_cache_key(*changed) != key, f"argument {index} is not part of the key"
+
+
+def test_engine_key_covers_plan_settings_version_gpu_and_calibration():
+    plan = plan_variant(
+        VariantConfig(name="h", precision="fp16", backend="tensorrt"), capabilities(TrtVersion(8, 6, 1)), True, None
+    )
+    settings = TensorRTConfig()
+    key = engine_key("sha", plan, settings, ENV, None)
+    assert engine_key("sha", plan, settings, {**ENV, "gpu_memory_mb": "1"}, None) == key  # memory does not matter
+    variants = [
+        engine_key("sha2", plan, settings, ENV, None),
+        engine_key("sha", plan, settings, ENV, "trt-calib-minmax-x"),
+        engine_key("sha", plan, TensorRTConfig(builder_optimization_level=0), ENV, None),
+        engine_key("sha", plan, TensorRTConfig(workspace_mb=1024), ENV, None),
+        engine_key("sha", plan, TensorRTConfig(tactic_sources=["JIT_CONVOLUTIONS"]), ENV, None),
+        engine_key("sha", plan, TensorRTConfig(profile={"max_batch": 64}), ENV, None),
+        engine_key("sha", plan, settings, {**ENV, "tensorrt_version": "10.3.0"}, None),
+        engine_key("sha", plan, settings, {**ENV, "gpu": "NVIDIA H100 80GB HBM3"}, None),
+    ]
+    assert key not in variants and len(set(variants)) == len(variants)
+    ordered = TensorRTConfig(tactic_sources=["EDGE_MASK_CONVOLUTIONS", "JIT_CONVOLUTIONS"])
+    reordered = TensorRTConfig(tactic_sources=["JIT_CONVOLUTIONS", "EDGE_MASK_CONVOLUTIONS"])
+    assert engine_key("sha", plan, ordered, ENV, None) == engine_key("sha", plan, reordered, ENV, None)
+
+
+def test_default_timing_cache_is_per_version_and_gpu(tmp_path):
+    path = default_timing_cache(tmp_path, TrtVersion(8, 6, 0), H200)
+    assert path == tmp_path / "trt-timing-8.6.0-nvidia-h200-sm90.cache"
+
+
+LIB_860 = TrtVersion(8, 6, 0)
+
+
+def fake_environment(library: TrtVersion | None = LIB_860) -> TrtEnvironment:
+    version = TrtVersion(8, 6, 1)
+    return TrtEnvironment(None, version, library, H200, capabilities(version))
+
+
+def calibration_plan(tmp_path: Path, library: TrtVersion | None = LIB_860):
+    backend = TensorRTBackend(TensorRTConfig(), CalibrationConfig(images=CALIB_IMAGES, num_images=20, min_images=8))
+    variant = VariantConfig(name="q", precision="int8", quantization="implicit", backend="tensorrt")
+    env = fake_environment(library)
+    plan = plan_variant(variant, env.caps, True, None)
+    return backend._calibration_plan(variant, plan, "sha", OnnxInput("images", 3, 640, 640), env, tmp_path)
+
+
+def test_calibration_uses_whole_opt_batches_and_names_the_cache(tmp_path):
+    calibration = calibration_plan(tmp_path)
+    assert calibration.batch == 8 and len(calibration.images) == 16  # 20 images -> 2 full batches of 8
+    assert calibration.cache_path.name.startswith("trt-calib-minmax-") and not calibration.reuse
+
+
+def test_a_valid_calibration_cache_is_reused(tmp_path):
+    path = calibration_plan(tmp_path).cache_path
+    path.write_bytes(b"TRT-8600-MinMaxCalibration\nimages: 3c010204\n")
+    calibration = calibration_plan(tmp_path)
+    assert calibration.reuse and calibration.rejected is None
+
+
+def test_a_calibration_cache_from_another_tensorrt_is_set_aside_not_reused(tmp_path):
+    path = calibration_plan(tmp_path).cache_path
+    path.write_bytes(b"TRT-8510-MinMaxCalibration\nimages: 3c010204\n")
+    calibration = calibration_plan(tmp_path)
+    assert not calibration.reuse and "8.5.10" in (calibration.rejected or "")
+    assert not path.exists() and path.with_suffix(".rejected").is_file()
+
+
+def test_calibration_needs_one_full_opt_batch(tmp_path):
+    backend = TensorRTBackend(
+        TensorRTConfig(profile={"opt_batch": 16, "max_batch": 16}),
+        CalibrationConfig(images=CALIB_IMAGES, num_images=10, min_images=8),
+    )
+    variant = VariantConfig(name="q", precision="int8", quantization="implicit", backend="tensorrt")
+    env = fake_environment()
+    plan = plan_variant(variant, env.caps, True, None)
+    with pytest.raises(InputError, match=r"opt batch \(16\).*at least 16"):
+        backend._calibration_plan(variant, plan, "sha", OnnxInput("images", 3, 640, 640), env, tmp_path)
+
+
+def test_implicit_int8_without_calibration_settings_says_how_to_pass_them(tmp_path):
+    variant = VariantConfig(name="q", precision="int8", quantization="implicit", backend="tensorrt")
+    env = fake_environment()
+    plan = plan_variant(variant, env.caps, True, None)
+    with pytest.raises(InputError, match=r"get_backend\('tensorrt', params\)"):
+        TensorRTBackend()._calibration_plan(variant, plan, "sha", OnnxInput("images", 3, 640, 640), env, tmp_path)
+
+
+# -- inputs and helpers ---------------------------------------------------------------------------------------------
+
+
+def tiny_onnx(path: Path, dims: list) -> Path:
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_onnx_input_reads_name_and_fixed_image_shape(tmp_path):
+    found = onnx_input(tiny_onnx(tmp_path / "m.onnx", ["batch", 3, 640, 640]))
+    assert found == OnnxInput("images", 3, 640, 640) and found.shape(32) == (32, 3, 640, 640)
+    with pytest.raises(InputError, match="fixed"):
+        onnx_input(tiny_onnx(tmp_path / "d.onnx", ["batch", 3, "height", 640]))
+
+
+def test_library_version_from_the_loaded_libnvinfer():
+    library = types.SimpleNamespace(getInferLibVersion=lambda: 8600)
+    assert library_version(8, lambda name: library) == TrtVersion(8, 6, 0)
+
+    def missing(name: str):
+        raise OSError(name)
+
+    assert library_version(10, missing) is None
+
+
+def fake_trt_module() -> types.SimpleNamespace:
+    class TacticSource:
+        CUBLAS, CUBLAS_LT, CUDNN, EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS = range(5)
+
+    return types.SimpleNamespace(TacticSource=TacticSource, __version__="8.6.1")
+
+
+def test_tactic_sources_by_name():
+    trt = fake_trt_module()
+    assert tactic_sources(trt, None) is None
+    assert tactic_sources(trt, ["EDGE_MASK_CONVOLUTIONS", "JIT_CONVOLUTIONS"]) == [3, 4]
+    with pytest.raises(InputError, match=r"\['CUDNN_V9'\] are not TacticSource names.*valid: CUBLAS"):
+        tactic_sources(trt, ["CUDNN_V9"])
+
+
+def test_numpy_dtypes_of_tensorrt_types():
+    assert numpy_dtype(types.SimpleNamespace(name="FLOAT")) is np.float32
+    assert numpy_dtype(types.SimpleNamespace(name="HALF")) is np.float16
+    with pytest.raises(InputError, match="FP8"):
+        numpy_dtype(types.SimpleNamespace(name="FP8"))
+
+
+class ZeroRunner:
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.zeros((batch.shape[0], 25200, 85), dtype=np.float32)
+
+
+def test_end_to_end_time_covers_preprocess_infer_and_decode():
+    images = sorted(VAL_IMAGES.glob("*.jpg"))[:3]
+    ms = measure_end_to_end(ZeroRunner(), images, 640, "yolov5", ValidationConfig())
+    assert ms > 0
+
+
+@pytest.mark.skipif(TRT_AVAILABLE, reason="TensorRT and a GPU are available here")
+def test_building_without_tensorrt_is_a_clear_error(tmp_path):
+    with pytest.raises(BackendUnavailable, match=r"pip install '.\[tensorrt\]'"):
+        TensorRTBackend().build(VariantConfig(name="f", backend="tensorrt"), tmp_path / "m.onnx", None, tmp_path)
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not TRT_AVAILABLE, reason="needs TensorRT (pip install '.[tensorrt]') and a CUDA GPU")
+def test_fp32_engine_builds_runs_and_is_reused(simplified, tmp_path):
+    settings = TensorRTConfig(builder_optimization_level=0, profile={"min_batch": 1, "opt_batch": 2, "max_batch": 4})
+    backend = TensorRTBackend(settings)
+    variant = VariantConfig(name="fp32", backend="tensorrt")
+    built = backend.build(variant, simplified.onnx_path, None, tmp_path)
+    assert built.path.is_file() and built.details["reused"] == "false" and built.details["tensorrt_version"]
+    runner = backend.load(built)
+    try:
+        output = runner.infer(np.zeros((3, 3, 640, 640), dtype=np.float32))
+        assert output.shape[0] == 3 and output.dtype == np.float32
+        timing = runner.time_device(np.zeros((4, 3, 640, 640), dtype=np.float32), iterations=5, warmup=1)
+        assert timing.latency_ms_median > 0 and timing.images_per_s > 0
+    finally:
+        runner.close()
+    assert backend.build(variant, simplified.onnx_path, None, tmp_path).details["reused"] == "true"
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.merged = data, []
+
+    def combine(self, other: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        self.merged.append(other.data)
+        return True
+
+    def serialize(self) -> bytes:
+        return self.data + b"".join(self.merged)
+
+
+class FakeBuilderConfig:
+    def __init__(self, timing: FakeTimingCache | None, readable: bool = True) -> None:
+        self.timing, self.readable = timing, readable
+
+    def get_timing_cache(self) -> FakeTimingCache | None:
+        return self.timing
+
+    def create_timing_cache(self, data: bytes) -> FakeTimingCache:
+        if not self.readable:
+            raise RuntimeError("Myelin error from unknown graph")
+        return FakeTimingCache(data)
+
+
+def test_timing_cache_is_merged_with_the_one_on_disk(tmp_path):
+    from yoloq.backends.tensorrt import _updated_timing_cache
+
+    path = tmp_path / "timing.cache"
+    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new"
+    path.write_bytes(b"+old")
+    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new+old"
+    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new"), readable=False), path) == b"new"
+    assert _updated_timing_cache(FakeBuilderConfig(None), path) == b""
