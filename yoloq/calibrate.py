@@ -66,7 +66,7 @@ def calibrate(
     if progress and overlap:
         progress(f"WARNING: {overlap} calibration images are also validation images (within the allowed share)")
     key = content_key(
-        "qdq-v1",
+        "qdq-v2",
         file_sha256(fp32_onnx),
         selected.content_hash,
         config.algorithm,
