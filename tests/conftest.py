@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -17,6 +18,17 @@ MODEL_PT = DATA / "models" / "yolov5n.pt"
 CALIB_IMAGES = DATA / "coco" / "calib" / "images"
 VAL_IMAGES = DATA / "coco" / "val" / "images"
 VAL_LABELS = DATA / "coco" / "val" / "labels"
+
+
+def shipped() -> dict:
+    """The shipped params.yaml as a dict, for tests that change a key."""
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def write_params(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, shipped, write_params
 from yoloq.backends import get_backend
 from yoloq.config import apply_override, flatten, load_params, parse_override
 from yoloq.errors import BackendUnavailable, ConfigError
-
-
-def write_params(tmp_path: Path, data: dict) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def shipped() -> dict:
-    return yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
 def test_shipped_params_load_and_resolve_paths_against_their_folder():
@@ -84,8 +73,11 @@ def test_override_parsing():
     [
         ({"name": "q", "precision": "int8"}, "precision int8 needs quantization"),
         ({"name": "q", "precision": "fp32", "quantization": "qdq"}, "needs precision int8"),
-        ({"name": "q", "precision": "int8", "quantization": "implicit"}, "exists only on backend 'tensorrt'"),
-        ({"name": "h", "precision": "fp16"}, "fp16 is built by backend 'tensorrt' only"),
+        (
+            {"name": "q", "precision": "int8", "quantization": "implicit", "backend": "onnxruntime"},
+            "exists only on backend 'tensorrt'",
+        ),
+        ({"name": "h", "precision": "fp16", "backend": "onnxruntime"}, "fp16 is built by backend 'tensorrt' only"),
     ],
 )
 def test_inconsistent_variants_are_rejected(tmp_path, variant, message):
@@ -132,11 +124,13 @@ def test_flatten_for_mlflow():
 def test_top_level_backend_is_inherited_by_variants_without_one(tmp_path):
     data = shipped()
     data["backend"] = "tensorrt"
+    data["variants"][0]["backend"] = "onnxruntime"
     data["variants"].append({"name": "q8", "precision": "int8", "quantization": "implicit", "calibrator": "entropy2"})
     data["variants"].append({"name": "h", "precision": "fp16"})
     params = load_params(write_params(tmp_path, data))
     by_name = {v.name: v for v in params.variants}
     assert by_name["fp32"].backend == "onnxruntime"  # its own backend wins
+    assert by_name["int8"].backend == "tensorrt"  # inherited
     assert by_name["q8"].backend == "tensorrt" and by_name["q8"].trt_calibrator == "entropy2"
     assert by_name["h"].backend == "tensorrt"
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import yaml
 from onnx import TensorProto, helper
 
-from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES
+from tests.conftest import CALIB_IMAGES, VAL_IMAGES, shipped, write_params
 from yoloq.backends import get_backend, resolve_backend, resolve_variants, tensorrt_availability
 from yoloq.backends.tensorrt import (
     OnnxInput,
@@ -36,16 +35,6 @@ H200 = GpuInfo(0, "NVIDIA H200", "9.0", 143771)
 AVAILABLE = Availability((), TrtVersion(8, 6, 1), H200)
 MISSING = Availability(("TensorRT is not installed (import tensorrt: No module named 'tensorrt')",))
 TRT_AVAILABLE = tensorrt_availability().available
-
-
-def write_params(tmp_path: Path, data: dict) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def shipped() -> dict:
-    return yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
 # -- backend selection --------------------------------------------------------------------------------------------
@@ -86,9 +75,7 @@ def test_onnxruntime_variants_never_probe_tensorrt():
 
 def test_resolve_variants_probes_once_and_returns_concrete_backends(tmp_path):
     data = shipped()
-    data["backend"] = "auto"
-    for variant in data["variants"]:
-        variant.pop("backend")
+    assert data["backend"] == "auto" and not any("backend" in v for v in data["variants"])  # the shipped default
     params = load_params(write_params(tmp_path, data))
     assert [v.backend for v in params.variants] == ["auto", "auto"]
     calls = []
