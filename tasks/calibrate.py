@@ -22,7 +22,8 @@ def calibrate_task(
     logger = get_run_logger()
     result = calibrate(fp32_onnx, input_name, imgsz, config, validation_images, out_dir, progress=logger.info)
     logger.info(
-        "calibrate: %s %s (%s, %d images, %d skipped, %d nodes kept in float: head decoding tail, stem and head convs) in %.1f s",
+        "calibrate: %s %s (%s, %d images, %d skipped, %d nodes kept in float: head decoding tail, stem and head "
+        "convs) in %.1f s",
         "reused" if result.reused else "wrote",
         result.qdq_path.name,
         result.algorithm,
