@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.quantize import _build_artifacts, fp16_vs_int8
+from yoloq.backends import BuiltModel
+from yoloq.config import VariantConfig
+from yoloq.report import VariantResult
+
+
+def result(name: str, precision: str, map50_95: float, ips: float, latency: float) -> VariantResult:
+    return VariantResult(name, precision, "tensorrt", map50_95, 0.5, latency, ips, 32, 5.0, Path("x.engine"))
+
+
+def test_int8_variants_get_map_delta_and_speedup_against_fp16():
+    results = [
+        result("fp32", "fp32", 0.3356, 3450, 1.458),
+        result("fp16", "fp16", 0.3361, 9877, 0.572),
+        result("int8-qdq", "int8", 0.3419, 7620, 0.683),
+    ]
+    metrics = fp16_vs_int8(results)
+    assert round(metrics["int8-qdq.delta_map50_95_vs_fp16"], 4) == 0.0058
+    assert round(metrics["int8-qdq.speedup_vs_fp16"], 3) == 0.771
+    assert set(metrics) == {
+        "int8-qdq.delta_map50_95_vs_fp16",
+        "int8-qdq.speedup_vs_fp16",
+        "int8-qdq.latency_ratio_vs_fp16",
+    }
+    assert fp16_vs_int8(results[:1] + results[2:]) == {}  # no fp16 variant, nothing to compare
+
+
+def test_build_artifacts_are_the_files_a_tensorrt_build_left(tmp_path):
+    engine = tmp_path / "trt-int8.engine"
+    for path in (engine, tmp_path / "trt-int8.json", tmp_path / "build.log", tmp_path / "timing.cache"):
+        path.write_bytes(b"x")
+    details = {
+        "build_log": str(tmp_path / "build.log"),
+        "timing_cache": str(tmp_path / "timing.cache"),
+        "calibration_cache": str(tmp_path / "missing.cache"),  # not written: not logged
+    }
+    variant = VariantConfig(name="int8", precision="int8", quantization="implicit", backend="tensorrt")
+    built = BuiltModel(variant, engine, 1.0, 10.0, details)
+    names = sorted(p.name for p in _build_artifacts(built))
+    assert names == ["build.log", "timing.cache", "trt-int8.json"]
+    onnx_build = BuiltModel(VariantConfig(name="fp32"), tmp_path / "m.onnx", 1.0, 0.0)
+    assert _build_artifacts(onnx_build) == []
