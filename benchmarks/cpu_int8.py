@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,15 @@ def main() -> int:
         all_validation,
         cache / "calibration",
         progress=print,
+    )
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"peak RSS after calibration: {peak_rss_mb:.0f} MB"
+        + (
+            " (the Q/DQ model was reused: delete runs/cache/calibration to measure calibration)"
+            if calibration.reused
+            else ""
+        )
     )
     print(
         f"calibration: {params.calibration.algorithm}, {calibration.num_images} images from "

@@ -22,7 +22,14 @@ from tasks.calibrate import calibrate_task
 from tasks.export import export_task
 from tasks.simplify import simplify_task
 from tasks.validate import validate_task
-from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key, files_sha256, remove_stale_temps
+from yoloq.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    content_key,
+    file_sha256,
+    files_sha256,
+    remove_stale_temps,
+)
 from yoloq.backends import BuiltModel, resolve_variants
 from yoloq.calibrate import CalibrationResult
 from yoloq.config import Params, load_params
@@ -247,6 +254,4 @@ def _build_artifacts(built: BuiltModel) -> list[Path]:
 
 
 def _sha_or_missing(path: Path) -> str:
-    from yoloq.artifacts import file_sha256
-
     return file_sha256(path) if path.is_file() else "missing"

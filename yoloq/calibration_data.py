@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from yoloq.artifacts import file_sha256
+from yoloq.artifacts import content_key, file_sha256
 from yoloq.errors import InputError
 from yoloq.preprocess import list_images, load_preprocessed, read_image
 
@@ -27,8 +27,6 @@ class CalibrationSet:
 
     @property
     def content_hash(self) -> str:
-        from yoloq.artifacts import content_key
-
         return content_key(self.image_hashes, length=32)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,6 @@ class GateVerdict:
 
 def with_deltas(results: list[VariantResult], reference_name: str) -> list[VariantResult]:
     reference = next(r for r in results if r.name == reference_name)
-    from dataclasses import replace
-
     return [
         replace(r, delta_map50_95=r.map50_95 - reference.map50_95, delta_map50=r.map50 - reference.map50)
         for r in results
