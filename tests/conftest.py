@@ -11,6 +11,7 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # no INFO line from the temporary server at exit
 
 PROJECT = Path(__file__).resolve().parents[1]
 DATA = PROJECT / "data"
