@@ -35,6 +35,7 @@ from yoloq.calibrate import CalibrationResult
 from yoloq.config import Params, load_params
 from yoloq.errors import GateFailed
 from yoloq.metrics import per_class_table
+from yoloq.preflight import check_inputs
 from yoloq.preprocess import list_images
 from yoloq.report import (
     GateVerdict,
@@ -64,6 +65,7 @@ class FlowOutcome:
 def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Quantize the model in params.yaml and validate every variant; raises GateFailed when accuracy is lost."""
     params = resolve_variants(load_params(Path(params_path), overrides or []))  # exit 2 early if a backend is missing
+    check_inputs(params)
     outcome = run_pipeline(params, Path(params_path).resolve().parent)
     document = outcome.document()
     if not outcome.gate.passed:

@@ -64,3 +64,17 @@ def test_validate_rejects_missing_model_and_engines(tmp_path, capsys):
     engine.write_bytes(b"x")
     assert main(["validate", "--model", str(engine), "--images", ".", "--labels", "."]) == 2
     assert "TensorRT" in capsys.readouterr().err
+
+
+def test_missing_inputs_are_all_named_before_any_work(tmp_path, capsys):
+    overrides = [
+        "model.path=/nonexistent/model.pt",
+        f"calibration.images={tmp_path}/calib",
+        f"validation.labels={tmp_path}/labels",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+    ]
+    assert main(["run", "-p", str(PROJECT / "params.yaml")] + [a for o in overrides for a in ("--set", o)]) == 2
+    err = capsys.readouterr().err
+    assert "model.path: /nonexistent/model.pt not found" in err
+    assert "calibration.images: folder" in err and "validation.labels:" in err
+    assert "Traceback" not in err and not (tmp_path / "m.db").exists()

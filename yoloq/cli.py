@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     from yoloq.backends import resolve_variants
     from yoloq.config import load_params
+    from yoloq.preflight import check_inputs
 
-    resolve_variants(load_params(params, overrides))  # report bad input before Prefect starts a server
+    check_inputs(resolve_variants(load_params(params, overrides)))  # bad input: exit 2 before Prefect starts
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
 
