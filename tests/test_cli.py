@@ -23,14 +23,18 @@ def test_bad_set_value_exits_2(capsys):
     assert "'minmax', 'entropy' or 'percentile'" in capsys.readouterr().err
 
 
+def run_shipped(*overrides: str) -> int:
+    """`yoloq run` on the shipped params.yaml with these --set overrides."""
+    return main(["run", "-p", str(PROJECT / "params.yaml")] + [a for o in overrides for a in ("--set", o)])
+
+
 def test_tensorrt_variant_on_this_machine_exits_2_with_the_install_hint(tmp_path, capsys):
-    overrides = [
-        "variants.1.backend=tensorrt",
-        f"output_dir={tmp_path}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
-    ]
-    args = ["run", "-p", str(PROJECT / "params.yaml")] + [a for o in overrides for a in ("--set", o)]
-    assert main(args) == 2
+    assert (
+        run_shipped(
+            "variants.1.backend=tensorrt", f"output_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"
+        )
+        == 2
+    )
     assert "pip install '.[tensorrt]'" in capsys.readouterr().err
     assert not (tmp_path / "m.db").exists()  # refused before any work
 
@@ -67,13 +71,13 @@ def test_validate_rejects_missing_model_and_engines(tmp_path, capsys):
 
 
 def test_missing_inputs_are_all_named_before_any_work(tmp_path, capsys):
-    overrides = [
+    code = run_shipped(
         "model.path=/nonexistent/model.pt",
         f"calibration.images={tmp_path}/calib",
         f"validation.labels={tmp_path}/labels",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
-    ]
-    assert main(["run", "-p", str(PROJECT / "params.yaml")] + [a for o in overrides for a in ("--set", o)]) == 2
+    )
+    assert code == 2
     err = capsys.readouterr().err
     assert "model.path: /nonexistent/model.pt not found" in err
     assert "calibration.images: folder" in err and "validation.labels:" in err
