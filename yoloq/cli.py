@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--imgsz", type=int, default=640, help="input size when the model does not say (640)")
     validate.add_argument("--num-images", type=int, default=None, help="first N images only")
     validate.add_argument("--json", type=Path, help="write the result as JSON to this file")
+
+    compare = commands.add_parser("compare", help="side-by-side table and plot of variants across MLflow runs")
+    compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="parent run ids (default: the two latest runs)")
+    compare.add_argument("--experiment", default="yoloq", help="MLflow experiment (default yoloq)")
+    compare.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
+    )
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.md/.png")
     return parser
 
 
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args.params, args.overrides, args.json)
+        if args.command == "compare":
+            return _compare(args)
         return _validate(args)
     except GateFailed as exc:
         if exc.document:
@@ -81,6 +91,18 @@ def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     document = quantize_flow(params_path=str(params), overrides=overrides)
     _print_document(document)
     _write_json(json_path, document)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flows.compare import compare_runs
+    from flows.tracking import resolve_tracking_uri
+    from yoloq.config import MlflowConfig
+
+    uri = resolve_tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri), Path.cwd())
+    table, plot, run_id = compare_runs(uri, args.run_ids, args.experiment, args.out)
+    print(table)
+    print(f"\nplot: {plot}\nMLflow comparison run: {run_id} at {uri}")
     return 0
 
 

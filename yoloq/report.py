@@ -90,23 +90,40 @@ def results_document(results: list[VariantResult], run_id: str, tracking_uri: st
     }
 
 
+@dataclass(frozen=True)
+class PlotPoint:
+    group: str  # one colour (and legend entry) per group
+    label: str
+    throughput_ips: float
+    map50_95: float
+
+
 def comparison_plot(results: list[VariantResult], path: Path, title: str) -> Path:
     """mAP50-95 against images/s, one labelled point per variant (PNG, written atomically)."""
+    points = [PlotPoint("", f"{r.name} ({r.backend})", r.throughput_ips, r.map50_95) for r in results]
+    return speed_accuracy_plot(points, path, title, f"images/s (batch {results[0].throughput_batch})")
+
+
+def speed_accuracy_plot(points: list[PlotPoint], path: Path, title: str, xlabel: str = "images/s") -> Path:
+    """Scatter of mAP50-95 against images/s, labelled points, one colour per group (PNG, written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in results:
-        axes.scatter(r.throughput_ips, r.map50_95, s=60)
-        axes.annotate(
-            f"{r.name} ({r.backend})", (r.throughput_ips, r.map50_95), textcoords="offset points", xytext=(6, 4)
-        )
-    axes.set_xlabel(f"images/s (batch {results[0].throughput_batch})")
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for group in dict.fromkeys(p.group for p in points):
+        mine = [p for p in points if p.group == group]
+        axes.scatter([p.throughput_ips for p in mine], [p.map50_95 for p in mine], s=50, label=group or None)
+        for p in mine:
+            axes.annotate(p.label, (p.throughput_ips, p.map50_95), textcoords="offset points", xytext=(5, 3))
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("mAP50-95")
     axes.set_title(title)
     axes.grid(alpha=0.3)
+    axes.margins(x=0.15, y=0.1)  # room for the labels
+    if any(p.group for p in points):
+        axes.legend(fontsize=7)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
