@@ -79,10 +79,9 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
     stale = remove_stale_temps(cache_dir)
     if stale:
         logger.warning("removed %d half-written files left by an interrupted run", stale)
-    dataset_images = list_images(params.validation.images) if params.validation.images.is_dir() else []
-    data_hashes = {
-        "model_sha256": _sha_or_missing(params.model.path),
-        "validation_images_sha256": files_sha256(dataset_images) if dataset_images else "missing",
+    data_hashes = {  # quantize_flow's check_inputs has made sure both exist
+        "model_sha256": file_sha256(params.model.path),
+        "validation_images_sha256": files_sha256(list_images(params.validation.images)),
     }
     run_name = f"{params.model.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
@@ -170,7 +169,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     results = with_deltas(raw_results, params.reference_variant.name)
     gate = check_gate(results, params.gate.max_map_drop)
     outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir)
-    _log_results(params, tracker, outcome, per_class, builds, calibration)
+    _log_results(params, tracker, outcome, per_class, builds, calibration, len(dataset.truths))
     return outcome
 
 
@@ -181,10 +180,11 @@ def _log_results(
     per_class: dict[str, str],
     builds: dict[str, BuiltModel],
     calibration: CalibrationResult | None,
+    num_validation_images: int,
 ) -> None:
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     table = results_table(outcome.results)
-    dataset_note = f"validation: {params.validation.images} ({len(list_images(params.validation.images))} images)"
+    dataset_note = f"validation: {params.validation.images} ({num_validation_images} images)"
     for result in outcome.results:
         built = builds[result.name]
         variant_params = {
@@ -253,7 +253,3 @@ def _build_artifacts(built: BuiltModel) -> list[Path]:
     if built.details and record.is_file():
         paths.append(record)
     return [p for p in paths if p.is_file()]
-
-
-def _sha_or_missing(path: Path) -> str:
-    return file_sha256(path) if path.is_file() else "missing"

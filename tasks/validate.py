@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from yoloq.backends import BuiltModel, Runner, get_backend
+from yoloq.backends import BuiltModel, get_backend
 from yoloq.config import Params
 from yoloq.export import ModelFacts
-from yoloq.validate import Timing, ValidationSet, VariantScore, score_variant
+from yoloq.validate import ValidationSet, VariantScore, score_variant
 
 
 @task(name="validate", task_run_name="validate-{built.variant.name}", cache_policy=NO_CACHE)
@@ -19,12 +17,10 @@ def validate_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, 
     logger.info("validate %s on %d images", name, len(dataset.truths))
     runner = get_backend(built.variant.backend, params).load(built)
     timing_fn = None
-    if built.variant.backend == "tensorrt":
-        from yoloq.backends.tensorrt import device_timing
+    if built.variant.backend == "tensorrt":  # device time (CUDA events) at batch 1 and the profile's max batch
+        from yoloq.backends.tensorrt import device_timing_fn
 
-        def timing_fn(engine_runner: Runner, images: list[Path]) -> Timing:  # CUDA events, batch 1 and max batch
-            return device_timing(engine_runner, images, facts.imgsz, params.tensorrt)
-
+        timing_fn = device_timing_fn(facts.imgsz, params.tensorrt)
     try:
         score = score_variant(
             runner, dataset, facts.head_format, facts.imgsz, facts.names, params.validation, logger.info, timing_fn

@@ -155,7 +155,7 @@ def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
     from yoloq.export import facts_for_onnx
 
     get_backend("tensorrt")  # BackendUnavailable (exit 2) with the reason and the install hint
-    from yoloq.backends.tensorrt import TensorRTRunner, device_timing
+    from yoloq.backends.tensorrt import TensorRTRunner, device_timing_fn
 
     record = engine.with_suffix(".json")
     if not record.is_file():
@@ -166,16 +166,15 @@ def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
     if not source.is_file():
         raise InputError(f"engine {engine}: its source ONNX {source} is gone; validate that ONNX instead")
     facts = facts_for_onnx(source, imgsz)
-    settings = TensorRTConfig()
-    return TensorRTRunner(engine), facts, lambda runner, images: device_timing(runner, images, facts.imgsz, settings)
+    return TensorRTRunner(engine), facts, device_timing_fn(facts.imgsz, TensorRTConfig())
 
 
 def _validate(args: argparse.Namespace) -> int:
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
-    from yoloq.config import TimingConfig, ValidationConfig
+    from yoloq.config import ValidationConfig
     from yoloq.errors import InputError
     from yoloq.export import facts_for_onnx
-    from yoloq.validate import evaluate, load_validation_set, measure_timing
+    from yoloq.validate import load_validation_set, score_variant
 
     model: Path = args.model
     if not model.is_file():
@@ -188,9 +187,8 @@ def _validate(args: argparse.Namespace) -> int:
         raise InputError(f"model {model}: validate takes an .onnx model or a TensorRT engine built by yoloq")
     config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
     dataset = load_validation_set(config, len(facts.names))
-    result = evaluate(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, progress=print)
-    images = [t.path for t in dataset.truths]
-    timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, facts.imgsz, TimingConfig())
+    score = score_variant(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, print, timing_fn)
+    result, timing = score.map, score.timing
     document = {
         "model": str(model),
         "images": str(args.images),

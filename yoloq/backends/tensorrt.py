@@ -714,3 +714,8 @@ def device_timing(runner: TensorRTRunner, images: list[Path], imgsz: int, settin
         runner, sample, [1, settings.profile.max_batch], settings.timing.iterations, settings.timing.warmup
     )
     return Timing(latency_ms_b1=single.latency_ms_median, throughput_ips=full.images_per_s, throughput_batch=full.batch)
+
+
+def device_timing_fn(imgsz: int, settings: TensorRTConfig) -> Callable[[TensorRTRunner, list[Path]], Timing]:
+    """`score_variant`'s timing_fn for engines: `device_timing` with these settings."""
+    return lambda runner, images: device_timing(runner, images, imgsz, settings)
