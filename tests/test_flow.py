@@ -84,21 +84,29 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     assert manifest["excluded_nodes"]  # the head's decoding tail stays in float
 
 
-def test_cli_rerun_reuses_cached_stages_and_a_failed_gate_exits_3(first_run, project, capsys):
+def test_cli_rerun_reuses_the_cached_qdq_model(first_run, project, capsys):
     int8_delta = next(v for v in first_run["variants"] if v["name"] == "int8")["delta_map50_95_vs_fp32"]
+    out = project / "rerun.json"
+    assert main(["run", "-p", str(project / "params.yaml"), "--json", str(out)]) == 0
+    printed = capsys.readouterr()
+    rerun_delta = next(v for v in json.loads(out.read_text())["variants"] if v["name"] == "int8")
+    assert rerun_delta["delta_map50_95_vs_fp32"] == pytest.approx(int8_delta, abs=1e-6)  # same cached Q/DQ model
+    assert "MLflow run id:" in printed.out and "| int8 |" in printed.out
+    assert len(list((project / "runs/cache/calibration").glob("*.int8-qdq.onnx"))) == 1
+
+
+def test_a_failed_gate_exits_3_and_tags_the_run(first_run, project, capsys):
+    # entropy calibration loses 2.2 points on these 64 images (measured), beyond the 1.5-point gate
     out = project / "gate.json"
-    code = main(["run", "-p", str(project / "params.yaml"), "--set", "gate.max_map_drop=0.0", "--json", str(out)])
+    args = ["run", "-p", str(project / "params.yaml"), "--set", "calibration.algorithm=entropy", "--json", str(out)]
+    assert main(args) == 3
     printed = capsys.readouterr()
     document = json.loads(out.read_text())
-    rerun_delta = next(v for v in document["variants"] if v["name"] == "int8")["delta_map50_95_vs_fp32"]
-    assert rerun_delta == pytest.approx(int8_delta, abs=1e-6)  # the cached Q/DQ model gives the same result
-    assert "MLflow run id:" in printed.out and "| int8 |" in printed.out
-    if int8_delta < 0:  # INT8 lost accuracy, so a zero-loss gate must fail
-        assert code == 3 and "accuracy gate failed" in printed.err
-        run = MlflowClient(document["tracking_uri"]).get_run(document["mlflow_run_id"])
-        assert run.data.tags["gate"] == "failed"
-    else:
-        assert code == 0
+    int8 = next(v for v in document["variants"] if v["name"] == "int8")
+    assert int8["delta_map50_95_vs_fp32"] < -0.015 and not document["gate_passed"]
+    assert "accuracy gate failed: int8" in printed.err and "gate: FAILED" in printed.out
+    run = MlflowClient(document["tracking_uri"]).get_run(document["mlflow_run_id"])
+    assert run.data.tags["gate"] == "failed" and run.info.status == "FINISHED"
 
 
 def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, project, tmp_path, capsys):
