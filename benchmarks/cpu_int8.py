@@ -1,9 +1,14 @@
 """FP32 vs INT8 (explicit Q/DQ) on ONNX Runtime CPU: mAP and speed on one or more validation folders.
 
-    python benchmarks/cpu_int8.py --val data/coco/val --val ../shared/data/coco/val-extra
+    python benchmarks/cpu_int8.py --val data/coco/val --val ../shared/data/coco/val-extra \\
+        [--model searched=runs/cache/calibration/model-<key>.int8-qdq.onnx]
 
-Each --val folder holds images/ and labels/. The model, calibration and quantization settings come from
-params.yaml (override with --set like `yoloq run`); exports and Q/DQ models are reused from runs/cache.
+Each --val folder holds images/ and labels/; with several, a last row group scores all of them together (one
+COCO evaluation, e.g. the 525 images of val + val-extra). `int8` is the plain recipe (calibration.algorithm on
+calibration.num_images images, stem and head convs in float); --model adds any other ONNX model, e.g. the one
+the INT8 search chose (the `model` param of its candidate's MLflow run). The model, calibration and
+quantization settings come from params.yaml (override with --set like `yoloq run`); exports and Q/DQ models
+are reused from runs/cache.
 Prints one table: set, images, boxes, variant, mAP50-95, mAP50, delta vs FP32, latency at batch 1, images/s.
 """
 
@@ -23,7 +28,7 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 from yoloq.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from yoloq.calibrate import calibrate  # noqa: E402
-from yoloq.config import load_params  # noqa: E402
+from yoloq.config import LabelledSet, load_params  # noqa: E402
 from yoloq.export import export_model  # noqa: E402
 from yoloq.preprocess import list_images  # noqa: E402
 from yoloq.simplify import simplify_model  # noqa: E402
@@ -35,6 +40,7 @@ def main() -> int:
     parser.add_argument("--val", action="append", type=Path, help="validation folder with images/ and labels/")
     parser.add_argument("-p", "--params", type=Path, default=PROJECT / "params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="another ONNX model")
     args = parser.parse_args()
     folders = args.val or [PROJECT / "data/coco/val"]
     params = load_params(args.params, args.overrides)
@@ -71,19 +77,34 @@ def main() -> int:
         f"{params.calibration.images}, {'reused' if calibration.reused else f'{time.perf_counter() - start:.0f} s'}"
     )
     runners = {"fp32": OnnxRuntimeRunner(simplified.onnx_path), "int8": OnnxRuntimeRunner(calibration.qdq_path)}
+    for text in args.model:
+        name, _, path = text.partition("=")
+        if not path or not Path(path).is_file():
+            print(f"--model {text!r}: expected NAME=PATH of an existing ONNX model", file=sys.stderr)
+            return 2
+        runners[name] = OnnxRuntimeRunner(Path(path))
 
     rows = []
-    for folder in folders:
-        config = params.validation.model_copy(update={"images": folder / "images", "labels": folder / "labels"})
+    sets = [
+        (folder.name, params.validation.model_copy(update={"images": folder / "images", "labels": folder / "labels"}))
+        for folder in folders
+    ]
+    if len(folders) > 1:
+        extra = [LabelledSet(images=f / "images", labels=f / "labels") for f in folders[1:]]
+        together = params.validation.model_copy(
+            update={"images": folders[0] / "images", "labels": folders[0] / "labels", "extra_sets": extra}
+        )
+        sets.append(("+".join(f.name for f in folders), together))
+    for set_name, config in sets:
         dataset = load_validation_set(config, len(facts.names))
         scores = {}
         for name, runner in runners.items():
             scores[name] = score_variant(runner, dataset, facts.head_format, facts.imgsz, facts.names, config)
-            print(f"  {folder.name} {name}: mAP50-95 {scores[name].map.map50_95:.4f} ({scores[name].seconds:.0f} s)")
+            print(f"  {set_name} {name}: mAP50-95 {scores[name].map.map50_95:.4f} ({scores[name].seconds:.0f} s)")
         reference = scores["fp32"].map.map50_95
         for name, score in scores.items():
             rows.append(
-                f"| {folder.name} | {dataset.stats.num_images} | {dataset.stats.num_boxes} | {name} | "
+                f"| {set_name} | {dataset.stats.num_images} | {dataset.stats.num_boxes} | {name} | "
                 f"{score.map.map50_95:.4f} | {score.map.map50:.4f} | {(score.map.map50_95 - reference) * 100:+.2f} | "
                 f"{score.timing.latency_ms_b1:.1f} | {score.timing.throughput_ips:.1f} |"
             )

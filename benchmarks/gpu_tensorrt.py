@@ -10,6 +10,13 @@ Two steps, because the GPU machine has no PyTorch-free exporter and no ONNX Runt
         --set output_dir=/tmp/yoloq-trt --set tensorrt.builder_optimization_level=0 \\
         --set "tensorrt.tactic_sources=[EDGE_MASK_CONVOLUTIONS,JIT_CONVOLUTIONS]"
 
+With `prepare --search-json runs/<run>/search-int8/search.json` (a CPU flow run's INT8 search), step 1 also
+writes that search's winning calibration with the k most sensitive convs in float for every k of
+search.float_steps, and `run --search` runs yoloq's search (yoloq.search.run_search) on TensorRT: those
+candidates, built and judged against the fp32 and fp16 engines by the gate of params.yaml (mAP vs FP32 and FP16,
+throughput vs FP16 at the profile's max batch). `--implicit-search` does the same for implicit MinMax INT8 with
+the convs held in FP16 by layer precision constraints.
+
 `run` builds (or reuses, from output_dir/cache/tensorrt) the engines of fp32, fp16, int8 implicit with the
 MinMax and Entropy2 calibrators (FP16 fallback per tensorrt.fp16_fallback) and int8-qdq (the Q/DQ ONNX from
 step 1); measures COCO mAP on validation.images, device time (CUDA events, tensorrt.timing.iterations after
@@ -45,8 +52,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def prepare(params: Params, dest: Path) -> None:
-    """CPU: the simplified FP32 ONNX and the Q/DQ ONNX that the GPU run builds from, copied into `dest`."""
+def prepare(params: Params, dest: Path, search_json: Path | None = None) -> None:
+    """CPU: the simplified FP32 ONNX and the Q/DQ ONNX that the GPU run builds from, copied into `dest`; with
+    `search_json`, the precision-stage candidates of that search's winning calibration too."""
     from yoloq.calibrate import calibrate
     from yoloq.export import export_model
     from yoloq.preprocess import list_images
@@ -77,16 +85,78 @@ def prepare(params: Params, dest: Path) -> None:
         "simplify": simplified.message,
         "qdq_calibration": {"algorithm": calibration.algorithm, "images": calibration.num_images},
     }
+    if search_json is not None:
+        manifest["search"] = prepare_search(
+            params, simplified.onnx_path, exported.input_name, exported.facts.imgsz, search_json, dest
+        )
     atomic_write_json(dest / MANIFEST_NAME, manifest)
     print(f"prepared {dest}: {FP32_NAME} ({simplified.onnx_path.name}), {QDQ_NAME} ({calibration.qdq_path.name})")
 
 
-def run(params: Params, inputs: Path, out: Path, names: list[str]) -> int:
-    """GPU: build, validate and time each variant; write the table after each."""
+def prepare_search(
+    params: Params, fp32_onnx: Path, input_name: str, imgsz: int, search_json: Path, dest: Path
+) -> dict[str, Any]:
+    """The winning calibration of a CPU search, written with the k most sensitive convs in float for every k."""
+    from yoloq.calibrate import calibration_statistics, write_qdq_model
+    from yoloq.preprocess import list_images
+    from yoloq.search import precision_candidates
+    from yoloq.sensitivity import analyze_sensitivity
+
+    found = read_json(search_json)
+    winner = next(c for c in found["candidates"] if c["stage"] == "calibration" and c["name"] == found["calibration"])
+    algorithm, size = winner["algorithm"], int(winner["num_images"])
+    cache = params.output_dir / "cache" / "calibration"
+    stats = calibration_statistics(
+        fp32_onnx, input_name, imgsz, params.calibration, list_images(params.validation.images), cache, size, print
+    )
+    ranking = analyze_sensitivity(
+        fp32_onnx,
+        stats,
+        algorithm,
+        params.calibration.percentile,
+        params.search.sensitivity_images,
+        imgsz,
+        cache,
+        print,
+    ).layers
+    files = {}
+    default = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, None, cache, imgsz)
+    files["default"] = _copy(default.path, dest / f"qdq-{algorithm}-{size}-default.onnx")
+    fake_best = _PreparedCandidate(algorithm, size)
+    for candidate in precision_candidates("int8", fake_best, ranking, params.search.float_steps):  # type: ignore[arg-type]
+        floats = list(candidate.float_nodes or ())
+        model = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, floats, cache, imgsz)
+        files[f"top{len(floats)}"] = _copy(model.path, dest / f"qdq-{algorithm}-{size}-top{len(floats)}.onnx")
+    return {
+        "algorithm": algorithm,
+        "num_images": size,
+        "float_steps": params.search.float_steps,
+        "ranking": [layer.as_json() for layer in ranking],
+        "files": files,
+        "cpu_search": str(search_json),
+    }
+
+
+class _PreparedCandidate:
+    """The two fields precision_candidates reads from the calibration winner."""
+
+    def __init__(self, algorithm: str, num_images: int) -> None:
+        self.algorithm, self.num_images = algorithm, num_images
+
+
+def _copy(source: Path, target: Path) -> str:
+    shutil.copyfile(source, target)
+    return target.name
+
+
+def run(
+    params: Params, inputs: Path, out: Path, names: list[str], search: bool = False, implicit_search: bool = False
+) -> int:
+    """GPU: build, validate and time each variant; write the table after each; then the searches asked for."""
     from yoloq.backends import get_backend, tensorrt_availability
-    from yoloq.backends.tensorrt import TensorRTBackend, measure_device_timing, measure_end_to_end
+    from yoloq.backends.tensorrt import TensorRTBackend
     from yoloq.export import read_facts
-    from yoloq.validate import evaluate, load_validation_set
+    from yoloq.validate import load_validation_set
 
     availability = tensorrt_availability()
     if not availability.available:
@@ -100,33 +170,69 @@ def run(params: Params, inputs: Path, out: Path, names: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
+    manifest = read_json(inputs / MANIFEST_NAME)
+    if (search or implicit_search) and "search" not in manifest:
+        print(f"{inputs} has no search candidates: run prepare with --search-json", file=sys.stderr)
+        return 2
     facts = read_facts(fp32_onnx)
     dataset = load_validation_set(params.validation, len(facts.names))
     backend = get_backend("tensorrt", params)
     assert isinstance(backend, TensorRTBackend)
     backend.progress = print
-    build_dir = params.output_dir / "cache" / "tensorrt"
-    history_path = params.output_dir / "gpu_tensorrt_results.json"
-    history: dict[str, Any] = read_json(history_path) if history_path.is_file() else {}
-    settings = params.tensorrt
-    level = settings.builder_optimization_level
-    out.mkdir(parents=True, exist_ok=True)
-    sample_paths = [t.path for t in dataset.truths]
-    sample = _sample_batch(sample_paths, facts.imgsz, 8)
-
+    bench = _Bench(params, backend, facts, dataset, fp32_onnx, out)
+    print(f"validation: {len(dataset.truths)} images, {dataset.stats.num_boxes} boxes", flush=True)
     for name in names:
-        variant = VariantConfig(name=name, backend="tensorrt", **VARIANTS[name])
-        print(f"\n=== {name} (builder optimization level {level}) ===", flush=True)
-        built = backend.build(variant, fp32_onnx, qdq_onnx, build_dir)
-        runner = backend.load(built)
+        bench.measure(name, VariantConfig(name=name, backend="tensorrt", **VARIANTS[name]), qdq_onnx)
+    if search:
+        bench.search(manifest["search"], inputs, implicit=False)
+    if implicit_search:
+        bench.search(manifest["search"], inputs, implicit=True)
+    print()
+    print((out / "table.md").read_text())
+    return 0
+
+
+class _Bench:
+    """Builds, scores and times variants on TensorRT; keeps every row in output_dir/gpu_tensorrt_results.json."""
+
+    def __init__(self, params: Params, backend: Any, facts: Any, dataset: Any, fp32_onnx: Path, out: Path) -> None:
+        self.params, self.backend, self.facts, self.dataset, self.fp32_onnx, self.out = (
+            params,
+            backend,
+            facts,
+            dataset,
+            fp32_onnx,
+            out,
+        )
+        self.build_dir = params.output_dir / "cache" / "tensorrt"
+        self.history_path = params.output_dir / "gpu_tensorrt_results.json"
+        self.history: dict[str, Any] = read_json(self.history_path) if self.history_path.is_file() else {}
+        self.level = params.tensorrt.builder_optimization_level
+        self.sample_paths = [t.path for t in dataset.truths]
+        self.sample = _sample_batch(self.sample_paths, facts.imgsz, 8)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def key(self, name: str) -> str:
+        return f"{name}@level{self.level}@{len(self.dataset.truths)}img"
+
+    def measure(self, name: str, variant: VariantConfig, qdq_onnx: Path | None) -> dict[str, Any]:
+        from yoloq.backends.tensorrt import measure_device_timing, measure_end_to_end
+        from yoloq.validate import evaluate
+
+        params, facts, settings = self.params, self.facts, self.params.tensorrt
+        print(f"\n=== {name} (builder optimization level {self.level}) ===", flush=True)
+        built = self.backend.build(variant, self.fp32_onnx, qdq_onnx, self.build_dir)
+        runner = self.backend.load(built)
         try:
             start = time.perf_counter()
-            result = evaluate(runner, dataset, facts.head_format, facts.imgsz, facts.names, params.validation, print)
+            result = evaluate(
+                runner, self.dataset, facts.head_format, facts.imgsz, facts.names, params.validation, print
+            )
             eval_seconds = time.perf_counter() - start
             b1, bmax = measure_device_timing(
-                runner, sample, [1, settings.profile.max_batch], settings.timing.iterations, settings.timing.warmup
+                runner, self.sample, [1, settings.profile.max_batch], settings.timing.iterations, settings.timing.warmup
             )
-            e2e_ms = measure_end_to_end(runner, sample_paths, facts.imgsz, facts.head_format, params.validation)
+            e2e_ms = measure_end_to_end(runner, self.sample_paths, facts.imgsz, facts.head_format, params.validation)
         finally:
             runner.close()
         row = {
@@ -144,13 +250,13 @@ def run(params: Params, inputs: Path, out: Path, names: list[str]) -> int:
             "build_seconds": built.build_seconds,
             "engine_mb": built.size_mb,
             "engine": built.path.name,
-            "validation_images": len(dataset.truths),
+            "validation_images": len(self.dataset.truths),
             "validation_seconds": eval_seconds,
             "details": built.details,
         }
-        history[f"{name}@level{level}"] = row
-        atomic_write_json(history_path, history)
-        _write_outputs(history, out)
+        self.history[self.key(name)] = row
+        atomic_write_json(self.history_path, self.history)
+        _write_outputs(self.history, self.out)
         print(
             f"{name}: mAP50-95 {result.map50_95:.4f}, mAP50 {result.map50:.4f}, "
             f"{b1.latency_ms_median:.3f} ms at batch 1, "
@@ -158,9 +264,69 @@ def run(params: Params, inputs: Path, out: Path, names: list[str]) -> int:
             f"build {built.build_seconds:.0f} s ({'reused' if built.details.get('reused') == 'true' else 'built'})",
             flush=True,
         )
-    print()
-    print((out / "table.md").read_text())
-    return 0
+        return row
+
+    def result_of(self, name: str) -> Any:
+        from yoloq.report import VariantResult
+
+        row = self.history.get(self.key(name))
+        if row is None:
+            raise SystemExit(f"the search needs the {name} row at this level and image count: add it to --variants")
+        precision = "int8" if name not in ("fp32", "fp16") else name
+        return VariantResult(
+            name, precision, "tensorrt", row["map50_95"], row["map50"], row["latency_ms_b1"],
+            row["images_per_s_bmax"], row["max_batch"], row["engine_mb"], Path(row["engine"]),
+        )  # fmt: skip
+
+    def search(self, prepared: dict[str, Any], inputs: Path, implicit: bool) -> None:
+        """yoloq's search on TensorRT over the prepared candidates, judged by params.yaml's gate."""
+        import dataclasses
+
+        from yoloq.report import gate_reasons
+        from yoloq.search import Candidate, candidates_table, run_search
+        from yoloq.sensitivity import LayerSensitivity
+
+        fp32, fp16 = self.result_of("fp32"), self.result_of("fp16")
+        ranking = [
+            LayerSensitivity(r["node"], int(r["position"]), float(r["error"]), float(r["sqnr_db"]))
+            for r in prepared["ranking"]
+        ]
+        prefix = "int8-implicit" if implicit else "int8-qdq"
+
+        def evaluate(candidate: Candidate) -> Any:
+            k = None if candidate.float_nodes is None else len(candidate.float_nodes)
+            if implicit:
+                variant = VariantConfig(
+                    name=candidate.name,
+                    precision="int8",
+                    quantization="implicit",
+                    backend="tensorrt",
+                    calibrator="minmax",
+                    float_layers=list(candidate.float_nodes or ()),
+                )
+                qdq = None
+            else:
+                variant = VariantConfig(name=candidate.name, precision="int8", quantization="qdq", backend="tensorrt")
+                qdq = inputs / prepared["files"]["default" if k is None else f"top{k}"]
+            self.measure(candidate.name, variant, qdq)
+            result = self.result_of(candidate.name)
+            return dataclasses.replace(result, delta_map50_95=result.map50_95 - fp32.map50_95)
+
+        algorithm = "minmax" if implicit else prepared["algorithm"]
+        size = self.params.calibration.num_images if implicit else int(prepared["num_images"])
+        outcome = run_search(
+            prefix,
+            [algorithm],
+            [size],
+            prepared["float_steps"],
+            evaluate,
+            lambda r: gate_reasons(r, fp32, fp16, self.params.gate),
+            lambda _algorithm, _size: ranking,
+            print,
+        )
+        text = f"## TensorRT search: {prefix}\n\n{outcome.summary}\n\n{candidates_table(outcome)}\n"
+        atomic_write_text(self.out / f"search-{prefix}.md", text)
+        print("\n" + text, flush=True)
 
 
 def _sample_batch(paths: list[Path], imgsz: int, count: int) -> Any:
@@ -177,8 +343,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     batch = str(rows[0]["max_batch"]) if rows else "max"
     lines = [
         f"| variant | mAP50-95 | mAP50 | latency ms (b1) | images/s (b{batch}) | e2e ms/image | build s | engine MB | "
-        "card | TensorRT | opt level |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "card | TensorRT | opt level | images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in rows:
         d = r["details"]
@@ -186,7 +352,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['variant']} | {r['map50_95']:.4f} | {r['map50']:.4f} | {r['latency_ms_b1']:.3f} | "
             f"{r['images_per_s_bmax']:,.0f} | {r['end_to_end_ms_per_image']:.2f} | {r['build_seconds']:.0f} | "
             f"{r['engine_mb']:.1f} | {d.get('gpu', '?')} | {d.get('tensorrt_version', '?')} "
-            f"(lib {d.get('tensorrt_library_version', '?')}) | {d.get('builder_optimization_level', '?')} |"
+            f"(lib {d.get('tensorrt_library_version', '?')}) | {d.get('builder_optimization_level', '?')} | "
+            f"{r.get('validation_images', '?')} |"
         )
     return "\n".join(lines)
 
@@ -194,7 +361,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _write_outputs(history: dict[str, Any], out: Path) -> None:
     order = {name: index for index, name in enumerate(VARIANTS)}
     rows = sorted(
-        history.values(), key=lambda r: (r["details"].get("builder_optimization_level", ""), order[r["variant"]])
+        history.values(),
+        key=lambda r: (
+            r["details"].get("builder_optimization_level", ""),
+            r.get("validation_images", 0),
+            order.get(r["variant"], len(order)),
+        ),
     )
     atomic_write_json(out / "results.json", {"rows": rows})
     atomic_write_text(out / "table.md", table(rows) + "\n")
@@ -208,17 +380,20 @@ def main() -> int:
     parser.add_argument("--dest", "--inputs", dest="inputs", type=Path, default=PROJECT / ".trt-inputs")
     parser.add_argument("--out", type=Path, default=Path("gpu-results"), help="results.json and table.md")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--search-json", type=Path, help="prepare: a CPU flow run's search-<variant>/search.json")
+    parser.add_argument("--search", action="store_true", help="run: yoloq's search over the Q/DQ candidates")
+    parser.add_argument("--implicit-search", action="store_true", help="run: the search for implicit MinMax INT8")
     args = parser.parse_args()
     params = load_params(args.params, args.overrides)
     if args.step == "prepare":
-        prepare(params, args.inputs)
+        prepare(params, args.inputs, args.search_json)
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         print(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    return run(params, args.inputs, args.out, names)
+    return run(params, args.inputs, args.out, names, args.search, args.implicit_search)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.search import search_variant
 from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task
@@ -142,32 +143,55 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
             },
         )
 
-    raw_results: list[VariantResult] = []
+    searched = {v.name for v in params.variants if params.search.enabled and v.precision == "int8"}
+    by_name: dict[str, VariantResult] = {}
     per_class: dict[str, str] = {}
     builds: dict[str, BuiltModel] = {}
-    for variant in params.variants:
+    for variant in params.variants:  # every variant but the searched ones: the search is judged against these
+        if variant.name in searched:
+            continue
         qdq_onnx = calibration.qdq_path if calibration else None
         built = build_task(variant, params, fp32_onnx, qdq_onnx, cache_dir / "build")
         builds[variant.name] = built
         score = validate_task(built, dataset, facts, params)
-        raw_results.append(
-            VariantResult(
-                name=variant.name,
-                precision=variant.precision,
-                backend=variant.backend,
-                map50_95=score.map.map50_95,
-                map50=score.map.map50,
-                latency_ms_b1=score.timing.latency_ms_b1,
-                throughput_ips=score.timing.throughput_ips,
-                throughput_batch=score.timing.throughput_batch,
-                size_mb=built.size_mb,
-                model_path=built.path,
-            )
+        by_name[variant.name] = VariantResult(
+            name=variant.name,
+            precision=variant.precision,
+            backend=variant.backend,
+            map50_95=score.map.map50_95,
+            map50=score.map.map50,
+            latency_ms_b1=score.timing.latency_ms_b1,
+            throughput_ips=score.timing.throughput_ips,
+            throughput_batch=score.timing.throughput_batch,
+            size_mb=built.size_mb,
+            model_path=built.path,
         )
         per_class[variant.name] = per_class_table(score.map)
 
+    reference = by_name[params.reference_variant.name]
+    fp16 = next((by_name[v.name] for v in params.variants if v.precision == "fp16"), None)
+    for variant in (v for v in params.variants if v.name in searched):
+        found = search_variant(
+            variant,
+            params,
+            fp32_onnx,
+            exported.input_name,
+            facts,
+            dataset,
+            reference,
+            fp16,
+            tracker,
+            cache_dir,
+            report_dir,
+        )
+        by_name[variant.name] = found.result
+        builds[variant.name] = found.built
+        per_class[variant.name] = found.per_class
+        tracker.log_artifacts(tracker.parent_run_id, found.artifacts, f"search-{variant.name}")
+    raw_results = [by_name[v.name] for v in params.variants]
+
     results = with_deltas(raw_results, params.reference_variant.name)
-    gate = check_gate(results, params.gate.max_map_drop)
+    gate = check_gate(results, params.gate, params.reference_variant.name)
     outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir)
     _log_results(params, tracker, outcome, per_class, builds, calibration, len(dataset.truths))
     return outcome
@@ -184,7 +208,8 @@ def _log_results(
 ) -> None:
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     table = results_table(outcome.results)
-    dataset_note = f"validation: {params.validation.images} ({num_validation_images} images)"
+    folders = [params.validation.images, *(extra.images for extra in params.validation.extra_sets)]
+    dataset_note = f"validation: {' + '.join(str(f) for f in folders)} ({num_validation_images} images)"
     for result in outcome.results:
         built = builds[result.name]
         variant_params = {
@@ -209,7 +234,7 @@ def _log_results(
         variant_dir = report_dir / result.name
         per_class_path = atomic_write_text(variant_dir / "per_class_ap.md", per_class[result.name] + "\n")
         artifacts = [per_class_path, result.model_path, *_build_artifacts(built)]
-        if calibration and built.variant.quantization == "qdq":
+        if calibration and built.variant.quantization == "qdq" and "calibration_manifest" not in built.details:
             artifacts.append(calibration.manifest_path)
         tracker.log_artifacts(child, artifacts)
         tracker.finish(child)
@@ -247,7 +272,7 @@ def fp16_vs_int8(results: list[VariantResult]) -> dict[str, float]:
 
 def _build_artifacts(built: BuiltModel) -> list[Path]:
     """Files a build left beside the model that belong in MLflow: build log, caches, the build record."""
-    keys = ("build_log", "timing_cache", "calibration_cache")
+    keys = ("build_log", "timing_cache", "calibration_cache", "calibration_manifest")
     paths = [Path(built.details[k]) for k in keys if built.details.get(k)]
     record = built.path.with_suffix(".json")
     if built.details and record.is_file():

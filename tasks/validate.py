@@ -6,24 +6,30 @@ from prefect.cache_policies import NO_CACHE
 from yoloq.backends import BuiltModel, get_backend
 from yoloq.config import Params
 from yoloq.export import ModelFacts
-from yoloq.validate import ValidationSet, VariantScore, score_variant
+from yoloq.validate import Timing, TimingFn, ValidationSet, VariantScore, measure_timing, score_variant
 
 
 @task(name="validate", task_run_name="validate-{built.variant.name}", cache_policy=NO_CACHE)
-def validate_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, params: Params) -> VariantScore:
-    """COCO mAP, latency at batch 1 and throughput of one built variant."""
+def validate_task(
+    built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, params: Params, measure_speed: bool = True
+) -> VariantScore:
+    """COCO mAP, latency at batch 1 and throughput of one built variant (timing skipped without measure_speed)."""
     logger = get_run_logger()
     name = built.variant.name
     logger.info("validate %s on %d images", name, len(dataset.truths))
     runner = get_backend(built.variant.backend, params).load(built)
-    timing_fn = None
-    if built.variant.backend == "tensorrt":  # device time (CUDA events) at batch 1 and the profile's max batch
-        from yoloq.backends.tensorrt import device_timing_fn
-
-        timing_fn = device_timing_fn(facts.imgsz, params.tensorrt)
+    timing_fn = _timing_fn(built, facts, params)
     try:
         score = score_variant(
-            runner, dataset, facts.head_format, facts.imgsz, facts.names, params.validation, logger.info, timing_fn
+            runner,
+            dataset,
+            facts.head_format,
+            facts.imgsz,
+            facts.names,
+            params.validation,
+            logger.info,
+            timing_fn,
+            measure_speed,
         )
     finally:
         if hasattr(runner, "close"):
@@ -39,3 +45,26 @@ def validate_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, 
         score.seconds,
     )
     return score
+
+
+def _timing_fn(built: BuiltModel, facts: ModelFacts, params: Params) -> TimingFn | None:
+    if built.variant.backend != "tensorrt":
+        return None  # wall clock at batch 1 and validation.timing.batch_size
+    from yoloq.backends.tensorrt import device_timing_fn  # device time (CUDA events), batch 1 and profile max
+
+    return device_timing_fn(facts.imgsz, params.tensorrt)
+
+
+@task(name="timing", task_run_name="timing-{built.variant.name}", cache_policy=NO_CACHE)
+def timing_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, params: Params) -> Timing:
+    """Latency at batch 1 and throughput of one built variant (no mAP)."""
+    runner = get_backend(built.variant.backend, params).load(built)
+    images = [t.path for t in dataset.truths]
+    timing_fn = _timing_fn(built, facts, params)
+    try:
+        if timing_fn:
+            return timing_fn(runner, images)
+        return measure_timing(runner, images, facts.imgsz, params.validation.timing)
+    finally:
+        if hasattr(runner, "close"):
+            runner.close()

@@ -20,7 +20,7 @@ def test_params_typo_exits_2_with_the_valid_keys(tmp_path, capsys):
 
 def test_bad_set_value_exits_2(capsys):
     assert main(["run", "-p", str(PROJECT / "params.yaml"), "--set", "calibration.algorithm=entropy2"]) == 2
-    assert "'minmax', 'entropy' or 'percentile'" in capsys.readouterr().err
+    assert "'minmax', 'entropy', 'percentile' or 'mse'" in capsys.readouterr().err
 
 
 def run_shipped(*overrides: str) -> int:

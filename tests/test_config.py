@@ -32,7 +32,7 @@ def test_wrong_choice_lists_valid_choices(tmp_path):
     data = shipped()
     data["calibration"]["algorithm"] = "entropy2"
     with pytest.raises(
-        ConfigError, match=r"calibration.algorithm: Input should be 'minmax', 'entropy' or 'percentile'"
+        ConfigError, match=r"calibration.algorithm: Input should be 'minmax', 'entropy', 'percentile' or 'mse'"
     ):
         load_params(write_params(tmp_path, data))
 

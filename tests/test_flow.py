@@ -28,6 +28,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data["validation"]["images"] = str(PROJECT / "data/coco/val/images")
     data["validation"]["labels"] = str(PROJECT / "data/coco/val/labels")
     data["validation"]["timing"]["iterations"] = 5
+    data["gate"]["max_map_drop"] = 0.015  # 64 images cannot resolve less (the shipped 0.5 point is for 525)
+    data["search"]["enabled"] = False  # plain calibration here; test_search_* runs the search on fewer images
     (root / "params.yaml").write_text(yaml.safe_dump(data))
     return root
 
@@ -121,3 +123,48 @@ def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, pr
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
     latest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert latest.info.status == "FAILED" and "000000000139.txt:2" in latest.data.tags["error"]
+
+
+SEARCH = [
+    "--set",
+    "search.enabled=true",
+    "--set",
+    "search.algorithms=[minmax, entropy]",
+    "--set",
+    "search.calibration_sizes=[16]",
+    "--set",
+    "search.float_steps=[0, 4]",
+    "--set",
+    "search.sensitivity_images=2",
+    "--set",
+    "validation.num_images=16",
+]
+
+
+def test_search_logs_every_candidate_and_ships_the_chosen_one(first_run, project, capsys):
+    out = project / "search.json"
+    code = main(["run", "-p", str(project / "params.yaml"), *SEARCH, "--json", str(out)])
+    capsys.readouterr()
+    document = json.loads(out.read_text())
+    assert code == (0 if document["gate_passed"] else 3)
+    client = MlflowClient(document["tracking_uri"])
+    parent = client.get_run(document["mlflow_run_id"])
+    chosen_name = parent.data.tags["int8.search.chosen"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.data.tags["mlflow.runName"]: c for c in children}
+    candidates = {n: c for n, c in by_name.items() if c.data.tags.get("yoloq.kind") == "candidate"}
+    # two calibrations on 16 images, then the 0 and (if top0 fails) 4 most sensitive convs in float
+    assert {"int8.minmax-16.default", "int8.entropy-16.default"} <= set(candidates)
+    calibration = {n: c for n, c in candidates.items() if c.data.params["search.stage"] == "calibration"}
+    best = max(calibration.values(), key=lambda c: c.data.metrics["map50_95"])
+    precision = [n for n, c in candidates.items() if c.data.params["search.stage"] == "precision"]
+    assert precision and all(n.startswith(best.data.tags["mlflow.runName"].rsplit(".", 1)[0]) for n in precision)
+    assert chosen_name in candidates and {"fp32", "int8"} <= set(by_name)
+    int8 = next(v for v in document["variants"] if v["name"] == "int8")
+    assert int8["map50_95"] == pytest.approx(candidates[chosen_name].data.metrics["map50_95"], abs=1e-5)
+    assert int8["throughput_ips"] > 0  # the chosen candidate is timed after the search
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "search-int8")}
+    assert {"search-int8/search.md", "search-int8/search.json", "search-int8/sensitivity.png"} <= files
+    assert any(f.startswith("search-int8/sensitivity-") for f in files)
+    report = Path(client.download_artifacts(parent.info.run_id, "search-int8/search.md")).read_text()
+    assert "## Convs kept in float" in report and "**chosen**" in report

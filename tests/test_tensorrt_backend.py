@@ -318,3 +318,32 @@ def test_timing_cache_is_merged_with_the_one_on_disk(tmp_path):
     assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new+old"
     assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new"), readable=False), path) == b"new"
     assert _updated_timing_cache(FakeBuilderConfig(None), path) == b""
+
+
+class _FakeLayer:
+    def __init__(self, name: str, outputs: int = 1) -> None:
+        self.name, self.num_outputs, self.precision, self.output_types = name, outputs, None, {}
+
+    def set_output_type(self, index: int, dtype: object) -> None:
+        self.output_types[index] = dtype
+
+
+class _FakeNetwork:
+    def __init__(self, names: list[str]) -> None:
+        self.layers = [_FakeLayer(n) for n in names]
+        self.num_layers = len(self.layers)
+
+    def get_layer(self, index: int) -> _FakeLayer:
+        return self.layers[index]
+
+
+def test_float_layers_are_constrained_by_onnx_node_name():
+    from yoloq.backends.tensorrt import EngineBuildError, hold_layers_in_float
+
+    network = _FakeNetwork(["/model.0/conv/Conv", "/model.0/act/Sigmoid", "/model.2/cv1/conv/Conv"])
+    assert hold_layers_in_float(network, ["/model.2/cv1/conv/Conv"], "half") == ["/model.2/cv1/conv/Conv"]
+    held = network.layers[2]
+    assert held.precision == "half" and held.output_types == {0: "half"}
+    assert network.layers[0].precision is None
+    with pytest.raises(EngineBuildError, match="name no layer"):
+        hold_layers_in_float(network, ["/model.99/conv/Conv"], "half")

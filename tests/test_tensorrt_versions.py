@@ -274,3 +274,25 @@ def test_no_driver_and_no_device_are_explained():
 
 def raises_os_error(name: str):
     raise OSError(f"{name}: cannot open shared object file")
+
+
+def test_implicit_float_layers_become_obeyed_precision_constraints():
+    variant = VariantConfig(
+        name="int8-minmax",
+        precision="int8",
+        quantization="implicit",
+        backend="tensorrt",
+        float_layers=["/model.2/cv1/conv/Conv", "/model.3/conv/Conv"],
+    )
+    plan = plan_variant(variant, capabilities(TrtVersion(10, 3, 0)), True, None)
+    assert plan.float_layers == ("/model.2/cv1/conv/Conv", "/model.3/conv/Conv")
+    assert "2 layers held out of INT8 by precision constraints" in plan.describe()
+    plain = plan_variant(
+        variant.model_copy(update={"float_layers": []}), capabilities(TrtVersion(10, 3, 0)), True, None
+    )
+    assert plain.float_layers == () and plain != plan  # different plans: different engine keys
+
+
+def test_float_layers_are_for_implicit_variants_only():
+    with pytest.raises(ValueError, match="float_layers applies to quantization 'implicit' only"):
+        VariantConfig(name="q", precision="int8", quantization="qdq", float_layers=["/model.0/conv/Conv"])

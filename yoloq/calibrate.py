@@ -17,9 +17,22 @@ from yoloq.calibration_data import (
 )
 from yoloq.config import CalibrationConfig
 from yoloq.errors import InputError
-from yoloq.quantize import quantize_qdq
+from yoloq.quantize import (
+    TensorStats,
+    amax_for,
+    analyze_head,
+    calibration_tensors,
+    check_algorithm,
+    collect_stats,
+    default_float_convs,
+    prepare_model,
+    quantizable_convs,
+    write_qdq,
+)
 
 Progress = Callable[[str], None]
+STATS_VERSION = "stats-v1"
+QDQ_VERSION = "qdq-v3"
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,119 @@ def check_overlap(calibration: CalibrationSet, validation_images: list[Path], ma
     return overlap
 
 
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Activation statistics of one calibration set (content-hashed .npz, reused when present)."""
+
+    path: Path
+    key: str
+    stats: TensorStats
+    fp32_sha256: str
+    images: CalibrationSet
+    validation_overlap: int
+    seconds: float
+    reused: bool
+
+
+@dataclass(frozen=True)
+class QdqModel:
+    """One INT8 Q/DQ model written from calibration statistics (content-hashed, reused when present)."""
+
+    path: Path
+    manifest_path: Path
+    algorithm: str
+    float_nodes: list[str]  # convs kept in float by choice (default: stem + head convs; or the precision search's)
+    excluded_nodes: list[str]  # everything left in float: the decoding tail + float_nodes
+    reused: bool
+
+
+def calibration_statistics(
+    fp32_onnx: Path,
+    input_name: str,
+    imgsz: int,
+    config: CalibrationConfig,
+    validation_images: list[Path],
+    out_dir: Path,
+    num_images: int | None = None,
+    progress: Progress | None = None,
+) -> CalibrationStats:
+    """Select `num_images` (default calibration.num_images) calibration images, check them against the validation
+    set, and collect (or reuse) the statistics every algorithm and every choice of float layers is computed from."""
+    selected = select_calibration_images(config.images, num_images or config.num_images, config.min_images)
+    if progress and selected.skipped:
+        progress(f"skipped {len(selected.skipped)} unreadable calibration images: {[p.name for p in selected.skipped]}")
+    overlap = check_overlap(selected, validation_images, config.max_validation_overlap)
+    if progress and overlap:
+        progress(f"WARNING: {overlap} calibration images are also validation images (within the allowed share)")
+    fp32_sha = file_sha256(fp32_onnx)
+    key = content_key(STATS_VERSION, fp32_sha, selected.content_hash, PREPROCESSING_ID, imgsz)
+    path = out_dir / f"stats-{key}.npz"
+    if path.is_file():
+        return CalibrationStats(path, key, TensorStats.load(path), fp32_sha, selected, overlap, 0.0, reused=True)
+    model = prepare_model(fp32_onnx)
+    head = analyze_head(model)
+    loader = CalibrationDataLoader(selected.images, input_name, imgsz, config.batch_size)
+    if progress:
+        progress(f"calibrating on {len(selected.images)} images ({len(loader)} batches, two passes)")
+    start = time.perf_counter()
+    stats = collect_stats(model, calibration_tensors(model, head), loader, input_name)
+    stats.save(path)
+    return CalibrationStats(path, key, stats, fp32_sha, selected, overlap, time.perf_counter() - start, reused=False)
+
+
+def write_qdq_model(
+    fp32_onnx: Path,
+    statistics: CalibrationStats,
+    algorithm: str,
+    percentile: float,
+    float_nodes: list[str] | None,
+    out_dir: Path,
+    imgsz: int,
+) -> QdqModel:
+    """The Q/DQ model for one algorithm and one set of float convs (None = the default: stem + head convs)."""
+    check_algorithm(algorithm, percentile)
+    model = prepare_model(fp32_onnx)
+    head = analyze_head(model)
+    chosen = default_float_convs(head) if float_nodes is None else list(float_nodes)
+    unknown = sorted(set(chosen) - set(quantizable_convs(model, head)))
+    if unknown:
+        raise InputError(f"float layers {unknown[:5]} are not quantizable convs of {fp32_onnx.name}")
+    key = content_key(
+        QDQ_VERSION,
+        statistics.key,
+        algorithm,
+        percentile if algorithm == "percentile" else None,
+        sorted(chosen),
+    )
+    path, manifest_path = out_dir / f"model-{key}.int8-qdq.onnx", out_dir / f"model-{key}.calibration.json"
+    if path.is_file() and manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        return QdqModel(path, manifest_path, algorithm, chosen, manifest["excluded_nodes"], reused=True)
+    amax = amax_for(statistics.stats, algorithm, percentile)
+    excluded, quantized_nodes = write_qdq(model, head, amax, chosen, path)
+    selected = statistics.images
+    atomic_write_json(
+        manifest_path,
+        {
+            "model_sha256": statistics.fp32_sha256,
+            "algorithm": algorithm,
+            "percentile": percentile if algorithm == "percentile" else None,
+            "preprocessing": PREPROCESSING_ID,
+            "imgsz": imgsz,
+            "images": [
+                {"name": p.name, "sha256": h} for p, h in zip(selected.images, selected.image_hashes, strict=True)
+            ],
+            "skipped_unreadable": [p.name for p in selected.skipped],
+            "validation_overlap": statistics.validation_overlap,
+            "float_nodes": chosen,
+            "excluded_nodes": excluded,
+            "quantized_nodes": quantized_nodes,
+            "amax": {name: amax[name] for name in sorted(amax)},
+        },
+    )
+    return QdqModel(path, manifest_path, algorithm, chosen, excluded, reused=False)
+
+
 def calibrate(
     fp32_onnx: Path,
     input_name: str,
@@ -57,70 +183,23 @@ def calibrate(
     validation_images: list[Path],
     out_dir: Path,
     progress: Progress | None = None,
+    float_nodes: list[str] | None = None,
 ) -> CalibrationResult:
-    """Select calibration images, check them against the validation set, and write (or reuse) the Q/DQ model."""
-    selected = select_calibration_images(config.images, config.num_images, config.min_images)
-    if progress and selected.skipped:
-        progress(f"skipped {len(selected.skipped)} unreadable calibration images: {[p.name for p in selected.skipped]}")
-    overlap = check_overlap(selected, validation_images, config.max_validation_overlap)
-    if progress and overlap:
-        progress(f"WARNING: {overlap} calibration images are also validation images (within the allowed share)")
-    key = content_key(
-        "qdq-v2",
-        file_sha256(fp32_onnx),
-        selected.content_hash,
-        config.algorithm,
-        config.percentile if config.algorithm == "percentile" else None,
-        PREPROCESSING_ID,
-        imgsz,
-    )
-    qdq_path, manifest_path = out_dir / f"model-{key}.int8-qdq.onnx", out_dir / f"model-{key}.calibration.json"
-    if qdq_path.is_file() and manifest_path.is_file():
-        manifest = read_json(manifest_path)
-        return CalibrationResult(
-            qdq_path,
-            manifest_path,
-            len(selected.images),
-            len(selected.skipped),
-            overlap,
-            config.algorithm,
-            manifest["excluded_nodes"],
-            0.0,
-            reused=True,
-            images_sha256=selected.content_hash,
-        )
-    loader = CalibrationDataLoader(selected.images, input_name, imgsz, config.batch_size)
-    if progress:
-        progress(f"calibrating ({config.algorithm}) on {len(selected.images)} images in {len(loader)} batches")
+    """Calibration statistics, then the Q/DQ model with calibration.algorithm (both reused when present)."""
     start = time.perf_counter()
-    result = quantize_qdq(fp32_onnx, loader, config.algorithm, config.percentile, qdq_path)
-    seconds = time.perf_counter() - start
-    atomic_write_json(
-        manifest_path,
-        {
-            "model_sha256": file_sha256(fp32_onnx),
-            "algorithm": config.algorithm,
-            "percentile": config.percentile if config.algorithm == "percentile" else None,
-            "preprocessing": PREPROCESSING_ID,
-            "imgsz": imgsz,
-            "images": [
-                {"name": p.name, "sha256": h} for p, h in zip(selected.images, selected.image_hashes, strict=True)
-            ],
-            "skipped_unreadable": [p.name for p in selected.skipped],
-            "validation_overlap": overlap,
-            "excluded_nodes": result.excluded_nodes,
-            "seconds": round(seconds, 2),
-        },
+    statistics = calibration_statistics(
+        fp32_onnx, input_name, imgsz, config, validation_images, out_dir, progress=progress
     )
+    qdq = write_qdq_model(fp32_onnx, statistics, config.algorithm, config.percentile, float_nodes, out_dir, imgsz)
     return CalibrationResult(
-        qdq_path,
-        manifest_path,
-        len(selected.images),
-        len(selected.skipped),
-        overlap,
+        qdq.path,
+        qdq.manifest_path,
+        len(statistics.images.images),
+        len(statistics.images.skipped),
+        statistics.validation_overlap,
         config.algorithm,
-        result.excluded_nodes,
-        seconds,
-        reused=False,
-        images_sha256=selected.content_hash,
+        qdq.excluded_nodes,
+        time.perf_counter() - start,
+        reused=statistics.reused and qdq.reused,
+        images_sha256=statistics.images.content_hash,
     )

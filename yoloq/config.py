@@ -16,7 +16,7 @@ BackendName = Literal["auto", "onnxruntime", "tensorrt"]
 """What params.yaml may ask for; `auto` = TensorRT when it imports and a CUDA GPU exists, else ONNX Runtime."""
 ResolvedBackendName = Literal["onnxruntime", "tensorrt"]
 """A concrete backend, after `auto` is resolved on this machine (yoloq.backends.resolve_backend)."""
-CalibrationAlgorithm = Literal["minmax", "entropy", "percentile"]
+CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
 
@@ -66,6 +66,11 @@ class VariantConfig(Section):
     calibrator: TrtCalibrator | None = Field(
         None, description="TensorRT calibrator for quantization implicit; null = minmax (entropy2 loses ~12 points)"
     )
+    float_layers: list[str] = Field(
+        default_factory=list,
+        description="quantization implicit (TensorRT 8.6-10.x): ONNX node names kept in FP16 (FP32 without "
+        "tensorrt.fp16_fallback) by layer precision constraints; the search fills this in for implicit variants",
+    )
 
     @model_validator(mode="after")
     def _quantization_matches_precision(self) -> VariantConfig:
@@ -82,6 +87,11 @@ class VariantConfig(Section):
             raise ValueError(
                 f"variant {self.name!r}: fp16 is built by backend 'tensorrt' only "
                 "(or 'auto' on a machine with TensorRT)"
+            )
+        if self.float_layers and self.quantization != "implicit":
+            raise ValueError(
+                f"variant {self.name!r}: float_layers applies to quantization 'implicit' only; Q/DQ variants keep "
+                "layers in float by leaving them out of quantization (the search does that)"
             )
         if self.calibrator is not None and self.quantization != "implicit":
             raise ValueError(
@@ -160,9 +170,18 @@ class TimingConfig(Section):
     batch_size: int = Field(8, ge=1, description="batch for the throughput measurement")
 
 
+class LabelledSet(Section):
+    images: Path
+    labels: Path = Field(description="folder of YOLO .txt labels, or a COCO instances .json")
+
+
 class ValidationConfig(Section):
     images: Path = Path("data/coco/val/images")
     labels: Path = Path("data/coco/val/labels")
+    extra_sets: list[LabelledSet] = Field(
+        default_factory=list,
+        description="more labelled folders scored together with images/labels as one set (one COCO evaluation)",
+    )
     num_images: int | None = Field(None, ge=1, description="first N images (sorted by name); null = all")
     batch_size: int = Field(8, ge=1, le=256)
     conf_threshold: float = Field(0.001, ge=0.0, lt=1.0)
@@ -172,7 +191,43 @@ class ValidationConfig(Section):
 
 
 class GateConfig(Section):
-    max_map_drop: float = Field(0.015, ge=0.0, le=1.0, description="largest mAP50-95 drop vs fp32 (0.015 = 1.5 points)")
+    """When a run ships: every variant within `max_map_drop` of FP32; with an FP16 variant in the run, every INT8
+    variant also within `max_map_drop_vs_fp16` of it and at least `min_speedup_vs_fp16` times its throughput."""
+
+    max_map_drop: float = Field(0.005, ge=0.0, le=1.0, description="largest mAP50-95 drop vs fp32 (0.005 = 0.5 points)")
+    max_map_drop_vs_fp16: float = Field(
+        0.003, ge=0.0, le=1.0, description="largest INT8 mAP50-95 drop vs the fp16 variant (0.003 = 0.3 points)"
+    )
+    min_speedup_vs_fp16: float = Field(
+        1.4, ge=0.0, description="smallest INT8 throughput / fp16 throughput (at the timing batch); 0 = no speed gate"
+    )
+
+
+class SearchConfig(Section):
+    """Automatic INT8 search for the Q/DQ variants: compare calibrations, rank convs by sensitivity, then keep the
+    most sensitive convs in float, a few more at a time, until the gate passes (see yoloq.search)."""
+
+    enabled: bool = True
+    algorithms: list[CalibrationAlgorithm] = Field(
+        default_factory=lambda: ["minmax", "percentile", "mse", "entropy"], min_length=1
+    )
+    calibration_sizes: list[int] = Field(
+        default_factory=lambda: [64, 128], min_length=1, description="calibration images per candidate"
+    )
+    sensitivity_images: int = Field(8, ge=1, le=256, description="calibration images for the per-conv analysis")
+    float_steps: list[int] = Field(
+        default_factory=lambda: [0, 2, 4, 8, 16],
+        min_length=1,
+        description="candidates keep this many of the most sensitive convs in float, tried in this order",
+    )
+
+    @model_validator(mode="after")
+    def _sorted_steps(self) -> SearchConfig:
+        if self.float_steps != sorted(set(self.float_steps)) or self.float_steps[0] < 0:
+            raise ValueError(f"search.float_steps must be increasing and >= 0, got {self.float_steps}")
+        if any(size < 1 for size in self.calibration_sizes):
+            raise ValueError(f"search.calibration_sizes must be >= 1, got {self.calibration_sizes}")
+        return self
 
 
 class MlflowConfig(Section):
@@ -191,6 +246,7 @@ class Params(Section):
     variants: list[VariantConfig] = Field(min_length=1)
     validation: ValidationConfig = ValidationConfig()
     gate: GateConfig = GateConfig()
+    search: SearchConfig = SearchConfig()
     mlflow: MlflowConfig = MlflowConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
     output_dir: Path = Path("runs")
@@ -242,6 +298,10 @@ class Params(Section):
         data.calibration.images = absolute(data.calibration.images)
         data.validation.images = absolute(data.validation.images)
         data.validation.labels = absolute(data.validation.labels)
+        data.validation.extra_sets = [
+            LabelledSet(images=absolute(extra.images), labels=absolute(extra.labels))
+            for extra in data.validation.extra_sets
+        ]
         data.output_dir = absolute(data.output_dir)
         if data.tensorrt.timing_cache is not None:
             data.tensorrt.timing_cache = absolute(data.tensorrt.timing_cache)

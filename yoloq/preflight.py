@@ -17,5 +17,10 @@ def check_inputs(params: Params) -> None:
         problems.append(f"validation.images: folder {params.validation.images} not found")
     if not params.validation.labels.exists():
         problems.append(f"validation.labels: {params.validation.labels} not found (YOLO label folder or COCO json)")
+    for index, extra in enumerate(params.validation.extra_sets):
+        if not extra.images.is_dir():
+            problems.append(f"validation.extra_sets.{index}.images: folder {extra.images} not found")
+        if not extra.labels.exists():
+            problems.append(f"validation.extra_sets.{index}.labels: {extra.labels} not found")
     if problems:
         raise InputError("missing inputs:\n  " + "\n  ".join(problems) + "\nfix params.yaml or pass --set KEY=PATH")

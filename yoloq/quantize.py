@@ -12,8 +12,10 @@ What the output looks like (TensorRT's explicit-quantization rules):
   (mAP50-95 points vs FP32, ORT CPU): -0.7 / -1.5 on val 64 / val-extra 461 without them, +0.2 / -0.6 with.
 
 Algorithms (symmetric, so each picks one amax per tensor): minmax (the default: max |x|), percentile (the
-given percentile of |x|), entropy (TensorRT's KL-divergence threshold). Entropy clips YOLO's long-tailed SiLU
-activations too hard: -5 points on yolov5n, like TensorRT's entropy calibrator.
+given percentile of |x|), entropy (TensorRT's KL-divergence threshold), mse (the threshold with the least
+quantization mean squared error over the histogram, as NVIDIA's pytorch-quantization "mse" calibrator). Entropy
+clips YOLO's long-tailed SiLU activations too hard: -5 points on yolov5n, like TensorRT's entropy calibrator.
+All four come from one set of statistics (`TensorStats`), so comparing them costs one calibration pass.
 
 Calibration streams: an augmented copy of the model returns the activations to calibrate for a few images at a
 time, and only running statistics are kept (a max |x| per tensor, plus a 2048-bin |x| histogram per tensor for
@@ -41,7 +43,7 @@ from yoloq.artifacts import atomic_path
 from yoloq.calibration_data import CalibrationDataLoader
 from yoloq.errors import InputError
 
-ALGORITHMS = ("minmax", "entropy", "percentile")
+ALGORITHMS = ("minmax", "entropy", "percentile", "mse")
 QUANTIZED_OP_TYPES = ("Conv",)  # TensorRT placement: inputs of weighted ops (quantizing Adds too cost accuracy)
 CONV_OP_TYPES = frozenset({"Conv", "ConvTranspose"})
 RELAYOUT_OP_TYPES = frozenset({"Reshape", "Flatten"})
@@ -293,6 +295,99 @@ def collect_histograms(
     return hists
 
 
+def mse_amax(hist: np.ndarray, amax: float, start_bin: int = ENTROPY_QUANT_BINS) -> float:
+    """The threshold (a bin's upper edge, from `start_bin` up) with the least INT8 fake-quantization squared error,
+    each bin's values taken at its centre (NVIDIA pytorch-quantization's `mse` method on a |x| histogram)."""
+    counts = hist.astype(np.float64)
+    if counts.sum() == 0 or amax == 0:
+        return amax
+    bins = len(counts)
+    width = amax / bins
+    centres = (np.arange(bins) + 0.5) * width
+    best_amax, best_error = amax, np.inf
+    for chunk in np.array_split(np.arange(min(start_bin, bins), bins + 1), 8):
+        if not chunk.size:
+            continue
+        thresholds = chunk[:, None] * width  # candidates x 1
+        scale = thresholds / 127.0
+        quantized = np.minimum(np.round(centres[None, :] / scale), 127.0) * scale
+        errors = ((quantized - centres[None, :]) ** 2 * counts[None, :]).sum(axis=1)
+        index = int(np.argmin(errors))
+        if errors[index] < best_error:
+            best_amax, best_error = float(thresholds[index, 0]), float(errors[index])
+    return best_amax
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Calibration statistics of the activations to quantize: max |x| and a |x| histogram per tensor."""
+
+    amax: dict[str, float]
+    hists: dict[str, np.ndarray]  # HISTOGRAM_BINS equal bins over [0, amax]; absent for all-zero tensors
+    images: int
+
+    def save(self, path: Path) -> Path:
+        """Write to an .npz (atomically)."""
+        arrays = {"__images__": np.array(self.images)}
+        for index, (name, value) in enumerate(sorted(self.amax.items())):
+            arrays[f"name_{index}"] = np.array(name)
+            arrays[f"amax_{index}"] = np.array(value)
+            if name in self.hists:
+                arrays[f"hist_{index}"] = self.hists[name]
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> TensorStats:
+        with np.load(path) as data:
+            count = sum(1 for key in data.files if key.startswith("name_"))
+            amax, hists = {}, {}
+            for index in range(count):
+                name = str(data[f"name_{index}"])
+                amax[name] = float(data[f"amax_{index}"])
+                if f"hist_{index}" in data.files:
+                    hists[name] = data[f"hist_{index}"]
+            return cls(amax, hists, int(data["__images__"]))
+
+
+def collect_stats(
+    model: onnx.ModelProto, tensors: list[str], loader: Iterable[dict[str, np.ndarray]], input_name: str
+) -> TensorStats:
+    """Two streaming passes over the calibration images: max |x| per tensor, then |x| histograms."""
+    session = _calibration_session(model, tensors)
+    amax, images = collect_amax(session, loader, input_name, tensors)
+    if images == 0:
+        raise InputError("the calibration data loader yielded no images: check calibration.images")
+    hists = collect_histograms(session, loader, input_name, amax)
+    if hists and sum(int(hist.sum()) for hist in hists.values()) == 0:
+        raise InputError("the calibration data loader yielded nothing on its second pass: pass a re-iterable loader")
+    return TensorStats(amax, hists, images)
+
+
+def amax_for(stats: TensorStats, algorithm: str, percentile: float = 99.999) -> dict[str, float]:
+    """The symmetric range per tensor that `algorithm` picks from the statistics."""
+    check_algorithm(algorithm, percentile)
+    if algorithm == "minmax":
+        return dict(stats.amax)
+    pick = {
+        "percentile": lambda hist, value: percentile_amax(hist, value, percentile),
+        "entropy": entropy_amax,
+        "mse": mse_amax,
+    }[algorithm]
+    return {
+        name: pick(stats.hists[name], value) if name in stats.hists else value for name, value in stats.amax.items()
+    }
+
+
+def check_algorithm(algorithm: str, percentile: float) -> None:
+    if algorithm not in ALGORITHMS:
+        raise InputError(f"calibration algorithm {algorithm!r} is unknown: use one of {', '.join(ALGORITHMS)}")
+    if algorithm == "percentile" and not 90.0 < percentile <= 100.0:
+        raise InputError(f"calibration.percentile {percentile} is outside (90, 100]: e.g. 99.99")
+
+
 def calibrate(
     model: onnx.ModelProto,
     tensors: list[str],
@@ -302,21 +397,14 @@ def calibrate(
     percentile: float,
 ) -> tuple[dict[str, float], int]:
     """Symmetric range (amax) per tensor with the chosen algorithm, and the number of calibration images."""
-    session = _calibration_session(model, tensors)
-    amax, images = collect_amax(session, loader, input_name, tensors)
-    if images == 0:
-        raise InputError("the calibration data loader yielded no images: check calibration.images")
-    if algorithm == "minmax":
+    check_algorithm(algorithm, percentile)
+    if algorithm == "minmax":  # one pass is enough
+        amax, images = collect_amax(_calibration_session(model, tensors), loader, input_name, tensors)
+        if images == 0:
+            raise InputError("the calibration data loader yielded no images: check calibration.images")
         return amax, images
-    hists = collect_histograms(session, loader, input_name, amax)
-    if hists and sum(int(hist.sum()) for hist in hists.values()) == 0:
-        raise InputError("the calibration data loader yielded nothing on its second pass: pass a re-iterable loader")
-    if algorithm == "percentile":
-        return {
-            name: percentile_amax(hists[name], value, percentile) if name in hists else value
-            for name, value in amax.items()
-        }, images
-    return {name: entropy_amax(hists[name], value) if name in hists else value for name, value in amax.items()}, images
+    stats = collect_stats(model, tensors, loader, input_name)
+    return amax_for(stats, algorithm, percentile), stats.images
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,7 +431,7 @@ def prepare_model(fp32_onnx: Path) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _image_input(model: onnx.ModelProto) -> str:
+def image_input(model: onnx.ModelProto) -> str:
     initializers = {init.name for init in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in initializers]
     if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
@@ -370,8 +458,10 @@ def _tensors_to_calibrate(model: onnx.ModelProto, excluded: set[str]) -> list[st
 def insert_qdq(model: onnx.ModelProto, amax: dict[str, float], excluded: Sequence[str]) -> onnx.ModelProto:
     """ONNX Runtime's QDQ insertion with TensorRT's settings: symmetric INT8, per-channel weights, float bias."""
     ranges = {name: (np.array(-value, np.float32), np.array(value, np.float32)) for name, value in amax.items()}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the quantizer edits the graph it is given: keep `model` reusable for other candidates
     quantizer = QDQQuantizer(
-        model,
+        copy,
         True,  # per_channel
         False,  # reduce_range
         QuantType.QInt8,  # weights
@@ -423,6 +513,36 @@ def count_quantized_nodes(model: onnx.ModelProto) -> int:
     )
 
 
+def quantizable_convs(model: onnx.ModelProto, head: HeadAnalysis) -> list[str]:
+    """Every Conv that may be quantized (all but the decoding tail's), in graph order: the precision search's pool."""
+    tail = set(head.tail)
+    return [node.name for node in model.graph.node if node.op_type in CONV_OP_TYPES and node.name not in tail]
+
+
+def calibration_tensors(model: onnx.ModelProto, head: HeadAnalysis) -> list[str]:
+    """The activations read by every quantizable Conv: statistics over these serve any choice of float layers."""
+    return _tensors_to_calibrate(model, set(head.tail))
+
+
+def write_qdq(
+    model: onnx.ModelProto, head: HeadAnalysis, amax: dict[str, float], float_nodes: Sequence[str], out_path: Path
+) -> tuple[list[str], int]:
+    """Insert Q/DQ for every Conv except the decoding tail and `float_nodes`; write `out_path` atomically.
+
+    Returns (the nodes kept in float, the number of nodes reading INT8 tensors)."""
+    excluded = list(dict.fromkeys([*head.tail, *float_nodes]))
+    tensors = set(_tensors_to_calibrate(model, set(excluded)))
+    if not tensors:
+        raise InputError(f"nothing left to quantize after keeping {len(excluded)} nodes in float")
+    missing = sorted(tensors - amax.keys())
+    if missing:
+        raise InputError(f"no calibration range for {missing[:3]}: the statistics are from another model")
+    quantized = insert_qdq(model, {name: amax[name] for name in tensors}, excluded)
+    with atomic_path(out_path) as tmp:
+        onnx.save(quantized, str(tmp))
+    return excluded, count_quantized_nodes(quantized)
+
+
 def quantize_qdq(
     fp32_onnx: Path,
     loader: CalibrationDataLoader,
@@ -438,12 +558,9 @@ def quantize_qdq(
     `extra_excluded` names further nodes to keep in float.
     """
     started = time.perf_counter()
-    if algorithm not in ALGORITHMS:
-        raise InputError(f"calibration.algorithm {algorithm!r} is unknown: use one of {', '.join(ALGORITHMS)}")
-    if algorithm == "percentile" and not 90.0 < percentile <= 100.0:
-        raise InputError(f"calibration.percentile {percentile} is outside (90, 100]: e.g. 99.99")
+    check_algorithm(algorithm, percentile)
     model = prepare_model(fp32_onnx)
-    input_name = _image_input(model)
+    input_name = image_input(model)
     if loader.input_name != input_name:
         raise InputError(f"the calibration loader feeds {loader.input_name!r} but {fp32_onnx} reads {input_name!r}")
     node_names = {node.name for node in model.graph.node}
@@ -451,22 +568,27 @@ def quantize_qdq(
     if unknown:
         raise InputError(f"extra excluded nodes not in {fp32_onnx}: {unknown[:5]}: use node names from the model")
     head = analyze_head(model)
-    sensitive = [*head.stem_convs, *head.head_convs] if keep_sensitive_float else []
-    excluded = list(dict.fromkeys([*head.tail, *sensitive, *extra_excluded]))
-    tensors = _tensors_to_calibrate(model, set(excluded))
+    sensitive = default_float_convs(head) if keep_sensitive_float else []
+    float_nodes = list(dict.fromkeys([*sensitive, *extra_excluded]))
+    tensors = _tensors_to_calibrate(model, {*head.tail, *float_nodes})
     if not tensors:
-        raise InputError(f"{fp32_onnx}: nothing left to quantize after excluding {len(excluded)} nodes")
+        raise InputError(
+            f"{fp32_onnx}: nothing left to quantize after excluding {len(head.tail) + len(float_nodes)} nodes"
+        )
     amax, images = calibrate(model, tensors, loader, input_name, algorithm, percentile)
-    quantized = insert_qdq(model, amax, excluded)
-    with atomic_path(out_path) as tmp:
-        onnx.save(quantized, str(tmp))
+    excluded, quantized_nodes = write_qdq(model, head, amax, float_nodes, out_path)
     return QuantizeResult(
         qdq_path=out_path,
         excluded_nodes=excluded,
         head_tail_nodes=head.tail,
         sensitive_nodes=sensitive,
-        quantized_nodes=count_quantized_nodes(quantized),
+        quantized_nodes=quantized_nodes,
         algorithm=algorithm,
         calibration_images=images,
         seconds=time.perf_counter() - started,
     )
+
+
+def default_float_convs(head: HeadAnalysis) -> list[str]:
+    """The convs kept in float without a sensitivity analysis: the stem and the head's prediction convs."""
+    return [*head.stem_convs, *head.head_convs]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from yoloq.artifacts import atomic_path
+from yoloq.config import GateConfig
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,38 @@ def with_deltas(results: list[VariantResult], reference_name: str) -> list[Varia
     ]
 
 
-def check_gate(results: list[VariantResult], max_map_drop: float) -> GateVerdict:
-    """Every variant must stay within `max_map_drop` mAP50-95 of the FP32 reference."""
-    reasons = [
-        f"{r.name}: mAP50-95 {r.map50_95:.4f} is {-r.delta_map50_95 * 100:.2f} points below FP32 "
-        f"(gate allows {max_map_drop * 100:.2f})"
-        for r in results
-        if -r.delta_map50_95 > max_map_drop + 1e-12
-    ]
+def gate_reasons(result: VariantResult, fp32: VariantResult, fp16: VariantResult | None, gate: GateConfig) -> list[str]:
+    """Why `result` may not ship (empty: it may): its mAP50-95 drop vs FP32 and, for INT8 with an FP16 variant
+    in the run, its drop and speed-up vs FP16."""
+    reasons = []
+    drop = fp32.map50_95 - result.map50_95
+    if drop > gate.max_map_drop + 1e-12:
+        reasons.append(
+            f"{result.name}: mAP50-95 {result.map50_95:.4f} is {drop * 100:.2f} points below FP32 "
+            f"(gate allows {gate.max_map_drop * 100:.2f})"
+        )
+    if fp16 is None or result.precision != "int8":
+        return reasons
+    drop16 = fp16.map50_95 - result.map50_95
+    if drop16 > gate.max_map_drop_vs_fp16 + 1e-12:
+        reasons.append(
+            f"{result.name}: mAP50-95 {result.map50_95:.4f} is {drop16 * 100:.2f} points below FP16 "
+            f"(gate allows {gate.max_map_drop_vs_fp16 * 100:.2f})"
+        )
+    speedup = result.throughput_ips / fp16.throughput_ips if fp16.throughput_ips > 0 else math.inf
+    if gate.min_speedup_vs_fp16 > 0 and speedup < gate.min_speedup_vs_fp16:
+        reasons.append(
+            f"{result.name}: {speedup:.2f}x the FP16 throughput at batch {result.throughput_batch} "
+            f"(gate wants at least {gate.min_speedup_vs_fp16:.2f}x)"
+        )
+    return reasons
+
+
+def check_gate(results: list[VariantResult], gate: GateConfig, reference_name: str | None = None) -> GateVerdict:
+    """Every variant must pass `gate_reasons` against the FP32 reference (and the first FP16 variant, if any)."""
+    fp32 = next(r for r in results if r.name == reference_name or (reference_name is None and r.precision == "fp32"))
+    fp16 = next((r for r in results if r.precision == "fp16"), None)
+    reasons = [reason for r in results for reason in gate_reasons(r, fp32, fp16, gate)]
     return GateVerdict(passed=not reasons, reasons=reasons)
 
 

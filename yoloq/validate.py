@@ -35,6 +35,9 @@ class Timing:
     throughput_batch: int
 
 
+TimingFn = Callable[[Runner, list[Path]], Timing]
+
+
 @dataclass(frozen=True)
 class VariantScore:
     map: MapResult
@@ -43,7 +46,8 @@ class VariantScore:
 
 
 def load_validation_set(config: ValidationConfig, num_classes: int) -> ValidationSet:
-    """The validation images (first `num_images` by name) and their ground truth."""
+    """The validation images (first `num_images` by name of the main folder) and their ground truth, followed by
+    every image of `extra_sets`: one set, scored by one COCO evaluation."""
     if not config.images.is_dir():
         raise InputError(f"validation images folder {config.images} not found: set validation.images")
     if not config.labels.exists():
@@ -54,7 +58,25 @@ def load_validation_set(config: ValidationConfig, num_classes: int) -> Validatio
     if not images:
         raise InputError(f"validation folder {config.images} holds no images")
     truths, stats = load_ground_truth(images, config.labels, num_classes)
+    for index, extra in enumerate(config.extra_sets):
+        where = f"validation.extra_sets.{index}"
+        if not extra.images.is_dir() or not list_images(extra.images):
+            raise InputError(f"{where}.images: {extra.images} is not a folder of images")
+        if not extra.labels.exists():
+            raise InputError(f"{where}.labels: {extra.labels} not found (YOLO label folder or COCO json)")
+        more, more_stats = load_ground_truth(list_images(extra.images), extra.labels, num_classes)
+        truths += more
+        stats = merge_stats(stats, more_stats)
+    ids = [t.image_id for t in truths]
+    if len(set(ids)) != len(ids):
+        raise InputError("validation sets share image ids (the same image twice?): list each image folder once")
     return ValidationSet(truths, stats)
+
+
+def merge_stats(a: GroundTruthStats, b: GroundTruthStats) -> GroundTruthStats:
+    return GroundTruthStats(
+        **{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(GroundTruthStats)}
+    )
 
 
 def evaluate(
@@ -125,12 +147,17 @@ def score_variant(
     class_names: list[str],
     config: ValidationConfig,
     progress: Progress | None = None,
-    timing_fn: Callable[[Runner, list[Path]], Timing] | None = None,
+    timing_fn: TimingFn | None = None,
+    measure_speed: bool = True,
 ) -> VariantScore:
     """mAP, then timing: wall clock at batch 1 and `config.timing.batch_size` unless the backend brings its own
-    `timing_fn` (TensorRT: device time with CUDA events at batch 1 and the profile's max batch)."""
+    `timing_fn` (TensorRT: device time with CUDA events at batch 1 and the profile's max batch).
+    Without `measure_speed` the timing is NOT_TIMED (zeros)."""
     start = time.perf_counter()
     result = evaluate(runner, dataset, head_format, imgsz, class_names, config, progress)
     images = [t.path for t in dataset.truths]
-    timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, imgsz, config.timing)
+    if not measure_speed:
+        timing = Timing(0.0, 0.0, config.timing.batch_size)
+    else:
+        timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, imgsz, config.timing)
     return VariantScore(map=result, timing=timing, seconds=time.perf_counter() - start)

@@ -28,7 +28,7 @@ import importlib
 import importlib.util
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -413,6 +413,7 @@ class TensorRTBackend:
                 BaseClass=getattr(trt, CALIBRATOR_CLASSES[plan.calibrator or "minmax"]),
             )
         create_config = CreateConfig(
+            precision_constraints="obey" if plan.float_layers else None,
             fp16=plan.fp16_flag,
             int8=plan.int8_flag,
             calibrator=calibrator,
@@ -430,6 +431,10 @@ class TensorRTBackend:
                 builder, network, parser = NetworkFromOnnxPath(
                     str(source), strongly_typed=True if plan.strongly_typed else None
                 )()
+                if plan.float_layers:
+                    float_type = trt.float16 if plan.fp16_flag else trt.float32
+                    held = hold_layers_in_float(network, plan.float_layers, float_type)
+                    log(f"yoloq: {len(held)} layers held in {float_type} by precision constraints: {held}")
                 config = create_config(builder, network)
                 engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
                 timing_bytes = _updated_timing_cache(config, timing_cache)
@@ -453,6 +458,25 @@ class TensorRTBackend:
             else:
                 details["calibration_cache"] = "not written: TensorRT returned no calibration cache"
         return seconds
+
+
+def hold_layers_in_float(network: Any, names: Sequence[str], float_type: Any) -> list[str]:
+    """Constrain the network layers named like the ONNX nodes `names` (the ONNX parser keeps node names) to
+    `float_type`, outputs included; with OBEY_PRECISION_CONSTRAINTS TensorRT keeps them out of INT8.
+    Raises EngineBuildError naming any node the network lacks."""
+    layers = {network.get_layer(i).name: network.get_layer(i) for i in range(network.num_layers)}
+    missing = [name for name in names if name not in layers]
+    if missing:
+        raise EngineBuildError(
+            f"float_layers {missing[:5]} name no layer of the TensorRT network: use ONNX node names of the FP32 "
+            "model (as the search reports them, e.g. /model.2/cv1/conv/Conv)"
+        )
+    for name in names:
+        layer = layers[name]
+        layer.precision = float_type
+        for index in range(layer.num_outputs):
+            layer.set_output_type(index, float_type)
+    return list(names)
 
 
 def _updated_timing_cache(config: Any, path: Path) -> bytes:

@@ -136,6 +136,7 @@ class BuildPlan:
     strongly_typed: bool
     fp16_converter: str | None = None  # for onnx == "fp16"
     notes: tuple[str, ...] = ()
+    float_layers: tuple[str, ...] = ()  # implicit INT8: layers held in FP16/FP32 by precision constraints (obeyed)
 
     @property
     def tag(self) -> str:
@@ -155,6 +156,8 @@ class BuildPlan:
             parts.append("strongly typed")
         if self.fp16_converter:
             parts.append(f"FP16 ONNX by {self.fp16_converter}")
+        if self.float_layers:
+            parts.append(f"{len(self.float_layers)} layers held out of INT8 by precision constraints")
         return ", ".join(parts)
 
 
@@ -189,7 +192,15 @@ def plan_variant(
         notes = ()
         if caps.calibrators_deprecated:
             notes = (f"TensorRT {version} deprecates INT8 calibrators (since 10.1); explicit Q/DQ is the way forward",)
-        return BuildPlan("fp32", fp16_fallback, True, calibrator, strongly_typed=False, notes=notes)
+        return BuildPlan(
+            "fp32",
+            fp16_fallback,
+            True,
+            calibrator,
+            strongly_typed=False,
+            notes=notes,
+            float_layers=tuple(variant.float_layers),
+        )
     if caps.precision_flags:
         return BuildPlan("qdq", fp16_fallback, True, None, strongly_typed=False)
     notes = ()

@@ -1,0 +1,84 @@
+"""The INT8 search's decisions, with evaluation replaced by a table of known mAPs (the flow test runs it for real)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from yoloq.config import GateConfig, SearchConfig
+from yoloq.report import VariantResult, gate_reasons
+from yoloq.search import Candidate, candidates_table, effective_sizes, run_search
+from yoloq.sensitivity import LayerSensitivity
+
+FP32 = VariantResult("fp32", "fp32", "onnxruntime", 0.3400, 0.5, 30.0, 30.0, 8, 7.9, Path("fp32.onnx"))
+RANKING = [LayerSensitivity(f"conv{i}", i, 1.0 / (i + 1), 10.0 + i) for i in range(10)]
+
+
+def _search(maps: dict[str, float], config: SearchConfig, gate: GateConfig | None = None):
+    evaluated: list[Candidate] = []
+    ranked: list[tuple[str, int]] = []
+
+    def evaluate(candidate: Candidate) -> VariantResult:
+        evaluated.append(candidate)
+        value = maps[candidate.name.split(".", 1)[1]]
+        return VariantResult(
+            candidate.name, "int8", "onnxruntime", value, 0.5, 0, 0, 8, 2.5, Path("x"), value - FP32.map50_95
+        )
+
+    def rank(algorithm: str, num_images: int) -> list[LayerSensitivity]:
+        ranked.append((algorithm, num_images))
+        return RANKING
+
+    gate = gate or GateConfig(max_map_drop=0.005)
+    outcome = run_search(
+        "int8",
+        config.algorithms,
+        config.calibration_sizes,
+        config.float_steps,
+        evaluate,
+        lambda r: gate_reasons(r, FP32, None, gate),
+        rank,
+        print,
+    )
+    return outcome, evaluated, ranked
+
+
+def test_search_picks_the_best_calibration_then_the_fewest_float_convs_that_pass() -> None:
+    config = SearchConfig(algorithms=["minmax", "mse"], calibration_sizes=[64, 128], float_steps=[0, 2, 4])
+    maps = {
+        "minmax-64.default": 0.3340,
+        "minmax-128.default": 0.3345,
+        "mse-64.default": 0.3352,
+        "mse-128.default": 0.3360,  # best calibration
+        "mse-128.top0": 0.3300,  # 1.0 point down: fails
+        "mse-128.top2": 0.3370,  # passes: chosen, top4 never tried
+        "mse-128.top4": 0.3390,
+    }
+    outcome, evaluated, ranked = _search(maps, config)
+    assert ranked == [("mse", 128)]
+    assert [c.name for c in evaluated][-2:] == ["int8.mse-128.top0", "int8.mse-128.top2"]
+    assert outcome.passed and outcome.chosen.candidate.name == "int8.mse-128.top2"
+    assert outcome.chosen.candidate.float_nodes == ("conv0", "conv1")  # the two most sensitive
+    assert outcome.calibration.name == "int8.mse-128.default"
+    table = candidates_table(outcome)
+    assert table.count("**chosen**") == 1 and "fail: mAP50-95 0.3300 is 1.00 points below FP32" in table
+
+
+def test_search_falls_back_to_a_passing_calibration_candidate_or_reports_the_best() -> None:
+    config = SearchConfig(algorithms=["minmax"], calibration_sizes=[64, 128], float_steps=[0, 3])
+    maps = {
+        "minmax-64.default": 0.3300,
+        "minmax-128.default": 0.3380,
+        "minmax-128.top0": 0.3200,
+        "minmax-128.top3": 0.3290,
+    }
+    outcome, _, _ = _search(maps, config)
+    assert outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
+    strict = GateConfig(max_map_drop=0.0001)
+    outcome, _, _ = _search(maps, config, strict)
+    assert not outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
+    assert "no candidate passes" in outcome.summary
+
+
+def test_calibration_sizes_are_capped_at_the_folder() -> None:
+    assert effective_sizes([64, 128, 512], 128) == [64, 128]
+    assert effective_sizes([512, 1024], 100) == [100]

@@ -1,0 +1,132 @@
+"""Sensitivity analysis, calibration statistics and the MSE range, on the hand-built YOLO-like graphs and real
+calibration images; and the candidate Q/DQ models written from one set of statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from tests.test_quantize import CALIB_IMAGES, SIZE, _calibration_loader, yolov5_like, yolov8_like
+from yoloq.calibrate import calibration_statistics, write_qdq_model
+from yoloq.config import CalibrationConfig
+from yoloq.errors import InputError
+from yoloq.quantize import (
+    TensorStats,
+    amax_for,
+    analyze_head,
+    calibration_tensors,
+    collect_stats,
+    mse_amax,
+    quantizable_convs,
+)
+from yoloq.sensitivity import (
+    analyze_sensitivity,
+    fake_quantize_conv,
+    head_output_names,
+    layer_sensitivity,
+    relative_error,
+    sensitivity_plot,
+    sensitivity_table,
+)
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_mse_amax_clips_a_long_tail_but_keeps_a_uniform_range() -> None:
+    uniform = np.full(2048, 100, np.int64)
+    assert mse_amax(uniform, 4.0) == pytest.approx(4.0, rel=0.01)  # nothing to gain by clipping
+    tail = np.zeros(2048, np.int64)
+    tail[:100] = 10_000  # almost everything below 5% of the max ...
+    tail[-1] = 1  # ... and one outlier at the max
+    assert mse_amax(tail, 10.0) < 2.0
+    assert mse_amax(np.zeros(2048, np.int64), 3.0) == 3.0
+
+
+def test_statistics_serve_every_algorithm_and_round_trip(tmp_path: Path) -> None:
+    model = _prepared(yolov5_like())
+    head = analyze_head(model)
+    tensors = calibration_tensors(model, head)
+    assert "images" in tensors  # the stem's input: calibrated even though the default keeps the stem float
+    stats = collect_stats(model, tensors, _calibration_loader(CALIB_IMAGES, 4), "images")
+    assert stats.images == 4
+    loaded = TensorStats.load(stats.save(tmp_path / "stats.npz"))
+    assert loaded.amax == stats.amax and loaded.images == 4
+    for name, hist in stats.hists.items():
+        assert np.array_equal(loaded.hists[name], hist)
+    ranges = {algorithm: amax_for(loaded, algorithm, 99.9) for algorithm in ("minmax", "percentile", "mse", "entropy")}
+    for algorithm, amax in ranges.items():
+        for name in tensors:
+            assert 0 < amax[name] <= stats.amax[name] * (1 + 1e-6), (algorithm, name)
+    with pytest.raises(InputError, match="unknown"):
+        amax_for(loaded, "kl")
+
+
+def test_fake_quantize_conv_touches_only_that_conv() -> None:
+    model = _prepared(yolov5_like())
+    quantized = fake_quantize_conv(model, "block", input_amax=2.0)
+    onnx.checker.check_model(quantized)
+    nodes = {n.name: n for n in quantized.graph.node}
+    assert nodes["block"].input[0] == "block_fq_dq"
+    assert [n.op_type for n in quantized.graph.node].count("QuantizeLinear") == 1
+    assert nodes["stem"].input == list(next(n for n in model.graph.node if n.name == "stem").input)
+    weights = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == nodes["block"].input[1]))
+    scale = np.abs(weights.reshape(weights.shape[0], -1)).max(axis=1) / 127.0
+    steps = weights / scale.reshape(-1, 1, 1, 1)
+    assert np.allclose(steps, np.round(steps), atol=1e-3)  # on the INT8 grid of its channel
+    with pytest.raises(InputError, match="no node"):
+        fake_quantize_conv(model, "nope", 1.0)
+
+
+def test_layer_sensitivity_ranks_every_quantizable_conv() -> None:
+    model = _prepared(yolov8_like())
+    head = analyze_head(model)
+    stats = collect_stats(model, calibration_tensors(model, head), _calibration_loader(CALIB_IMAGES, 2), "images")
+    images = next(iter(_calibration_loader(CALIB_IMAGES, 2)))["images"]
+    ranking = layer_sensitivity(model, head, stats.amax, images, "images")
+    assert sorted(r.node for r in ranking) == sorted(quantizable_convs(model, head))
+    assert "dfl/conv" not in {r.node for r in ranking}  # part of the decoding tail, never quantized
+    errors = [r.error for r in ranking]
+    assert errors == sorted(errors, reverse=True) and all(e > 0 for e in errors)
+    assert head_output_names(model, head) == ["head/box_out0", "head/cls_out0"]
+    table = sensitivity_table(ranking, [ranking[0].node], limit=3)
+    assert table.count("\n") == 5 and "| yes |" in table
+
+
+def test_relative_error_is_zero_for_equal_outputs() -> None:
+    a = [np.linspace(-5, 5, 50, dtype=np.float32)]
+    assert relative_error(a, a) == 0.0
+    assert relative_error([a[0] + 0.1], a) > 0
+
+
+def test_candidates_from_one_set_of_statistics(tmp_path: Path) -> None:
+    """Statistics are collected once; each (algorithm, float convs) candidate is its own cached Q/DQ model."""
+    fp32 = tmp_path / "v5.onnx"
+    onnx.save(yolov5_like(), fp32)
+    config = CalibrationConfig(images=CALIB_IMAGES, num_images=6, min_images=2, batch_size=2)
+    stats = calibration_statistics(fp32, "images", SIZE, config, [], tmp_path / "cal", num_images=3)
+    assert not stats.reused and len(stats.images.images) == 3
+    again = calibration_statistics(fp32, "images", SIZE, config, [], tmp_path / "cal", num_images=3)
+    assert again.reused and again.key == stats.key
+    default = write_qdq_model(fp32, stats, "minmax", 99.9, None, tmp_path / "cal", SIZE)
+    assert default.float_nodes == ["stem", "head"] and not default.reused
+    all_int8 = write_qdq_model(fp32, stats, "mse", 99.9, [], tmp_path / "cal", SIZE)
+    assert all_int8.float_nodes == [] and all_int8.path != default.path
+    assert write_qdq_model(fp32, stats, "mse", 99.9, [], tmp_path / "cal", SIZE).reused
+    x = next(iter(_calibration_loader(CALIB_IMAGES, 1)))["images"]
+    for model in (default, all_int8):
+        out = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+        assert out.shape[-1] == 7
+    with pytest.raises(InputError, match="not quantizable"):
+        write_qdq_model(fp32, stats, "minmax", 99.9, ["decode/sigmoid"], tmp_path / "cal", SIZE)
+    report = analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, tmp_path / "cal")
+    assert {r.node for r in report.layers} == {"stem", "block", "head"} and not report.reused
+    assert analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, tmp_path / "cal").reused
+    plot = sensitivity_plot(report.layers, tmp_path / "s.png", "test", ["head"])
+    assert plot.read_bytes()[:4] == b"\x89PNG"

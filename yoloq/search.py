@@ -1,0 +1,180 @@
+"""Automatic INT8 search: which calibration, and which convs stay in float, so that the gate passes.
+
+    1. calibration stage: every (algorithm, calibration size) of `search`, each with the default float convs
+       (stem + head convs), is evaluated; the best mAP50-95 picks the calibration.
+    2. sensitivity: with that calibration, every quantizable conv is ranked by how much quantizing it alone
+       hurts the head outputs (yoloq.sensitivity).
+    3. precision stage: candidates keep the k most sensitive convs in float, for k in `search.float_steps`
+       (ascending: the most INT8 first); the first one the gate accepts is chosen.
+    If no precision candidate passes, a passing calibration candidate is chosen; if none passes at all, the best
+    mAP50-95 is reported and the gate fails.
+
+The candidates are judged on the validation set, as the gate is: the search is model selection on that set, over
+a handful of candidates. Calibration and the sensitivity ranking use calibration images only.
+This module only decides; evaluating a candidate (write the Q/DQ model, build it, score it) is a callback, so
+the same search runs in the Prefect flow, in benchmarks and in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from yoloq.report import VariantResult
+from yoloq.sensitivity import LayerSensitivity
+
+Stage = Literal["calibration", "precision"]
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    stage: Stage
+    algorithm: str
+    num_images: int
+    float_nodes: tuple[str, ...] | None  # None: the default (Q/DQ: stem + head convs float; implicit: none)
+    why: str  # how the float convs were chosen, for the report
+
+    @property
+    def num_float(self) -> str:
+        return "default" if self.float_nodes is None else str(len(self.float_nodes))
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    candidate: Candidate
+    result: VariantResult
+    reasons: list[str]  # why the gate refuses it (empty: it passes)
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    evaluated: list[CandidateResult]
+    calibration: Candidate  # the calibration stage's winner
+    sensitivity: list[LayerSensitivity]
+    chosen: CandidateResult
+    passed: bool
+    summary: str
+
+
+Evaluate = Callable[[Candidate], VariantResult]
+Judge = Callable[[VariantResult], list[str]]
+Rank = Callable[[str, int], list[LayerSensitivity]]
+
+
+def effective_sizes(sizes: Sequence[int], available: int) -> list[int]:
+    """Calibration sizes capped at the images the folder has, without repeats (order kept)."""
+    return list(dict.fromkeys(min(size, available) for size in sizes))
+
+
+def calibration_candidates(prefix: str, algorithms: Sequence[str], sizes: Sequence[int]) -> list[Candidate]:
+    return [
+        Candidate(
+            f"{prefix}.{algorithm}-{size}.default",
+            "calibration",
+            algorithm,
+            size,
+            None,
+            "default float convs: stem + head convs",
+        )
+        for algorithm in algorithms
+        for size in sizes
+    ]
+
+
+def precision_candidates(
+    prefix: str, best: Candidate, ranking: Sequence[LayerSensitivity], steps: Sequence[int]
+) -> list[Candidate]:
+    """One candidate per step k (at most the number of ranked convs): the k most sensitive convs in float."""
+    names = [layer.node for layer in ranking]
+    ks = list(dict.fromkeys(min(k, len(names)) for k in steps))
+    return [
+        Candidate(
+            f"{prefix}.{best.algorithm}-{best.num_images}.top{k}",
+            "precision",
+            best.algorithm,
+            best.num_images,
+            tuple(names[:k]),
+            f"the {k} most sensitive convs in float" if k else "every conv INT8 (only the decoding tail in float)",
+        )
+        for k in ks
+    ]
+
+
+def pick_calibration(results: Sequence[CandidateResult]) -> CandidateResult:
+    """Highest mAP50-95 (the first listed wins a tie)."""
+    return max(results, key=lambda r: r.result.map50_95)
+
+
+def run_search(
+    prefix: str,
+    algorithms: Sequence[str],
+    sizes: Sequence[int],
+    float_steps: Sequence[int],
+    evaluate: Evaluate,
+    judge: Judge,
+    rank: Rank,
+    progress: Progress | None = None,
+) -> SearchOutcome:
+    """The three stages above; `prefix` names the candidates (the variant's name). `algorithms` are calibration
+    algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones)."""
+    say = progress or (lambda _: None)
+    evaluated: list[CandidateResult] = []
+
+    def score(candidate: Candidate) -> CandidateResult:
+        result = evaluate(candidate)
+        outcome = CandidateResult(candidate, result, judge(result))
+        verdict = "passes" if outcome.passed else "fails: " + "; ".join(outcome.reasons)
+        say(f"search: {candidate.name}: mAP50-95 {result.map50_95:.4f} ({verdict})")
+        evaluated.append(outcome)
+        return outcome
+
+    calibration_results = [score(c) for c in calibration_candidates(prefix, algorithms, sizes)]
+    best = pick_calibration(calibration_results)
+    say(f"search: best calibration {best.candidate.algorithm} on {best.candidate.num_images} images")
+    ranking = rank(best.candidate.algorithm, best.candidate.num_images)
+    chosen: CandidateResult | None = None
+    for candidate in precision_candidates(prefix, best.candidate, ranking, float_steps):
+        outcome = score(candidate)
+        if outcome.passed:
+            chosen = outcome
+            break
+    if chosen is not None:
+        kept = len(chosen.candidate.float_nodes or ())
+        summary = f"{chosen.candidate.name} passes the gate with {kept} convs in float"
+    else:
+        passing = [r for r in calibration_results if r.passed]
+        if passing:
+            chosen = pick_calibration(passing)
+            summary = f"no precision candidate passed; {chosen.candidate.name} (stem + head convs in float) passes"
+        else:
+            chosen = max(evaluated, key=lambda r: r.result.map50_95)
+            summary = f"no candidate passes the gate; the best was {chosen.candidate.name}: " + "; ".join(
+                chosen.reasons
+            )
+    say("search: " + summary)
+    return SearchOutcome(evaluated, best.candidate, ranking, chosen, chosen.passed, summary)
+
+
+def candidates_table(outcome: SearchOutcome) -> str:
+    """Every evaluated candidate, in the order tried, as a markdown table."""
+    lines = [
+        "| candidate | stage | calibration | images | convs in float | mAP50-95 | Δ vs FP32 | images/s | gate |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in outcome.evaluated:
+        c, v = r.candidate, r.result
+        speed = f"{v.throughput_ips:.1f}" if v.throughput_ips > 0 else "not timed"
+        mark = " **chosen**" if r is outcome.chosen else ""
+        gate = ("pass" if r.passed else "fail: " + "; ".join(x.split(": ", 1)[-1] for x in r.reasons)) + mark
+        lines.append(
+            f"| {c.name} | {c.stage} | {c.algorithm} | {c.num_images} | {c.num_float} | {v.map50_95:.4f} | "
+            f"{v.delta_map50_95 * 100:+.2f} | {speed} | {gate} |"
+        )
+    return "\n".join(lines)
