@@ -87,14 +87,20 @@ def prepare(params: Params, dest: Path, search_json: Path | None = None) -> None
     }
     if search_json is not None:
         manifest["search"] = prepare_search(
-            params, simplified.onnx_path, exported.input_name, exported.facts.imgsz, search_json, dest
+            params,
+            simplified.onnx_path,
+            exported.input_name,
+            exported.facts.imgsz,
+            exported.facts.head_format,
+            search_json,
+            dest,
         )
     atomic_write_json(dest / MANIFEST_NAME, manifest)
     print(f"prepared {dest}: {FP32_NAME} ({simplified.onnx_path.name}), {QDQ_NAME} ({calibration.qdq_path.name})")
 
 
 def prepare_search(
-    params: Params, fp32_onnx: Path, input_name: str, imgsz: int, search_json: Path, dest: Path
+    params: Params, fp32_onnx: Path, input_name: str, imgsz: int, head_format: str, search_json: Path, dest: Path
 ) -> dict[str, Any]:
     """The winning calibration of a CPU search, written with the k most sensitive convs in float for every k."""
     from yoloq.calibrate import calibration_statistics, write_qdq_model
@@ -103,7 +109,8 @@ def prepare_search(
     from yoloq.sensitivity import analyze_sensitivity
 
     found = read_json(search_json)
-    winner = next(c for c in found["candidates"] if c["stage"] == "calibration" and c["name"] == found["calibration"])
+    calibration = [c for c in found["candidates"] if c["stage"] == "calibration"]
+    winner = max(calibration, key=lambda c: c["map50_95"])  # the calibration stage's pick (first of equals)
     algorithm, size = winner["algorithm"], int(winner["num_images"])
     cache = params.output_dir / "cache" / "calibration"
     stats = calibration_statistics(
@@ -116,21 +123,27 @@ def prepare_search(
         params.calibration.percentile,
         params.search.sensitivity_images,
         imgsz,
+        head_format,
         cache,
         print,
     ).layers
     files = {}
     default = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, None, cache, imgsz)
     files["default"] = _copy(default.path, dest / f"qdq-{algorithm}-{size}-default.onnx")
+    from yoloq.quantize import analyze_head, prepare_model
+
+    stem = analyze_head(prepare_model(fp32_onnx)).stem_convs
     fake_best = _PreparedCandidate(algorithm, size)
-    for candidate in precision_candidates("int8", fake_best, ranking, params.search.float_steps):  # type: ignore[arg-type]
+    for candidate in precision_candidates("int8", fake_best, ranking, params.search.float_steps, stem):  # type: ignore[arg-type]
         floats = list(candidate.float_nodes or ())
         model = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, floats, cache, imgsz)
-        files[f"top{len(floats)}"] = _copy(model.path, dest / f"qdq-{algorithm}-{size}-top{len(floats)}.onnx")
+        k = candidate.name.rsplit(".top", 1)[1]
+        files[f"top{k}"] = _copy(model.path, dest / f"qdq-{algorithm}-{size}-top{k}.onnx")
     return {
         "algorithm": algorithm,
         "num_images": size,
         "float_steps": params.search.float_steps,
+        "keep_float": stem,
         "ranking": [layer.as_json() for layer in ranking],
         "files": files,
         "cpu_search": str(search_json),
@@ -282,19 +295,22 @@ class _Bench:
         """yoloq's search on TensorRT over the prepared candidates, judged by params.yaml's gate."""
         import dataclasses
 
+        from yoloq.errors import EngineBuildError
         from yoloq.report import gate_reasons
-        from yoloq.search import Candidate, candidates_table, run_search
+        from yoloq.search import Candidate, CandidateFailed, candidates_table, run_search
         from yoloq.sensitivity import LayerSensitivity
 
         fp32, fp16 = self.result_of("fp32"), self.result_of("fp16")
         ranking = [
-            LayerSensitivity(r["node"], int(r["position"]), float(r["error"]), float(r["sqnr_db"]))
+            LayerSensitivity(r["node"], int(r["position"]), float(r["error"]), float(r["gain"]))
             for r in prepared["ranking"]
         ]
         prefix = "int8-implicit" if implicit else "int8-qdq"
 
+        keep_float = prepared.get("keep_float", [])
+
         def evaluate(candidate: Candidate) -> Any:
-            k = None if candidate.float_nodes is None else len(candidate.float_nodes)
+            k = None if candidate.float_nodes is None else candidate.name.rsplit(".top", 1)[1]
             if implicit:
                 variant = VariantConfig(
                     name=candidate.name,
@@ -308,7 +324,10 @@ class _Bench:
             else:
                 variant = VariantConfig(name=candidate.name, precision="int8", quantization="qdq", backend="tensorrt")
                 qdq = inputs / prepared["files"]["default" if k is None else f"top{k}"]
-            self.measure(candidate.name, variant, qdq)
+            try:
+                self.measure(candidate.name, variant, qdq)
+            except EngineBuildError as exc:
+                raise CandidateFailed(str(exc).split(". Build log")[0]) from exc
             result = self.result_of(candidate.name)
             return dataclasses.replace(result, delta_map50_95=result.map50_95 - fp32.map50_95)
 
@@ -318,11 +337,12 @@ class _Bench:
             prefix,
             [algorithm],
             [size],
-            prepared["float_steps"],
+            self.params.search.float_steps if self.params.search.float_steps else prepared["float_steps"],
             evaluate,
             lambda r: gate_reasons(r, fp32, fp16, self.params.gate),
             lambda _algorithm, _size: ranking,
             print,
+            keep_float,
         )
         text = f"## TensorRT search: {prefix}\n\n{outcome.summary}\n\n{candidates_table(outcome)}\n"
         atomic_write_text(self.out / f"search-{prefix}.md", text)
@@ -383,8 +403,11 @@ def main() -> int:
     parser.add_argument("--search-json", type=Path, help="prepare: a CPU flow run's search-<variant>/search.json")
     parser.add_argument("--search", action="store_true", help="run: yoloq's search over the Q/DQ candidates")
     parser.add_argument("--implicit-search", action="store_true", help="run: the search for implicit MinMax INT8")
+    parser.add_argument("--float-steps", help="run: comma-separated k values instead of the prepared float_steps")
     args = parser.parse_args()
     params = load_params(args.params, args.overrides)
+    if args.float_steps:
+        params.search.float_steps = [int(k) for k in args.float_steps.split(",")]
     if args.step == "prepare":
         prepare(params, args.inputs, args.search_json)
         return 0

@@ -22,11 +22,13 @@ from yoloq.artifacts import atomic_write_json, atomic_write_text
 from yoloq.backends import BuiltModel
 from yoloq.calibrate import CalibrationStats
 from yoloq.config import Params, VariantConfig
+from yoloq.errors import EngineBuildError
 from yoloq.export import ModelFacts
 from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
+from yoloq.quantize import analyze_head, prepare_model
 from yoloq.report import VariantResult, gate_reasons
-from yoloq.search import Candidate, SearchOutcome, candidates_table, effective_sizes, run_search
+from yoloq.search import Candidate, CandidateFailed, SearchOutcome, candidates_table, effective_sizes, run_search
 from yoloq.sensitivity import LayerSensitivity, SensitivityReport, sensitivity_plot, sensitivity_table
 from yoloq.validate import ValidationSet
 
@@ -104,7 +106,13 @@ def search_variant(
         return built, qdq.float_nodes, qdq.manifest_path
 
     def evaluate(candidate: Candidate) -> VariantResult:
-        built, float_nodes, manifest = build(candidate)
+        try:
+            built, float_nodes, manifest = build(candidate)
+        except EngineBuildError as exc:  # e.g. a TensorRT internal error on one mixed-precision layout
+            run_id = tracker.start_child(candidate.name, {"search.stage": candidate.stage})
+            tracker.set_tags(run_id, {"yoloq.kind": "candidate", "gate": "failed", "error": str(exc)})
+            tracker.finish(run_id)
+            raise CandidateFailed(str(exc)) from exc
         score = validate_task(built, dataset, facts, params, measure_speed=timed)
         result = VariantResult(
             name=candidate.name,
@@ -134,6 +142,7 @@ def search_variant(
             percentile,
             params.search.sensitivity_images,
             facts.imgsz,
+            facts.head_format,
             calibration_dir,
         )
         reports.append(report)
@@ -154,6 +163,7 @@ def search_variant(
                 params.calibration.images,
                 sizes,
             )
+    stem = analyze_head(prepare_model(fp32_onnx)).stem_convs  # reads 3 channels: INT8 gains nothing there
     outcome = run_search(
         variant.name,
         algorithms,
@@ -163,6 +173,7 @@ def search_variant(
         lambda result: gate_reasons(result, fp32, fp16, params.gate),
         rank,
         logger.info,
+        keep_float=stem,
     )
     chosen = evaluated[outcome.chosen.candidate.name]
     details = dict(chosen.built.details)
@@ -247,11 +258,11 @@ def _write_report(
 ) -> list[Path]:
     """The candidates table, the sensitivity table and plot, and the convs kept in float with their reasons."""
     ranks = {layer.node: (index + 1, layer) for index, layer in enumerate(sensitivity.layers)}
-    lines = ["| conv kept in float | why | sensitivity rank | SQNR dB |", "|---|---|---:|---:|"]
+    lines = ["| conv kept in float | why | sensitivity rank | gain (share of all-INT8 error) |", "|---|---|---:|---:|"]
     for node in float_nodes:
         rank, layer = ranks.get(node, (0, None))
         why = outcome.chosen.candidate.why
-        lines.append(f"| {node} | {why} | {rank or ''} | {f'{layer.sqnr_db:.1f}' if layer else ''} |")
+        lines.append(f"| {node} | {why} | {rank or ''} | {f'{layer.gain * 100:+.1f} %' if layer else ''} |")
     lines.append("\nAlso in float: the head's box-decoding tail (pixels and probabilities in one tensor).")
     report = (
         f"# INT8 search for {name}\n\n{outcome.summary}\n\n## Candidates (in the order tried)\n\n"
@@ -276,9 +287,9 @@ def _write_report(
                         "algorithm": r.candidate.algorithm,
                         "num_images": r.candidate.num_images,
                         "float_convs": r.candidate.num_float,
-                        "map50_95": r.result.map50_95,
-                        "delta_map50_95_vs_fp32": r.result.delta_map50_95,
-                        "throughput_ips": r.result.throughput_ips,
+                        "map50_95": r.result.map50_95 if r.result else None,
+                        "delta_map50_95_vs_fp32": r.result.delta_map50_95 if r.result else None,
+                        "throughput_ips": r.result.throughput_ips if r.result else None,
                         "passed": r.passed,
                         "reasons": r.reasons,
                     }

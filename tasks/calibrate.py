@@ -90,16 +90,17 @@ def sensitivity_task(
     percentile: float,
     num_images: int,
     imgsz: int,
+    head_format: str,
     out_dir: Path,
 ) -> SensitivityReport:
-    """Rank every quantizable conv by the error quantizing it alone causes (content-hashed, reused when present)."""
+    """Rank every quantizable conv by how much keeping it float helps the all-INT8 model (content-hashed)."""
     logger = get_run_logger()
     report = analyze_sensitivity(
-        fp32_onnx, statistics, algorithm, percentile, num_images, imgsz, out_dir, progress=logger.info
+        fp32_onnx, statistics, algorithm, percentile, num_images, imgsz, head_format, out_dir, progress=logger.info
     )
-    top = ", ".join(f"{layer.node} ({layer.sqnr_db:.1f} dB)" for layer in report.layers[:3])
+    top = ", ".join(f"{layer.node} ({layer.gain * 100:+.1f} %)" for layer in report.layers[:3])
     logger.info(
-        "sensitivity: %s %d convs in %.0f s; most sensitive: %s",
+        "sensitivity: %s %d convs in %.0f s; largest gains from float: %s",
         "reused" if report.reused else "ranked",
         len(report.layers),
         report.seconds,

@@ -26,6 +26,7 @@ from yoloq.quantize import (
 )
 from yoloq.sensitivity import (
     analyze_sensitivity,
+    detection_error,
     fake_quantize_conv,
     head_output_names,
     layer_sensitivity,
@@ -89,11 +90,11 @@ def test_layer_sensitivity_ranks_every_quantizable_conv() -> None:
     head = analyze_head(model)
     stats = collect_stats(model, calibration_tensors(model, head), _calibration_loader(CALIB_IMAGES, 2), "images")
     images = next(iter(_calibration_loader(CALIB_IMAGES, 2)))["images"]
-    ranking = layer_sensitivity(model, head, stats.amax, images, "images")
+    ranking = layer_sensitivity(model, head, stats.amax, images, "images", "end2end")  # no decoded boxes here
     assert sorted(r.node for r in ranking) == sorted(quantizable_convs(model, head))
     assert "dfl/conv" not in {r.node for r in ranking}  # part of the decoding tail, never quantized
-    errors = [r.error for r in ranking]
-    assert errors == sorted(errors, reverse=True) and all(e > 0 for e in errors)
+    gains = [r.gain for r in ranking]
+    assert gains == sorted(gains, reverse=True) and gains[0] > 0 and all(g <= 1.0 for g in gains)
     assert head_output_names(model, head) == ["head/box_out0", "head/cls_out0"]
     table = sensitivity_table(ranking, [ranking[0].node], limit=3)
     assert table.count("\n") == 5 and "| yes |" in table
@@ -103,6 +104,23 @@ def test_relative_error_is_zero_for_equal_outputs() -> None:
     a = [np.linspace(-5, 5, 50, dtype=np.float32)]
     assert relative_error(a, a) == 0.0
     assert relative_error([a[0] + 0.1], a) > 0
+
+
+def test_detection_error_weighs_confident_boxes_relative_to_their_size() -> None:
+    rng = np.random.default_rng(0)
+    v5 = np.zeros((1, 100, 7), np.float32)  # cx, cy, w, h, objectness, 2 classes
+    v5[0, :, :2] = rng.uniform(0, 640, (100, 2))
+    v5[0, :, 2:4] = rng.uniform(10, 100, (100, 2))
+    v5[0, :30, 4:] = 0.9  # 30 confident predictions (score 0.81)
+    assert detection_error(v5, v5, "yolov5") == 0.0
+    shifted = v5.copy()
+    shifted[0, :, 0] += shifted[0, :, 2] * 0.1  # every centre moved by 10 % of the width
+    assert detection_error(shifted, v5, "yolov5") > 0.01
+    background = v5.copy()
+    background[0, 30:, :4] += 50.0  # unconfident predictions do not count
+    assert detection_error(background, v5, "yolov5") == 0.0
+    v8 = np.swapaxes(v5[..., [0, 1, 2, 3, 5, 6]], 1, 2)  # (N, 4 + nc, A)
+    assert detection_error(np.swapaxes(shifted[..., [0, 1, 2, 3, 5, 6]], 1, 2), v8, "yolov8") > 0.01
 
 
 def test_candidates_from_one_set_of_statistics(tmp_path: Path) -> None:
@@ -125,8 +143,8 @@ def test_candidates_from_one_set_of_statistics(tmp_path: Path) -> None:
         assert out.shape[-1] == 7
     with pytest.raises(InputError, match="not quantizable"):
         write_qdq_model(fp32, stats, "minmax", 99.9, ["decode/sigmoid"], tmp_path / "cal", SIZE)
-    report = analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, tmp_path / "cal")
+    report = analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, "yolov5", tmp_path / "cal")
     assert {r.node for r in report.layers} == {"stem", "block", "head"} and not report.reused
-    assert analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, tmp_path / "cal").reused
+    assert analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, "yolov5", tmp_path / "cal").reused
     plot = sensitivity_plot(report.layers, tmp_path / "s.png", "test", ["head"])
     assert plot.read_bytes()[:4] == b"\x89PNG"

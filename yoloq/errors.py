@@ -27,3 +27,7 @@ class GateFailed(YoloqError):
     def __init__(self, message: str, document: dict | None = None) -> None:
         super().__init__(message)
         self.document = document or {}
+
+
+class EngineBuildError(YoloqError):
+    """A backend (TensorRT) could not build an engine; the message names the variant and the build log."""

@@ -42,15 +42,23 @@ class Candidate:
         return "default" if self.float_nodes is None else str(len(self.float_nodes))
 
 
+class CandidateFailed(Exception):
+    """A candidate could not be built or scored (e.g. the engine builder failed): the search records it and goes on."""
+
+
 @dataclass(frozen=True)
 class CandidateResult:
     candidate: Candidate
-    result: VariantResult
+    result: VariantResult | None  # None: it failed to build or score (reasons say why)
     reasons: list[str]  # why the gate refuses it (empty: it passes)
 
     @property
     def passed(self) -> bool:
-        return not self.reasons
+        return self.result is not None and not self.reasons
+
+    @property
+    def map50_95(self) -> float:
+        return self.result.map50_95 if self.result is not None else -1.0
 
 
 @dataclass(frozen=True)
@@ -89,27 +97,32 @@ def calibration_candidates(prefix: str, algorithms: Sequence[str], sizes: Sequen
 
 
 def precision_candidates(
-    prefix: str, best: Candidate, ranking: Sequence[LayerSensitivity], steps: Sequence[int]
+    prefix: str,
+    best: Candidate,
+    ranking: Sequence[LayerSensitivity],
+    steps: Sequence[int],
+    keep_float: Sequence[str] = (),
 ) -> list[Candidate]:
-    """One candidate per step k (at most the number of ranked convs): the k most sensitive convs in float."""
-    names = [layer.node for layer in ranking]
+    """One candidate per step k: `keep_float` plus the k convs of `ranking` with the largest gain, in float."""
+    names = [layer.node for layer in ranking if layer.node not in set(keep_float)]
     ks = list(dict.fromkeys(min(k, len(names)) for k in steps))
+    always = f" + {len(keep_float)} always float (stem)" if keep_float else ""
     return [
         Candidate(
             f"{prefix}.{best.algorithm}-{best.num_images}.top{k}",
             "precision",
             best.algorithm,
             best.num_images,
-            tuple(names[:k]),
-            f"the {k} most sensitive convs in float" if k else "every conv INT8 (only the decoding tail in float)",
+            (*keep_float, *names[:k]),
+            f"the {k} convs with the largest sensitivity gain{always}",
         )
         for k in ks
     ]
 
 
 def pick_calibration(results: Sequence[CandidateResult]) -> CandidateResult:
-    """Highest mAP50-95 (the first listed wins a tie)."""
-    return max(results, key=lambda r: r.result.map50_95)
+    """Highest mAP50-95 (the first listed wins a tie); failed candidates only when all failed."""
+    return max(results, key=lambda r: r.map50_95)
 
 
 def run_search(
@@ -121,14 +134,22 @@ def run_search(
     judge: Judge,
     rank: Rank,
     progress: Progress | None = None,
+    keep_float: Sequence[str] = (),
 ) -> SearchOutcome:
     """The three stages above; `prefix` names the candidates (the variant's name). `algorithms` are calibration
-    algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones)."""
+    algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones). Precision candidates keep
+    `keep_float` (the stem) in float besides their top-k convs."""
     say = progress or (lambda _: None)
     evaluated: list[CandidateResult] = []
 
     def score(candidate: Candidate) -> CandidateResult:
-        result = evaluate(candidate)
+        try:
+            result = evaluate(candidate)
+        except CandidateFailed as exc:
+            outcome = CandidateResult(candidate, None, [f"{candidate.name}: failed: {exc}"])
+            say(f"search: {candidate.name}: FAILED ({exc}); going on with the next candidate")
+            evaluated.append(outcome)
+            return outcome
         outcome = CandidateResult(candidate, result, judge(result))
         verdict = "passes" if outcome.passed else "fails: " + "; ".join(outcome.reasons)
         say(f"search: {candidate.name}: mAP50-95 {result.map50_95:.4f} ({verdict})")
@@ -140,7 +161,7 @@ def run_search(
     say(f"search: best calibration {best.candidate.algorithm} on {best.candidate.num_images} images")
     ranking = rank(best.candidate.algorithm, best.candidate.num_images)
     chosen: CandidateResult | None = None
-    for candidate in precision_candidates(prefix, best.candidate, ranking, float_steps):
+    for candidate in precision_candidates(prefix, best.candidate, ranking, float_steps, keep_float):
         outcome = score(candidate)
         if outcome.passed:
             chosen = outcome
@@ -154,7 +175,9 @@ def run_search(
             chosen = pick_calibration(passing)
             summary = f"no precision candidate passed; {chosen.candidate.name} (stem + head convs in float) passes"
         else:
-            chosen = max(evaluated, key=lambda r: r.result.map50_95)
+            chosen = max(evaluated, key=lambda r: r.map50_95)
+            if chosen.result is None:
+                raise CandidateFailed("every candidate of the search failed: " + "; ".join(chosen.reasons))
             summary = f"no candidate passes the gate; the best was {chosen.candidate.name}: " + "; ".join(
                 chosen.reasons
             )
@@ -170,6 +193,12 @@ def candidates_table(outcome: SearchOutcome) -> str:
     ]
     for r in outcome.evaluated:
         c, v = r.candidate, r.result
+        if v is None:
+            lines.append(
+                f"| {c.name} | {c.stage} | {c.algorithm} | {c.num_images} | {c.num_float} | | | | "
+                f"{'; '.join(r.reasons)} |"
+            )
+            continue
         speed = f"{v.throughput_ips:.1f}" if v.throughput_ips > 0 else "not timed"
         mark = " **chosen**" if r is outcome.chosen else ""
         gate = ("pass" if r.passed else "fail: " + "; ".join(x.split(": ", 1)[-1] for x in r.reasons)) + mark

@@ -1,25 +1,28 @@
-"""Sensitivity analysis: how much quantizing one Conv alone hurts the model's output.
+"""Sensitivity analysis: how much keeping one Conv in float helps when every other Conv is INT8.
 
-For every quantizable Conv (see `yoloq.quantize.quantizable_convs`), a copy of the FP32 model gets INT8
-fake quantization on that Conv only (a Q/DQ pair on its activation input with the calibrated range, and its
-weights rounded to symmetric per-output-channel INT8), exactly what the Q/DQ model does to it. The copy runs on
-a few calibration images through ONNX Runtime; the error is measured on the head's raw prediction maps (the
-outputs of the head convs, before box decoding) after a sigmoid, as a relative squared error against FP32:
+Leave-one-out in the all-INT8 model: every quantizable Conv (see `yoloq.quantize.quantizable_convs`) gets INT8
+fake quantization (a Q/DQ pair on its activation input with the calibrated range, its weights rounded to
+symmetric per-output-channel INT8: what the Q/DQ model does to it); then, one Conv at a time, that Conv is put
+back to float. The models run on a few calibration images through ONNX Runtime, and the error against FP32 is
+measured on what detection quality depends on (`detection_error`):
 
-    error = sum((s(quantized) - s(fp32))^2) / sum(s(fp32)^2), s = sigmoid, averaged over the head's outputs
-    SQNR = -10 log10(error)
+    YOLOv5 / v8 heads: over the predictions FP32 is confident about (score > 0.1), the box centre error relative
+    to the box size, plus the relative width/height error, plus the absolute score error (mean per prediction);
+    end-to-end heads (their rows are not aligned between models): the relative squared error of the head convs'
+    sigmoid outputs.
 
-The sigmoid puts the error where detections are: on raw logits, the many large negative background logits
-dominate, and the stem and head convs (known to matter, and measured to: keeping them in float is worth about
-one mAP point on yolov5n) would rank among the least sensitive.
+    gain(conv) = (error(all INT8) - error(all INT8 but conv)) / error(all INT8)
+
+Convs are ranked by gain. Measured on yolov5n (8 calibration images, MSE ranges): the last head conv ranks
+first. Quantizing one conv *alone* ranks early backbone convs first instead, and keeping those in float did not
+help mAP on the 525 validation images (the interactions matter): hence leave-one-out.
 
 Calibration images, never validation images: ranking layers needs no labels. The ranking feeds the precision
-search (yoloq.search), which keeps the most sensitive convs in float.
+search (yoloq.search), which keeps the convs with the largest gain in float.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,62 +45,89 @@ if TYPE_CHECKING:  # ONNX Runtime is imported where it runs: the TensorRT machin
 
 Progress = Callable[[str], None]
 INT8_MAX = 127.0
-METRIC_VERSION = "sigmoid-rel-sq-v1"
+METRIC_VERSION = "leave-one-out-detection-v1"
 
 
 @dataclass(frozen=True)
 class LayerSensitivity:
     node: str
     position: int  # index among the quantizable convs, in graph order (0 = the stem)
-    error: float  # relative squared error of the head outputs with only this conv quantized
-    sqnr_db: float
+    error: float  # detection error vs FP32 with every other conv INT8 and this one float
+    gain: float  # share of the all-INT8 error that keeping this conv float removes (can be < 0: noise)
 
     def as_json(self) -> dict[str, object]:
-        return {"node": self.node, "position": self.position, "error": self.error, "sqnr_db": self.sqnr_db}
+        return {"node": self.node, "position": self.position, "error": self.error, "gain": self.gain}
 
 
 def fake_quantize_conv(model: onnx.ModelProto, conv_name: str, input_amax: float) -> onnx.ModelProto:
     """A copy of `model` where only `conv_name` reads INT8-rounded activations and weights."""
+    return fake_quantize_convs(model, [conv_name], {conv_name: input_amax})
+
+
+def fake_quantize_convs(
+    model: onnx.ModelProto, conv_names: Sequence[str], input_amax: dict[str, float]
+) -> onnx.ModelProto:
+    """A copy of `model` where the convs `conv_names` read INT8-rounded activations (a Q/DQ pair with the range
+    `input_amax[conv]`) and INT8-rounded weights (symmetric, per output channel)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
-    conv = next((node for node in graph.node if node.name == conv_name), None)
-    if conv is None:
-        raise InputError(f"no node named {conv_name!r} in the model")
+    chosen = set(conv_names)
+    convs = {node.name: node for node in graph.node if node.name in chosen}
+    missing = sorted(chosen - convs.keys())
+    if missing:
+        raise InputError(f"no node named {missing[0]!r} in the model")
     initializers = {init.name: init for init in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes = []
+    for node in graph.node:
+        if node.name in chosen:
+            _fake_quantize_weights(graph, node, initializers, readers)
+            scale_name, zero_name = f"{node.name}_fq_scale", f"{node.name}_fq_zero"
+            scale = max(input_amax[node.name], 1e-12) / INT8_MAX
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array(scale, np.float32), scale_name),
+                    numpy_helper.from_array(np.array(0, np.int8), zero_name),
+                ]
+            )
+            quantized, dequantized = f"{node.name}_fq_q", f"{node.name}_fq_dq"
+            nodes.append(
+                onnx.helper.make_node(
+                    "QuantizeLinear", [node.input[0], scale_name, zero_name], [quantized], f"{node.name}_fq_Q"
+                )
+            )
+            nodes.append(
+                onnx.helper.make_node(
+                    "DequantizeLinear", [quantized, scale_name, zero_name], [dequantized], f"{node.name}_fq_DQ"
+                )
+            )
+            node.input[0] = dequantized
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return copy
+
+
+def _fake_quantize_weights(
+    graph: onnx.GraphProto, conv: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], readers: dict[str, int]
+) -> None:
     if conv.input[1] not in initializers:
-        raise InputError(f"{conv_name}: its weights are not a constant initializer; cannot quantize them")
+        raise InputError(f"{conv.name}: its weights are not a constant initializer; cannot quantize them")
     weight_init = initializers[conv.input[1]]
     weights = numpy_helper.to_array(weight_init).astype(np.float32)
     channel_amax = np.abs(weights.reshape(weights.shape[0], -1)).max(axis=1)
     scale = np.where(channel_amax > 0, channel_amax / INT8_MAX, 1.0).reshape(-1, *([1] * (weights.ndim - 1)))
-    rounded = np.clip(np.round(weights / scale), -INT8_MAX, INT8_MAX) * scale
-    readers = sum(1 for node in graph.node for name in node.input if name == weight_init.name)
-    if readers == 1:  # replace in place (an unused initializer left behind makes ONNX Runtime warn)
-        weight_init.CopyFrom(numpy_helper.from_array(rounded.astype(np.float32), weight_init.name))
+    rounded = (np.clip(np.round(weights / scale), -INT8_MAX, INT8_MAX) * scale).astype(np.float32)
+    if readers.get(weight_init.name, 0) == 1:  # replace in place (an unused initializer makes ONNX Runtime warn)
+        weight_init.CopyFrom(numpy_helper.from_array(rounded, weight_init.name))
     else:
-        new_weights = f"{conv.input[1]}_fq"
-        graph.initializer.append(numpy_helper.from_array(rounded.astype(np.float32), new_weights))
-        conv.input[1] = new_weights
-
-    activation = conv.input[0]
-    scale_name, zero_name = f"{conv_name}_fq_scale", f"{conv_name}_fq_zero"
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(max(input_amax, 1e-12) / INT8_MAX, np.float32), scale_name),
-            numpy_helper.from_array(np.array(0, np.int8), zero_name),
-        ]
-    )
-    quantized, dequantized = f"{conv_name}_fq_q", f"{conv_name}_fq_dq"
-    q = onnx.helper.make_node("QuantizeLinear", [activation, scale_name, zero_name], [quantized], f"{conv_name}_fq_Q")
-    dq = onnx.helper.make_node(
-        "DequantizeLinear", [quantized, scale_name, zero_name], [dequantized], f"{conv_name}_fq_DQ"
-    )
-    conv.input[0] = dequantized
-    position = list(graph.node).index(conv)
-    graph.node.insert(position, dq)
-    graph.node.insert(position, q)
-    return copy
+        new_name = f"{conv.input[1]}_fq_{conv.name}"
+        graph.initializer.append(numpy_helper.from_array(rounded, new_name))
+        conv.input[1] = new_name
 
 
 def head_output_names(model: onnx.ModelProto, head: HeadAnalysis) -> list[str]:
@@ -111,7 +141,7 @@ def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> ort.InferenceSes
 
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
-    values = {value.name: value for value in augmented.graph.value_info}
+    values = {value.name: value for value in (*augmented.graph.value_info, *augmented.graph.output)}
     del augmented.graph.output[:]
     for name in outputs:
         if name not in values:
@@ -135,38 +165,79 @@ def relative_error(quantized: Sequence[np.ndarray], reference: Sequence[np.ndarr
     return sum(errors) / len(errors)
 
 
+CONFIDENT = 0.1
+MIN_CONFIDENT = 20
+
+
+def _predictions(output: np.ndarray, head_format: str) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes cx, cy, w, h as (P, 4), scores (P,)) of every anchor of a decoded YOLOv5 or YOLOv8 output."""
+    if head_format == "yolov5":  # (N, A, 5 + nc): cx, cy, w, h, objectness, class probabilities
+        rows = output.reshape(-1, output.shape[-1])
+        return rows[:, :4], rows[:, 4] * rows[:, 5:].max(axis=1)
+    rows = np.swapaxes(output, 1, 2).reshape(-1, output.shape[1])  # (N, 4 + nc, A): cx, cy, w, h, class probs
+    return rows[:, :4], rows[:, 4:].max(axis=1)
+
+
+def detection_error(quantized: np.ndarray, reference: np.ndarray, head_format: str) -> float:
+    """Mean error over the predictions the reference is confident about (at least MIN_CONFIDENT of them):
+    centre error / (w + h) + mean relative w, h error + absolute score error."""
+    boxes_f, scores_f = _predictions(reference, head_format)
+    boxes_q, scores_q = _predictions(quantized, head_format)
+    chosen = np.flatnonzero(scores_f > CONFIDENT)
+    if len(chosen) < MIN_CONFIDENT:
+        chosen = np.argsort(-scores_f)[:MIN_CONFIDENT]
+    f, q = boxes_f[chosen].astype(np.float64), boxes_q[chosen].astype(np.float64)
+    size = np.maximum(f[:, 2:4], 1e-6)
+    centre = np.abs(q[:, :2] - f[:, :2]).sum(axis=1) / size.sum(axis=1)
+    extent = (np.abs(q[:, 2:4] - f[:, 2:4]) / size).mean(axis=1)
+    score = np.abs(scores_q[chosen].astype(np.float64) - scores_f[chosen])
+    return float(np.mean(centre + extent + score))
+
+
 def layer_sensitivity(
     model: onnx.ModelProto,
     head: HeadAnalysis,
     amax: dict[str, float],
     images: np.ndarray,
     input_name: str,
+    head_format: str,
     progress: Progress | None = None,
 ) -> list[LayerSensitivity]:
-    """Quantize each quantizable conv alone and measure the head-output error on `images` (NCHW float32).
-
-    Returns the convs ranked from most to least sensitive."""
+    """Leave-one-out gains of every quantizable conv on `images` (NCHW float32), largest gain first."""
     from yoloq.quantize import quantizable_convs
 
     if images.ndim != 4 or not len(images):
         raise InputError("sensitivity analysis needs a non-empty NCHW batch of preprocessed calibration images")
-    outputs = head_output_names(model, head)
-    reference = _session(model, outputs).run(outputs, {input_name: images})
     convs = quantizable_convs(model, head)
     by_name = {node.name: node for node in model.graph.node}
+    missing = [name for name in convs if by_name[name].input[0] not in amax]
+    if missing:
+        raise InputError(f"no calibration range for the input of {missing[0]}: recalibrate this model")
+    ranges = {name: amax[by_name[name].input[0]] for name in convs}
+    if head_format == "end2end":
+        outputs = head_output_names(model, head)
+
+        def error(values: list[np.ndarray]) -> float:
+            return relative_error(values, reference)
+    else:
+        outputs = [model.graph.output[0].name]
+
+        def error(values: list[np.ndarray]) -> float:
+            return detection_error(values[0], reference[0], head_format)
+
+    def run(quantized: Sequence[str]) -> list[np.ndarray]:
+        return _session(fake_quantize_convs(model, quantized, ranges), outputs).run(outputs, {input_name: images})
+
+    reference = _session(model, outputs).run(outputs, {input_name: images})
+    all_int8 = error(run(convs))
     results = []
     for position, name in enumerate(convs):
-        activation = by_name[name].input[0]
-        if activation not in amax:
-            raise InputError(f"no calibration range for {activation!r} (input of {name}): recalibrate this model")
-        quantized = _session(fake_quantize_conv(model, name, amax[activation]), outputs).run(
-            outputs, {input_name: images}
-        )
-        error = relative_error(quantized, reference)
-        results.append(LayerSensitivity(name, position, error, -10.0 * math.log10(max(error, 1e-30))))
+        left_out = error(run([c for c in convs if c != name]))
+        gain = (all_int8 - left_out) / all_int8 if all_int8 > 0 else 0.0
+        results.append(LayerSensitivity(name, position, left_out, gain))
         if progress and ((position + 1) % 10 == 0 or position + 1 == len(convs)):
             progress(f"  sensitivity: {position + 1}/{len(convs)} convs")
-    return sorted(results, key=lambda r: (-r.error, r.position))
+    return sorted(results, key=lambda r: (-r.gain, r.position))
 
 
 def save_sensitivity(results: list[LayerSensitivity], path: Path) -> Path:
@@ -175,29 +246,29 @@ def save_sensitivity(results: list[LayerSensitivity], path: Path) -> Path:
 
 def load_sensitivity(path: Path) -> list[LayerSensitivity]:
     return [
-        LayerSensitivity(str(r["node"]), int(r["position"]), float(r["error"]), float(r["sqnr_db"]))
+        LayerSensitivity(str(r["node"]), int(r["position"]), float(r["error"]), float(r["gain"]))
         for r in read_json(path)["layers"]
     ]
 
 
 def sensitivity_table(results: list[LayerSensitivity], float_nodes: Sequence[str] = (), limit: int = 25) -> str:
-    """The most sensitive convs as a markdown table (rank, node, error, SQNR, whether the chosen model keeps it
-    in float)."""
+    """The convs with the largest leave-one-out gain as a markdown table (rank, node, error, gain, whether the
+    chosen model keeps it in float)."""
     kept = set(float_nodes)
     lines = [
-        "| rank | conv | position | rel. error (head outputs) | SQNR dB | kept in float |",
+        "| rank | conv | position | error with only this conv float | gain (share of all-INT8 error) | kept in float |",
         "|---:|---|---:|---:|---:|---|",
     ]
     for rank, r in enumerate(results[:limit], start=1):
         mark = "yes" if r.node in kept else ""
-        lines.append(f"| {rank} | {r.node} | {r.position} | {r.error:.2e} | {r.sqnr_db:.1f} | {mark} |")
+        lines.append(f"| {rank} | {r.node} | {r.position} | {r.error:.4f} | {r.gain * 100:+.1f} % | {mark} |")
     if len(results) > limit:
-        lines.append(f"| … | {len(results) - limit} more convs, less sensitive | | | | |")
+        lines.append(f"| … | {len(results) - limit} more convs, smaller gains | | | | |")
     return "\n".join(lines)
 
 
 def sensitivity_plot(results: list[LayerSensitivity], path: Path, title: str, float_nodes: Sequence[str] = ()) -> Path:
-    """SQNR per conv in graph order (low = sensitive), float-kept convs highlighted (PNG, written atomically)."""
+    """Leave-one-out gain per conv in graph order, float-kept convs highlighted (PNG, written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,9 +278,9 @@ def sensitivity_plot(results: list[LayerSensitivity], path: Path, title: str, fl
     kept = set(float_nodes)
     colours = ["tab:red" if r.node in kept else "tab:blue" for r in ordered]
     figure, axes = plt.subplots(figsize=(9, 4), dpi=120)
-    axes.bar([r.position for r in ordered], [r.sqnr_db for r in ordered], color=colours)
+    axes.bar([r.position for r in ordered], [r.gain * 100 for r in ordered], color=colours)
     axes.set_xlabel("conv (graph order; 0 = stem)")
-    axes.set_ylabel("SQNR of head outputs, dB (low = sensitive)")
+    axes.set_ylabel("% of the all-INT8 error removed\nby keeping this conv float")
     axes.set_title(title + ("  (red: kept in float)" if kept else ""))
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -236,6 +307,7 @@ def analyze_sensitivity(
     percentile: float,
     num_images: int,
     imgsz: int,
+    head_format: str,
     out_dir: Path,
     progress: Progress | None = None,
 ) -> SensitivityReport:
@@ -250,6 +322,7 @@ def analyze_sensitivity(
         algorithm,
         percentile if algorithm == "percentile" else None,
         statistics.images.image_hashes[:num_images],
+        head_format,
     )
     path = out_dir / f"sensitivity-{key}.json"
     if path.is_file():
@@ -259,10 +332,9 @@ def analyze_sensitivity(
     batch = np.stack([frame[0] for p in images if (frame := load_preprocessed(p, imgsz)) is not None])
     if progress:
         convs = len(quantizable_convs(model, head))
-        progress(f"sensitivity: quantizing each of {convs} convs alone, {len(batch)} calibration images")
+        progress(f"sensitivity: all-INT8 model with each of {convs} convs left float in turn, {len(batch)} images")
     started = time.perf_counter()
-    layers = layer_sensitivity(
-        model, head, amax_for(statistics.stats, algorithm, percentile), batch, image_input(model), progress
-    )
+    amax = amax_for(statistics.stats, algorithm, percentile)
+    layers = layer_sensitivity(model, head, amax, batch, image_input(model), head_format, progress)
     save_sensitivity(layers, path)
     return SensitivityReport(layers, path, algorithm, len(batch), time.perf_counter() - started, reused=False)

@@ -54,7 +54,7 @@ from yoloq.backends.trt_versions import (
 )
 from yoloq.calibration_data import PREPROCESSING_ID, CalibrationDataLoader, select_calibration_images
 from yoloq.config import CalibrationConfig, TensorRTConfig, TrtCalibrator, ValidationConfig, VariantConfig
-from yoloq.errors import BackendUnavailable, InputError, YoloqError
+from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
 from yoloq.heads import HeadFormat, decode
 from yoloq.preprocess import load_preprocessed
 from yoloq.validate import Timing
@@ -70,10 +70,6 @@ _NUMPY_DTYPES: dict[str, type] = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
 }
-
-
-class EngineBuildError(YoloqError):
-    """TensorRT could not build an engine; the message names the variant and the build log."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
