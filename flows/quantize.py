@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.registry import register_variants
 from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task
@@ -185,6 +186,7 @@ def _log_results(
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     table = results_table(outcome.results)
     dataset_note = f"validation: {params.validation.images} ({num_validation_images} images)"
+    child_runs: dict[str, str] = {}
     for result in outcome.results:
         built = builds[result.name]
         variant_params = {
@@ -193,6 +195,7 @@ def _log_results(
             **{f"build.{k}": v for k, v in built.details.items()},
         }
         child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()})
+        child_runs[result.name] = child
         metrics = {
             "map50_95": result.map50_95,
             "map50": result.map50,
@@ -222,6 +225,7 @@ def _log_results(
     tracker.set_tags(
         parent, {"gate": "passed" if outcome.gate.passed else "failed", "gate.reasons": "; ".join(outcome.gate.reasons)}
     )
+    register_variants(tracker.client, params, outcome.results, outcome.gate, child_runs)
     gate_line = "gate: passed" if outcome.gate.passed else "gate: FAILED: " + "; ".join(outcome.gate.reasons)
     create_markdown_artifact(
         key=f"results-{content_key(parent, length=8)}",
