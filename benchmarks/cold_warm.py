@@ -48,6 +48,7 @@ def main() -> int:
     parser.add_argument("-p", "--params", type=Path, default=PROJECT / "params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--warm-set", action="append", default=None, metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--logs", type=Path, help="write each run's log to this folder (cold.log, warm.log)")
     args = parser.parse_args()
     warm_changes = args.warm_set or ["validation.num_images=32"]
     with tempfile.TemporaryDirectory(prefix="yoloq-coldwarm-") as tmp:
@@ -67,6 +68,9 @@ def main() -> int:
                 print(f"{label} run failed with exit code {code}", file=sys.stderr)
                 return 1
             rows.append((label, seconds, stage_states(log)))
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"{label}.log").write_text(log)
     print()
     print("| run | wall s | " + " | ".join(STAGES) + " |")
     print("|---|---:|" + "---|" * len(STAGES))

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.registry import register_variants
+from flows.targets import run_targets
 from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task
@@ -65,7 +66,9 @@ class FlowOutcome:
 @flow(name="yoloq-quantize")
 def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Quantize the model in params.yaml and validate every variant; raises GateFailed when accuracy is lost."""
-    params = resolve_variants(load_params(Path(params_path), overrides or []))  # exit 2 early if a backend is missing
+    loaded = load_params(Path(params_path), overrides or [])
+    # exit 2 early if a backend is missing here; with build targets, each target's worker resolves `auto` itself
+    params = loaded if loaded.targets else resolve_variants(loaded)
     check_inputs(params)
     outcome = run_pipeline(params, Path(params_path).resolve().parent)
     document = outcome.document()
@@ -88,7 +91,10 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
     logger.info("MLflow run %s at %s", tracker.parent_run_id, tracker.tracking_uri)
     try:
-        outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
+        if params.targets:  # build+validate on each target's Prefect work pool (flows/targets.py)
+            outcome = run_targets(params, tracker, cache_dir, params.output_dir / run_name)
+        else:
+            outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
     except BaseException as exc:
         tracker.fail_all(exc)
         raise

@@ -93,7 +93,8 @@ def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     from yoloq.config import load_params
     from yoloq.preflight import check_inputs
 
-    check_inputs(resolve_variants(load_params(params, overrides)))  # bad input: exit 2 before Prefect starts
+    loaded = load_params(params, overrides)
+    check_inputs(loaded if loaded.targets else resolve_variants(loaded))  # bad input: exit 2 before Prefect starts
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
 

@@ -385,3 +385,6 @@ class TargetConfig(Section):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="e.g. h100, l4, orin")
     work_pool: str = Field(min_length=1, description="Prefect work pool whose workers run on that GPU type")
+    timeout_s: float = Field(
+        7200, gt=0, description="deadline of the target's build+validate run; cancelled past it (workers kill it)"
+    )
