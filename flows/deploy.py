@@ -14,8 +14,6 @@ instead of quantizing again. The deployment allows one run at a time (others wai
 and then find the finished run.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys
@@ -87,8 +85,7 @@ def quantize_deployment(
         Literal["minmax", "entropy", "percentile"] | None, Field(description="INT8 calibration; empty = params")
     ] = None,
     calibration_images: Annotated[int, Field(ge=8, le=4096, description="calibration images")] | None = None,
-    validation_images: Annotated[int, Field(ge=1, le=100_000, description="first N validation images")]
-    | None = None,
+    validation_images: Annotated[int, Field(ge=1, le=100_000, description="first N validation images")] | None = None,
     max_map_drop: Annotated[float, Field(ge=0.0, le=1.0, description="gate: mAP50-95 drop (0.015 = 1.5 points)")]
     | None = None,
     output_dir: Annotated[str | None, Field(description="caches and reports; empty = params")] = None,

@@ -20,8 +20,6 @@ A target run that crashes (worker lost) is retried once; one that fails (an erro
 past `timeout_s` is cancelled.
 """
 
-from __future__ import annotations
-
 import asyncio
 from dataclasses import dataclass, replace
 from pathlib import Path

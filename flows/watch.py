@@ -35,9 +35,7 @@ def announce(checkpoint: Checkpoint) -> str:
     return str(event.id)
 
 
-def scan_once(
-    folder: Path, state_path: Path, settle_s: float, say: Callable[[str], None] = print
-) -> list[Checkpoint]:
+def scan_once(folder: Path, state_path: Path, settle_s: float, say: Callable[[str], None] = print) -> list[Checkpoint]:
     seen = load_seen(state_path)
     announced = []
     for checkpoint in new_checkpoints(folder, seen, settle_s):

@@ -1,4 +1,5 @@
 """Thin Prefect tasks around the core stages: logging and progress here, the work in `yoloq`."""
+
 from __future__ import annotations
 
 from pathlib import Path

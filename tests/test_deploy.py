@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+from prefect.exceptions import ParameterTypeError
 from prefect.utilities.callables import parameter_schema
 
 from flows.deploy import checkpoint_trigger, flat_overrides, quantize_deployment, run_key
@@ -47,3 +49,11 @@ def test_checkpoint_trigger_templates_the_path_from_the_event():
     trigger = checkpoint_trigger()
     assert trigger.expect == {"yoloq.checkpoint.created"}
     assert trigger.parameters == {"model_path": "{{ event.payload.path }}", "skip_if_done": True}
+
+
+def test_out_of_range_and_unknown_choices_are_rejected():
+    assert quantize_deployment.validate_parameters({"max_map_drop": 0.05})["max_map_drop"] == 0.05
+    with pytest.raises(ParameterTypeError, match="greater than or equal to 8"):
+        quantize_deployment.validate_parameters({"calibration_images": 2})
+    with pytest.raises(ParameterTypeError, match="calibration_algorithm"):
+        quantize_deployment.validate_parameters({"calibration_algorithm": "kl"})
