@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import arun_deployment
 from prefect.deployments.runner import EntrypointType
-from prefect.states import Cancelling
+from prefect.states import Cancelled, Cancelling
 
 from flows.registry import register_variants
 from flows.tracking import RunTracker
@@ -144,8 +144,7 @@ async def _run_target(
                 )
             return TargetRun(target, str(flow_run.id), read_json(result_path)["variants"])
         if state is None or not state.is_final():  # past the deadline: stop it for real
-            async with get_client() as client:
-                await client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            await _cancel(flow_run.id, f"past the target's deadline of {target.timeout_s:g} s")
             raise TargetFailed(
                 f"target {target.name}: run {flow_run.id} did not finish within {target.timeout_s:g} s (state "
                 f"{state.name if state else 'unknown'}) and was cancelled; is a worker of pool {target.work_pool!r} "
@@ -160,8 +159,24 @@ async def _run_target(
     raise AssertionError("unreachable")
 
 
+async def _cancel(flow_run_id: Any, reason: str) -> None:
+    """A run that never started is cancelled at once; a running one is set Cancelling (its worker kills it)."""
+    async with get_client() as client:
+        current = await client.read_flow_run(flow_run_id)
+        started = current.state is not None and (current.state.is_running() or current.state.is_paused())
+        state = Cancelling(message=reason) if started else Cancelled(message=reason)
+        await client.set_flow_run_state(flow_run_id, state, force=True)
+
+
 async def _run_all(jobs: list[tuple[TargetConfig, dict[str, Any], Path]]) -> list[TargetRun]:
-    return list(await asyncio.gather(*(_run_target(t, p, r) for t, p, r in jobs)))
+    """Every target's run, waited for together; all failures are reported, not only the first."""
+    outcomes = await asyncio.gather(*(_run_target(t, p, r) for t, p, r in jobs), return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise TargetFailed("; ".join(str(f) for f in failures))
+    return [o for o in outcomes if isinstance(o, TargetRun)]
 
 
 def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> Any:

@@ -86,6 +86,8 @@ class Processes:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = tmp_path_factory.mktemp("ops")
@@ -125,7 +127,17 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         wait_until(lambda: http_ok(f"{api_url}/health"), 90, "prefect server", [server_log])
         wait_until(lambda: http_ok(f"{tracking_uri}/health"), 90, "mlflow server", [mlflow_log])
         with temporary_settings({PREFECT_API_URL: api_url}):
-            yield {"root": root, "env": env, "api_url": api_url, "tracking_uri": tracking_uri, "processes": processes}
+            try:
+                yield {
+                    "root": root,
+                    "env": env,
+                    "api_url": api_url,
+                    "tracking_uri": tracking_uri,
+                    "processes": processes,
+                }
+            finally:  # send this process's pending logs and events before the server goes away
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
     finally:
         processes.stop_all()
 
@@ -304,3 +316,26 @@ def test_targets_fan_out_to_two_work_pools(servers, project):
             client.get_model_version_by_alias(f"yoloq-yolov5n-{target}-int8", alias).run_id
             == runs[f"{target}/int8"].info.run_id
         )
+
+
+def test_a_target_past_its_deadline_is_cancelled_and_its_mlflow_run_failed(servers, project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from flows.quantize import quantize_flow
+    from flows.targets import TargetFailed
+
+    created = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", "cpu-idle", "--type", "process"],
+        env=servers["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    targets = "[{name: idle, work_pool: cpu-idle, timeout_s: 3}]"  # a pool no worker serves
+    with pytest.raises(TargetFailed, match="did not finish within 3 s"):
+        quantize_flow(params_path=str(project), overrides=[f"targets={targets}"])
+
+    parent = parent_runs(servers["tracking_uri"])[-1]
+    assert parent.info.status == "FAILED" and "did not finish within 3 s" in parent.data.tags["error"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["idle-attempt1"])))
+    assert runs and runs[0].state.is_cancelled()
