@@ -57,3 +57,15 @@ def test_out_of_range_and_unknown_choices_are_rejected():
         quantize_deployment.validate_parameters({"calibration_images": 2})
     with pytest.raises(ParameterTypeError, match="calibration_algorithm"):
         quantize_deployment.validate_parameters({"calibration_algorithm": "kl"})
+
+
+def test_targets_in_params():
+    from yoloq.errors import ConfigError
+
+    params = load_params(PROJECT / "params.yaml", ["targets=[{name: h100, work_pool: gpu-h100}]"])
+    assert params.targets[0].work_pool == "gpu-h100" and params.targets[0].timeout_s == 7200
+    assert load_params(PROJECT / "params.yaml").targets == []
+    with pytest.raises(ConfigError, match="target names must be unique; repeated: a"):
+        load_params(PROJECT / "params.yaml", ["targets=[{name: a, work_pool: p}, {name: a, work_pool: q}]"])
+    with pytest.raises(ConfigError, match="targets.0.pool: unknown key"):
+        load_params(PROJECT / "params.yaml", ["targets=[{name: a, pool: p}]"])

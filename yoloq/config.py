@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from yoloq.errors import ConfigError
 
@@ -200,6 +200,15 @@ class Params(Section):
         default_factory=list, description="build targets (one Prefect work pool per GPU type); empty = build here"
     )
 
+    @field_validator("targets")
+    @classmethod
+    def _unique_target_names(cls, targets: list[TargetConfig]) -> list[TargetConfig]:
+        names = [t.name for t in targets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(duplicates)}")
+        return targets
+
     @model_validator(mode="before")
     @classmethod
     def _variants_inherit_backend(cls, data: Any) -> Any:
@@ -213,14 +222,6 @@ class Params(Section):
             for v in data["variants"]
         ]
         return {**data, "variants": variants}
-
-    @model_validator(mode="after")
-    def _unique_target_names(self) -> Params:
-        names = [t.name for t in self.targets]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"target names must be unique; repeated: {', '.join(duplicates)}")
-        return self
 
     @model_validator(mode="after")
     def _unique_variant_names(self) -> Params:
