@@ -36,6 +36,25 @@ def run_once(params: Path, overrides: list[str], env: dict[str, str]) -> tuple[f
     return time.perf_counter() - start, done.stdout + done.stderr, done.returncode
 
 
+LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \| \w+ +\| Task run '([a-z0-9]+)-", re.MULTILINE)
+
+
+def stage_seconds(log: str) -> dict[str, float]:
+    """Seconds each stage took, from the Prefect task log timestamps: a stage ends at its last line and starts
+    where the previous stage ended (export: at its first line). Builds and validations count as one stage."""
+    last: dict[str, float] = {}
+    first_line: float | None = None
+    for hours, minutes, seconds, stage in LOG_LINE.findall(log):
+        stamp = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        first_line = stamp if first_line is None else first_line
+        last["build+validate" if stage in ("build", "validate") else stage] = stamp
+    spans, previous = {}, first_line
+    for stage, end in sorted(last.items(), key=lambda item: item[1]):
+        spans[stage] = end - (previous if previous is not None else end)
+        previous = end
+    return spans
+
+
 def stage_states(log: str) -> dict[str, str]:
     states = {}
     for stage, (reused, fresh) in STAGES.items():
@@ -67,16 +86,18 @@ def main() -> int:
                 print(log[-4000:], file=sys.stderr)
                 print(f"{label} run failed with exit code {code}", file=sys.stderr)
                 return 1
-            rows.append((label, seconds, stage_states(log)))
+            rows.append((label, seconds, stage_states(log), stage_seconds(log)))
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 (args.logs / f"{label}.log").write_text(log)
+    timed = ("export", "simplify", "calibrate", "build+validate")
     print()
-    print("| run | wall s | " + " | ".join(STAGES) + " |")
-    print("|---|---:|" + "---|" * len(STAGES))
-    for label, seconds, states in rows:
-        print(f"| {label} | {seconds:.1f} | " + " | ".join(states[s] for s in STAGES) + " |")
-    redone = [s for s, state in rows[1][2].items() if state == "ran"]
+    print("| run | wall s | " + " | ".join(STAGES) + " | " + " | ".join(f"{t} s" for t in timed) + " |")
+    print("|---|---:|" + "---|" * len(STAGES) + "---:|" * len(timed))
+    for label, seconds, states, spans in rows:
+        cells = [states[s] for s in STAGES] + [f"{spans.get(t, 0.0):.1f}" for t in timed]
+        print(f"| {label} | {seconds:.1f} | " + " | ".join(cells) + " |")
+    redone = [stage for stage, state in rows[1][2].items() if state == "ran"]
     if redone:
         print(f"warm run redid: {', '.join(redone)} (expected reuse)", file=sys.stderr)
         return 1
