@@ -174,6 +174,13 @@ def deploy(params_path: Path, name: str, cron: str | None, pool: str, with_trigg
     )
 
 
+def prefect_api_url() -> str | None:
+    """The Prefect server this process talks to ($PREFECT_API_URL or the active Prefect profile), if any."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["serve", "deploy"])
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trigger", action="store_true", help="no new-checkpoint trigger")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not os.environ.get("PREFECT_API_URL"):
+    if not prefect_api_url():
         print("set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api) to a running Prefect server", file=sys.stderr)
         return 2
     if not args.params.is_file():

@@ -41,3 +41,13 @@ def test_bad_folder_and_state_are_clear_errors(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(InputError, match="fix or delete it"):
         load_seen(tmp_path / "state.json")
+
+
+def test_watch_without_a_prefect_server_says_what_to_set(tmp_path, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from yoloq.cli import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["watch", str(tmp_path), "--once"]) == 2
+    assert "set PREFECT_API_URL" in capsys.readouterr().err

@@ -118,9 +118,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _watch(args: argparse.Namespace) -> int:
     _quiet_prefect_defaults()
-    if not os.environ.get("PREFECT_API_URL"):
-        raise YoloqError("yoloq watch sends events to a Prefect server: set PREFECT_API_URL (see README, Operations)")
+    from flows.deploy import prefect_api_url
     from flows.watch import watch
+
+    if not prefect_api_url():
+        raise YoloqError("yoloq watch sends events to a Prefect server: set PREFECT_API_URL (see README, Operations)")
 
     state = args.state or args.folder / ".yoloq-watch.json"
     announced = watch(args.folder, state, args.interval, args.settle, args.once)
