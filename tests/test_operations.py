@@ -278,6 +278,36 @@ def test_a_new_checkpoint_starts_one_run_per_content(servers, project, served):
     assert new_parents[0].info.status == "FINISHED"
 
 
+def test_a_cancelled_run_leaves_its_mlflow_runs_failed(servers, project, served):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    # a unique gate value marks this run's MLflow parent; 64 validation images keep it busy long enough
+    flow_run = run_deployment(served, parameters={"max_map_drop": 0.07, "validation_images": 64}, timeout=0)
+
+    def running_parent() -> Any:
+        runs = [r for r in parent_runs(servers["tracking_uri"]) if r.data.params.get("gate.max_map_drop") == "0.07"]
+        return runs[0] if runs and runs[0].info.status == "RUNNING" else None
+
+    parent = wait_until(running_parent, 180, "MLflow parent run of the run to cancel", [servers["root"] / "serve.log"])
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test"), force=True)
+        final = wait_until(
+            lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
+            120,
+            "cancelled flow run",
+            [servers["root"] / "serve.log"],
+        )
+    assert final.state.is_cancelled(), final.state
+    client = MlflowClient(servers["tracking_uri"])
+    failed = wait_until(
+        lambda: (run := client.get_run(parent.info.run_id)).info.status == "FAILED" and run, 30, "FAILED parent"
+    )
+    assert "error" in failed.data.tags
+    assert all(r.info.status == "FAILED" for r in children(client, failed).values() if r.info.status != "FINISHED")
+
+
 def test_targets_fan_out_to_two_work_pools(servers, project):
     from flows.quantize import quantize_flow
 
