@@ -5,11 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.yoloq-installed
 PARAMS ?= params.yaml
 VAL    ?= data/coco/val
+CRON   ?=
+WATCH  ?= checkpoints
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD ?= 1
 export YOLO_OFFLINE ?= 1
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean serve watch
 
 install: $(STAMP)
 
@@ -29,6 +31,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_int8.py $(foreach v,$(VAL),--val $(v))
+
+# Operations (README): need PREFECT_API_URL pointing at `prefect server start --host 127.0.0.1 --port 4200`.
+serve: $(STAMP)
+	$(BIN)/python -m flows.deploy serve -p $(PARAMS) $(if $(CRON),--cron "$(CRON)")
+
+watch: $(STAMP)
+	$(BIN)/yoloq watch $(WATCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check yoloq flows tasks tests benchmarks

@@ -16,7 +16,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.registry import register_variants
 from flows.search import search_variant
+from flows.targets import run_targets
 from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task
@@ -65,7 +67,9 @@ class FlowOutcome:
 @flow(name="yoloq-quantize")
 def quantize_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Quantize the model in params.yaml and validate every variant; raises GateFailed when accuracy is lost."""
-    params = resolve_variants(load_params(Path(params_path), overrides or []))  # exit 2 early if a backend is missing
+    loaded = load_params(Path(params_path), overrides or [])
+    # exit 2 early if a backend is missing here; with build targets, each target's worker resolves `auto` itself
+    params = loaded if loaded.targets else resolve_variants(loaded)
     check_inputs(params)
     outcome = run_pipeline(params, Path(params_path).resolve().parent)
     document = outcome.document()
@@ -88,7 +92,15 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
     logger.info("MLflow run %s at %s", tracker.parent_run_id, tracker.tracking_uri)
     try:
-        outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
+        if params.targets:  # build+validate on each target's Prefect work pool (flows/targets.py)
+            if params.search.enabled:
+                logger.warning(
+                    "targets: the INT8 search is not run per target; INT8 variants use calibration.algorithm with "
+                    "the stem and head convs in float (set search.enabled: false to silence this)"
+                )
+            outcome = run_targets(params, tracker, cache_dir, params.output_dir / run_name)
+        else:
+            outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
     except BaseException as exc:
         tracker.fail_all(exc)
         raise
@@ -210,6 +222,7 @@ def _log_results(
     table = results_table(outcome.results)
     folders = [params.validation.images, *(extra.images for extra in params.validation.extra_sets)]
     dataset_note = f"validation: {' + '.join(str(f) for f in folders)} ({num_validation_images} images)"
+    child_runs: dict[str, str] = {}
     for result in outcome.results:
         built = builds[result.name]
         variant_params = {
@@ -218,6 +231,7 @@ def _log_results(
             **{f"build.{k}": v for k, v in built.details.items()},
         }
         child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()})
+        child_runs[result.name] = child
         metrics = {
             "map50_95": result.map50_95,
             "map50": result.map50,
@@ -247,6 +261,7 @@ def _log_results(
     tracker.set_tags(
         parent, {"gate": "passed" if outcome.gate.passed else "failed", "gate.reasons": "; ".join(outcome.gate.reasons)}
     )
+    register_variants(tracker.client, params, outcome.results, outcome.gate, child_runs)
     gate_line = "gate: passed" if outcome.gate.passed else "gate: FAILED: " + "; ".join(outcome.gate.reasons)
     create_markdown_artifact(
         key=f"results-{content_key(parent, length=8)}",

@@ -116,7 +116,7 @@ class RunTracker:
 
     def fail_all(self, error: BaseException) -> None:
         """Mark every run still open FAILED, with the error as a tag (children first)."""
-        message = f"{type(error).__name__}: {error}"
+        message = f"{type(error).__name__}: {str(error) or 'the run was stopped (cancelled, interrupted or killed)'}"
         for run_id in reversed(list(self.open_runs)):
             try:
                 self.set_tags(run_id, {"error": message})

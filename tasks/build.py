@@ -1,3 +1,5 @@
+"""Thin Prefect tasks around the core stages: logging and progress here, the work in `yoloq`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,7 +7,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from yoloq.backends import BuiltModel, get_backend
+from yoloq.backends import BuiltModel
+from yoloq.build import build_variant_with_deadline
 from yoloq.config import Params, VariantConfig
 
 
@@ -13,12 +16,12 @@ from yoloq.config import Params, VariantConfig
 def build_task(
     variant: VariantConfig, params: Params, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path
 ) -> BuiltModel:
-    """Make one variant with its backend (an ONNX model for ONNX Runtime, an engine for TensorRT)."""
+    """Make one variant with its backend (an ONNX model for ONNX Runtime, an engine for TensorRT).
+
+    TensorRT builds run in a child process that is killed at `build.timeout_s` (Prefect's own task timeout cannot
+    stop a thread inside TensorRT's C++ code)."""
     logger = get_run_logger()
-    backend = get_backend(variant.backend, params)
-    if hasattr(backend, "progress"):
-        backend.progress = logger.info  # TensorRT builds take minutes: say what is happening
-    built = backend.build(variant, fp32_onnx, qdq_onnx, out_dir)
+    built = build_variant_with_deadline(variant, params, fp32_onnx, qdq_onnx, out_dir, logger.info)
     logger.info(
         "build %s: %s (%s, %.2f MB) in %.1f s",
         variant.name,

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
     )
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.md/.png")
+
+    watch = commands.add_parser("watch", help="send a Prefect event for each new .pt/.onnx content in a folder")
+    watch.add_argument("folder", type=Path, help="folder where new checkpoints land")
+    watch.add_argument("--once", action="store_true", help="scan once and exit")
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between scans (default 30)")
+    watch.add_argument("--settle", type=float, default=5.0, help="skip files modified this recently (default 5 s)")
+    watch.add_argument("--state", type=Path, help="hashes already announced (default FOLDER/.yoloq-watch.json)")
     return parser
 
 
@@ -64,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.params, args.overrides, args.json)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "watch":
+            return _watch(args)
         return _validate(args)
     except GateFailed as exc:
         if exc.document:
@@ -84,7 +93,8 @@ def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     from yoloq.config import load_params
     from yoloq.preflight import check_inputs
 
-    check_inputs(resolve_variants(load_params(params, overrides)))  # bad input: exit 2 before Prefect starts
+    loaded = load_params(params, overrides)
+    check_inputs(loaded if loaded.targets else resolve_variants(loaded))  # bad input: exit 2 before Prefect starts
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
 
@@ -103,6 +113,20 @@ def _compare(args: argparse.Namespace) -> int:
     table, plot, run_id = compare_runs(uri, args.run_ids, args.experiment, args.out)
     print(table)
     print(f"\nplot: {plot}\nMLflow comparison run: {run_id} at {uri}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    _quiet_prefect_defaults()
+    from flows.deploy import prefect_api_url
+    from flows.watch import watch
+
+    if not prefect_api_url():
+        raise YoloqError("yoloq watch sends events to a Prefect server: set PREFECT_API_URL (see README, Operations)")
+
+    state = args.state or args.folder / ".yoloq-watch.json"
+    announced = watch(args.folder, state, args.interval, args.settle, args.once)
+    print(f"announced {announced} new checkpoint(s)")
     return 0
 
 

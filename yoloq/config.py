@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from yoloq.errors import ConfigError
 
@@ -250,6 +250,20 @@ class Params(Section):
     mlflow: MlflowConfig = MlflowConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
     output_dir: Path = Path("runs")
+    build: BuildConfig = Field(default_factory=lambda: BuildConfig())
+    registry: RegistryConfig = Field(default_factory=lambda: RegistryConfig())
+    targets: list[TargetConfig] = Field(
+        default_factory=list, description="build targets (one Prefect work pool per GPU type); empty = build here"
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_target_names(cls, targets: list[TargetConfig]) -> list[TargetConfig]:
+        names = [t.name for t in targets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(duplicates)}")
+        return targets
 
     @model_validator(mode="before")
     @classmethod
@@ -405,3 +419,33 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     else:
         flat[prefix.rstrip(".")] = str(data)
     return flat
+
+
+# -- operations (issue 5): build deadline, model registry, per-GPU build targets ---------------------------------
+
+
+class BuildConfig(Section):
+    """Engine builds run in a child process with a real deadline (a hung TensorRT build is killed)."""
+
+    timeout_s: float = Field(
+        3600, gt=0, description="deadline of one TensorRT engine build in seconds; the build process is killed past it"
+    )
+
+
+class RegistryConfig(Section):
+    """MLflow model registry: variants that pass the gate get alias `champion`, the others `challenger`."""
+
+    enabled: bool = True
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name; null = yoloq-<model file stem>"
+    )
+
+
+class TargetConfig(Section):
+    """A build target: a GPU type whose engines are built and validated by workers of one Prefect work pool."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="e.g. h100, l4, orin")
+    work_pool: str = Field(min_length=1, description="Prefect work pool whose workers run on that GPU type")
+    timeout_s: float = Field(
+        7200, gt=0, description="deadline of the target's build+validate run; cancelled past it (workers kill it)"
+    )

@@ -1,0 +1,229 @@
+"""Deployments of the quantize flow: a cron schedule, a typed flat-parameter form, and the new-checkpoint trigger.
+
+    python -m flows.deploy serve [-p params.yaml] [--cron "0 3 * * *"] [--name nightly]    # serve in this process
+    python -m flows.deploy deploy --pool POOL [-p params.yaml] [--cron ...]               # for `prefect worker`
+
+The deployed flow, `quantize_deployment`, takes flat, typed parameters (the Prefect UI shows enums as dropdowns
+and ranges as checked number fields). Each one left empty (None) keeps the value in params.yaml; one that is set
+becomes a `--set section.key=value` override, so editing one field never resets the others (Prefect replaces a
+deployment parameter as a whole: nested dicts would be replaced entirely).
+
+A `yoloq.checkpoint.created` event (sent by `yoloq watch`) starts a run with `model_path` from the event and
+`skip_if_done`: a run whose model content and parameters already have a finished MLflow run returns that run
+instead of quantizing again. The deployment allows one run at a time (others wait), so duplicate events queue up
+and then find the finished run.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.events import DeploymentEventTrigger
+from pydantic import Field
+
+from flows.quantize import quantize_flow
+from flows.tracking import resolve_tracking_uri
+from flows.watch import CHECKPOINT_EVENT
+from yoloq.artifacts import content_key, file_sha256
+from yoloq.config import Params, flatten, load_params
+from yoloq.errors import GateFailed, InputError
+
+DEPLOYMENT_NAME = "yoloq-quantize"
+RUN_KEY_TAG = "yoloq.run_key"
+
+
+def flat_overrides(
+    model_path: str | None = None,
+    backend: str | None = None,
+    calibration_algorithm: str | None = None,
+    calibration_images: int | None = None,
+    validation_images: int | None = None,
+    max_map_drop: float | None = None,
+    output_dir: str | None = None,
+    extra: list[str] | None = None,
+    search_enabled: bool | None = None,
+    max_map_drop_vs_fp16: float | None = None,
+    min_speedup_vs_fp16: float | None = None,
+) -> list[str]:
+    """The flat form's fields that are set, as `section.key=value` overrides (None = as in params.yaml)."""
+    fields = {
+        "model.path": model_path,
+        "backend": backend,
+        "calibration.algorithm": calibration_algorithm,
+        "calibration.num_images": calibration_images,
+        "validation.num_images": validation_images,
+        "gate.max_map_drop": max_map_drop,
+        "gate.max_map_drop_vs_fp16": max_map_drop_vs_fp16,
+        "gate.min_speedup_vs_fp16": min_speedup_vs_fp16,
+        "search.enabled": None if search_enabled is None else str(search_enabled).lower(),
+        "output_dir": output_dir,
+    }
+    return [f"{key}={value}" for key, value in fields.items() if value is not None] + list(extra or [])
+
+
+def run_key(params: Params) -> str:
+    """What makes two runs the same: the model file's content and every resolved parameter except its path."""
+    settings = {k: v for k, v in flatten(params).items() if k != "model.path"}
+    return content_key(file_sha256(params.model.path), settings, length=32)
+
+
+def finished_run_with_key(tracking_uri: str, experiment: str, key: str) -> str | None:
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+@flow(name="yoloq-quantize-deployment", log_prints=True)
+def quantize_deployment(
+    params_path: str = "params.yaml",
+    model_path: Annotated[str | None, Field(description="checkpoint (.pt/.onnx); empty = model.path of params")] = None,
+    backend: Annotated[Literal["auto", "onnxruntime", "tensorrt"] | None, Field(description="empty = params")] = None,
+    calibration_algorithm: Annotated[
+        Literal["minmax", "entropy", "percentile", "mse"] | None,
+        Field(description="INT8 calibration when the search is off; empty = params"),
+    ] = None,
+    calibration_images: Annotated[int, Field(ge=8, le=4096, description="calibration images")] | None = None,
+    validation_images: Annotated[int, Field(ge=1, le=100_000, description="first N validation images")] | None = None,
+    max_map_drop: Annotated[
+        float, Field(ge=0.0, le=1.0, description="gate: mAP50-95 drop vs FP32 (0.005 = 0.5 points)")
+    ]
+    | None = None,
+    max_map_drop_vs_fp16: Annotated[float, Field(ge=0.0, le=1.0, description="gate: INT8 mAP50-95 drop vs FP16")]
+    | None = None,
+    min_speedup_vs_fp16: Annotated[float, Field(ge=0.0, le=100.0, description="gate: INT8/FP16 throughput")]
+    | None = None,
+    search_enabled: Annotated[bool | None, Field(description="INT8 search on/off; empty = params")] = None,
+    output_dir: Annotated[str | None, Field(description="caches and reports; empty = params")] = None,
+    skip_if_done: Annotated[bool, Field(description="return the finished MLflow run of the same model+params")] = False,
+    extra_overrides: Annotated[list[str] | None, Field(description="more section.key=value overrides")] = None,
+) -> dict[str, Any]:
+    """Quantize and validate with params.yaml, changing only the fields that are set."""
+    logger = get_run_logger()
+    overrides = flat_overrides(
+        model_path,
+        backend,
+        calibration_algorithm,
+        calibration_images,
+        validation_images,
+        max_map_drop,
+        output_dir,
+        extra_overrides,
+        search_enabled,
+        max_map_drop_vs_fp16,
+        min_speedup_vs_fp16,
+    )
+    logger.info("params %s with overrides: %s", params_path, " ".join(overrides) or "(none)")
+    path = Path(params_path)
+    params = load_params(path, overrides)
+    if not params.model.path.is_file():
+        raise InputError(f"model {params.model.path} not found: check model_path or model.path in {params_path}")
+    tracking_uri = resolve_tracking_uri(params.mlflow, path.resolve().parent)
+    key = run_key(params)
+    if skip_if_done:
+        existing = finished_run_with_key(tracking_uri, params.mlflow.experiment, key)
+        if existing:
+            logger.info("skipped: MLflow run %s already holds this model content with these parameters", existing)
+            return {"skipped": True, "mlflow_run_id": existing, "tracking_uri": tracking_uri, "run_key": key}
+    try:
+        document = quantize_flow(params_path=str(path), overrides=overrides)
+    except GateFailed as exc:
+        _tag_run_key(exc.document, key)
+        raise
+    _tag_run_key(document, key)
+    return {**document, "skipped": False, "run_key": key}
+
+
+def _tag_run_key(document: dict[str, Any], key: str) -> None:
+    if document.get("mlflow_run_id"):
+        MlflowClient(document["tracking_uri"]).set_tag(document["mlflow_run_id"], RUN_KEY_TAG, key)
+
+
+def checkpoint_trigger() -> DeploymentEventTrigger:
+    """Start a run for each `yoloq.checkpoint.created` event, with the checkpoint path from the event."""
+    return DeploymentEventTrigger(
+        name="yoloq-new-checkpoint",
+        expect={CHECKPOINT_EVENT},
+        match={"prefect.resource.id": "yoloq.checkpoint.*"},
+        parameters={"model_path": "{{ event.payload.path }}", "skip_if_done": True},
+    )
+
+
+def deployment_parameters(params_path: Path) -> dict[str, Any]:
+    return {"params_path": str(params_path.resolve())}
+
+
+def serve(params_path: Path, name: str, cron: str | None, with_trigger: bool = True) -> None:
+    """Serve the deployment from this process (runs execute here, one at a time)."""
+    quantize_deployment.serve(
+        name=name,
+        cron=cron,
+        parameters=deployment_parameters(params_path),
+        triggers=[checkpoint_trigger()] if with_trigger else None,
+        global_limit=1,
+        description=quantize_deployment.description,
+        tags=["yoloq"],
+    )
+
+
+def deploy(params_path: Path, name: str, cron: str | None, pool: str, with_trigger: bool = True) -> Any:
+    """Register the deployment on a work pool; `prefect worker start --pool POOL` runs it (yoloq importable)."""
+    from prefect.deployments.runner import EntrypointType
+
+    return quantize_deployment.deploy(
+        name=name,
+        work_pool_name=pool,
+        cron=cron,
+        parameters=deployment_parameters(params_path),
+        triggers=[checkpoint_trigger()] if with_trigger else None,
+        concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["yoloq"],
+        print_next_steps=False,
+    )
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect server this process talks to ($PREFECT_API_URL or the active Prefect profile), if any."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["serve", "deploy"])
+    parser.add_argument("-p", "--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--name", default=DEPLOYMENT_NAME, help=f"deployment name (default {DEPLOYMENT_NAME})")
+    parser.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (default: none)')
+    parser.add_argument("--pool", help="work pool (deploy)")
+    parser.add_argument("--no-trigger", action="store_true", help="no new-checkpoint trigger")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not prefect_api_url():
+        print("set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api) to a running Prefect server", file=sys.stderr)
+        return 2
+    if not args.params.is_file():
+        print(f"params file {args.params} not found", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        serve(args.params, args.name, args.cron, not args.no_trigger)
+        return 0
+    if not args.pool:
+        print("deploy needs --pool NAME (create it: prefect work-pool create NAME --type process)", file=sys.stderr)
+        return 2
+    deployment_id = deploy(args.params, args.name, args.cron, args.pool, not args.no_trigger)
+    print(f"deployment {deployment_id}: start a worker with `prefect worker start --pool {args.pool}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

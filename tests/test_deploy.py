@@ -1,0 +1,71 @@
+"""The deployment's flat parameter form: enums and ranges in its schema; a set field overrides only its key."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.exceptions import ParameterTypeError
+from prefect.utilities.callables import parameter_schema
+
+from flows.deploy import checkpoint_trigger, flat_overrides, quantize_deployment, run_key
+from tests.conftest import PROJECT
+from yoloq.config import load_params
+
+
+def test_schema_has_dropdowns_and_ranges():
+    properties = parameter_schema(quantize_deployment).model_dump()["properties"]
+    algorithm = properties["calibration_algorithm"]["anyOf"][0]
+    assert algorithm["enum"] == ["minmax", "entropy", "percentile"]
+    assert properties["backend"]["anyOf"][0]["enum"] == ["auto", "onnxruntime", "tensorrt"]
+    images = properties["calibration_images"]["anyOf"][0]
+    assert (images["minimum"], images["maximum"], images["type"]) == (8, 4096, "integer")
+    drop = properties["max_map_drop"]["anyOf"][0]
+    assert (drop["minimum"], drop["maximum"]) == (0.0, 1.0)
+    assert all(not isinstance(p.get("default"), dict) for p in properties.values())  # flat: no nested sections
+
+
+def test_one_field_overrides_one_key_and_keeps_the_rest():
+    shipped = load_params(PROJECT / "params.yaml")
+    overrides = flat_overrides(calibration_images=64)
+    assert overrides == ["calibration.num_images=64"]
+    changed = load_params(PROJECT / "params.yaml", overrides)
+    assert changed.calibration.num_images == 64
+    assert changed.calibration.algorithm == shipped.calibration.algorithm
+    assert changed.gate == shipped.gate and changed.validation == shipped.validation
+    assert flat_overrides(calibration_algorithm="entropy", extra=["validation.batch_size=4"]) == [
+        "calibration.algorithm=entropy",
+        "validation.batch_size=4",
+    ]
+
+
+def test_run_key_follows_content_and_settings_not_the_path(tmp_path):
+    copy = tmp_path / "renamed.pt"
+    copy.write_bytes((PROJECT / "data/models/yolov5n.pt").read_bytes())
+    base = run_key(load_params(PROJECT / "params.yaml"))
+    assert run_key(load_params(PROJECT / "params.yaml", [f"model.path={copy}"])) == base
+    assert run_key(load_params(PROJECT / "params.yaml", ["calibration.num_images=64"])) != base
+
+
+def test_checkpoint_trigger_templates_the_path_from_the_event():
+    trigger = checkpoint_trigger()
+    assert trigger.expect == {"yoloq.checkpoint.created"}
+    assert trigger.parameters == {"model_path": "{{ event.payload.path }}", "skip_if_done": True}
+
+
+def test_out_of_range_and_unknown_choices_are_rejected():
+    assert quantize_deployment.validate_parameters({"max_map_drop": 0.05})["max_map_drop"] == 0.05
+    with pytest.raises(ParameterTypeError, match="greater than or equal to 8"):
+        quantize_deployment.validate_parameters({"calibration_images": 2})
+    with pytest.raises(ParameterTypeError, match="calibration_algorithm"):
+        quantize_deployment.validate_parameters({"calibration_algorithm": "kl"})
+
+
+def test_targets_in_params():
+    from yoloq.errors import ConfigError
+
+    params = load_params(PROJECT / "params.yaml", ["targets=[{name: h100, work_pool: gpu-h100}]"])
+    assert params.targets[0].work_pool == "gpu-h100" and params.targets[0].timeout_s == 7200
+    assert load_params(PROJECT / "params.yaml").targets == []
+    with pytest.raises(ConfigError, match="target names must be unique; repeated: a"):
+        load_params(PROJECT / "params.yaml", ["targets=[{name: a, work_pool: p}, {name: a, work_pool: q}]"])
+    with pytest.raises(ConfigError, match="targets.0.pool: unknown key"):
+        load_params(PROJECT / "params.yaml", ["targets=[{name: a, pool: p}]"])

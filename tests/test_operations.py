@@ -1,0 +1,373 @@
+"""Operations against real servers on loopback: `prefect server start`, `mlflow server`, a served deployment, the
+new-checkpoint trigger, and per-target builds on two process work pools with two `prefect worker` processes.
+
+One Prefect server and one MLflow server serve the whole module (started once, killed at the end even on failure).
+Small data (16 calibration, 8 validation images) keeps it to a few minutes; the caches in one shared output_dir
+make every run after the first reuse the export, simplified and Q/DQ models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PROJECT, shipped
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "yoloq-quantize-deployment/ops-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str, logs: list[Path] = ()) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # not up yet
+            value = None
+        if value:
+            return value
+        time.sleep(1)
+    tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-3000:]}" for p in logs if p.is_file())
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s\n{tails}")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+
+
+class Processes:
+    """Background processes, each in its own process group, stopped together."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env, self.log_dir, self.running = env, log_dir, []
+
+    def start(self, name: str, command: list[str]) -> Path:
+        log = self.log_dir / f"{name}.log"
+        handle = log.open("w")
+        process = subprocess.Popen(
+            command, cwd=PROJECT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.running.append((process, handle))
+        return log
+
+    def stop_all(self) -> None:
+        for process, _ in reversed(self.running):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, handle in reversed(self.running):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+            handle.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("ops")
+    prefect_port, mlflow_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{prefect_port}/api"
+    tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONPATH": str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("PREFECT_API_KEY", None)
+    processes = Processes(env, root)
+    try:
+        server_log = processes.start(
+            "prefect-server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        )
+        mlflow_log = processes.start(
+            "mlflow-server",
+            [
+                str(BIN / "mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "mlartifacts"),
+                "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+            ],
+        )  # fmt: skip
+        wait_until(lambda: http_ok(f"{api_url}/health"), 90, "prefect server", [server_log])
+        wait_until(lambda: http_ok(f"{tracking_uri}/health"), 90, "mlflow server", [mlflow_log])
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            try:
+                yield {
+                    "root": root,
+                    "env": env,
+                    "api_url": api_url,
+                    "tracking_uri": tracking_uri,
+                    "processes": processes,
+                }
+            finally:  # send this process's pending logs and events before the server goes away
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
+    finally:
+        processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def project(servers) -> Path:
+    """A params.yaml with small data, logging to the MLflow server; one output_dir shared by every run."""
+    data = shipped()
+    data["model"]["path"] = str(PROJECT / "data/models/yolov5n.pt")
+    data["calibration"].update(images=str(PROJECT / "data/coco/calib/images"), num_images=16)
+    data["validation"].update(
+        images=str(PROJECT / "data/coco/val/images"),
+        labels=str(PROJECT / "data/coco/val/labels"),
+        num_images=8,
+        timing={"warmup": 1, "iterations": 2, "batch_size": 8},
+    )
+    data["backend"] = "onnxruntime"
+    data["search"]["enabled"] = False  # the INT8 search has its own end-to-end test (tests/test_flow.py)
+    data["gate"]["max_map_drop"] = 0.015  # 8 images cannot resolve the shipped 0.5 point
+    data["mlflow"]["tracking_uri"] = servers["tracking_uri"]
+    data["output_dir"] = str(servers["root"] / "runs")
+    path = servers["root"] / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(servers, project) -> str:
+    """`python -m flows.deploy serve` in the background; returns the deployment name once it is registered."""
+    from prefect.client.orchestration import get_client
+
+    log = servers["processes"].start(
+        "serve", [sys.executable, "-m", "flows.deploy", "serve", "-p", str(project), "--name", "ops-test"]
+    )
+    with get_client(sync_client=True) as client:
+        wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), 90, "served deployment", [log])
+    return DEPLOYMENT
+
+
+def parent_runs(tracking_uri: str) -> list[Any]:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("yoloq")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "yoloq.kind" not in r.data.tags]
+
+
+def children(client: MlflowClient, parent: Any) -> dict[str, Any]:
+    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {r.data.tags["mlflow.runName"]: r for r in found}
+
+
+def test_deployment_run_through_the_api_with_one_changed_parameter(servers, project, served, capsys):
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(served, parameters={"max_map_drop": 0.05}, timeout=420, poll_interval=2)
+    assert flow_run.state.is_completed(), f"{flow_run.state.name}: {flow_run.state.message}"
+
+    client = MlflowClient(servers["tracking_uri"])
+    parent = parent_runs(servers["tracking_uri"])[-1]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["gate.max_map_drop"] == "0.05"  # the field that was set
+    assert parent.data.params["calibration.num_images"] == "16"  # every other field as in params.yaml
+    assert parent.data.params["validation.num_images"] == "8"
+    assert {"comparison.png", "results.md"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    runs = children(client, parent)
+    assert set(runs) == {"fp32", "int8"} and all(r.info.status == "FINISHED" for r in runs.values())
+
+    version = client.get_model_version_by_alias("yoloq-yolov5n-int8", runs["int8"].data.tags["registry.alias"])
+    assert version.run_id == runs["int8"].info.run_id and version.source.endswith(".int8-qdq.onnx")
+    assert runs["int8"].data.tags["registry.alias"] == (
+        "champion" if parent.data.tags["gate"] == "passed" else "challenger"
+    )
+
+    from yoloq.cli import main
+
+    assert (
+        main(
+            [
+                "compare",
+                parent.info.run_id,
+                "--tracking-uri",
+                servers["tracking_uri"],
+                "--out",
+                str(servers["root"] / "cmp"),
+            ]
+        )
+        == 0
+    )
+    assert "| int8 |" in capsys.readouterr().out
+    experiment_id = parent.info.experiment_id
+    comparisons = client.search_runs([experiment_id], "tags.`yoloq.kind` = 'comparison'")
+    assert comparisons and comparisons[0].data.tags["yoloq.compared_runs"] == parent.info.run_id
+
+
+def test_a_new_checkpoint_starts_one_run_per_content(servers, project, served):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.watch import announce
+    from yoloq.checkpoints import new_checkpoints
+
+    drop = servers["root"] / "drop"
+    drop.mkdir()
+    shutil.copy(PROJECT / "data/models/yolov5n.pt", drop / "retrained.pt")
+    shutil.copy(PROJECT / "data/models/yolov5n.pt", drop / "retrained-copy.pt")  # same content, other name
+    before = len(parent_runs(servers["tracking_uri"]))
+    watcher = subprocess.run(
+        [str(BIN / "yoloq"), "watch", str(drop), "--once", "--settle", "0"],
+        env=servers["env"], cwd=PROJECT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert watcher.returncode == 0, watcher.stderr
+    assert "announced 1 new checkpoint(s)" in watcher.stdout
+    rerun = subprocess.run(
+        [str(BIN / "yoloq"), "watch", str(drop), "--once", "--settle", "0"],
+        env=servers["env"], cwd=PROJECT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "announced 0 new checkpoint(s)" in rerun.stdout  # the state file remembers the content
+    # the same content announced again (a watcher that lost its state): the trigger starts a run that skips
+    announce(new_checkpoints(drop, {}, settle_s=0)[0])
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(served)
+
+        def two_finished_triggered_runs() -> list[Any]:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            )
+            triggered = [r for r in runs if r.parameters.get("skip_if_done")]
+            done = [r for r in triggered if r.state and r.state.is_final()]
+            return done if len(done) == 2 else []
+
+        runs = wait_until(two_finished_triggered_runs, 420, "two triggered runs", [servers["root"] / "serve.log"])
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.message) for r in runs]
+    assert {Path(r.parameters["model_path"]).parent for r in runs} == {drop.resolve()}
+    new_parents = parent_runs(servers["tracking_uri"])[before:]
+    assert len(new_parents) == 1  # two events for one content: one MLflow run
+    assert new_parents[0].data.params["model.path"].startswith(str(drop.resolve()))
+    assert new_parents[0].info.status == "FINISHED"
+
+
+def test_a_cancelled_run_leaves_its_mlflow_runs_failed(servers, project, served):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    # a unique gate value marks this run's MLflow parent; 64 validation images keep it busy long enough
+    flow_run = run_deployment(served, parameters={"max_map_drop": 0.07, "validation_images": 64}, timeout=0)
+
+    def running_parent() -> Any:
+        runs = [r for r in parent_runs(servers["tracking_uri"]) if r.data.params.get("gate.max_map_drop") == "0.07"]
+        return runs[0] if runs and runs[0].info.status == "RUNNING" else None
+
+    parent = wait_until(running_parent, 180, "MLflow parent run of the run to cancel", [servers["root"] / "serve.log"])
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test"), force=True)
+        final = wait_until(
+            lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
+            120,
+            "cancelled flow run",
+            [servers["root"] / "serve.log"],
+        )
+    assert final.state.is_cancelled(), final.state
+    client = MlflowClient(servers["tracking_uri"])
+    failed = wait_until(
+        lambda: (run := client.get_run(parent.info.run_id)).info.status == "FAILED" and run, 30, "FAILED parent"
+    )
+    assert failed.data.tags["error"].startswith("TerminationSignal: the run was stopped")
+    assert all(r.info.status == "FAILED" for r in children(client, failed).values() if r.info.status != "FINISHED")
+
+
+def test_targets_fan_out_to_two_work_pools(servers, project):
+    from flows.quantize import quantize_flow
+
+    env, processes = servers["env"], servers["processes"]
+    logs = []
+    for pool in ("cpu-a", "cpu-b"):
+        created = subprocess.run(
+            [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stdout + created.stderr
+        logs.append(processes.start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool]))
+
+    targets = "[{name: gpu-a, work_pool: cpu-a}, {name: gpu-b, work_pool: cpu-b}]"
+    try:
+        document = quantize_flow(params_path=str(project), overrides=[f"targets={targets}"])
+    except Exception:
+        print("\n".join(p.read_text()[-3000:] for p in logs))
+        raise
+    assert {v["name"] for v in document["variants"]} == {"gpu-a/fp32", "gpu-a/int8", "gpu-b/fp32", "gpu-b/int8"}
+
+    client = MlflowClient(servers["tracking_uri"])
+    parent = client.get_run(document["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["targets"] == "gpu-a,gpu-b"
+    runs = children(client, parent)
+    assert set(runs) == {"gpu-a/fp32", "gpu-a/int8", "gpu-b/fp32", "gpu-b/int8"}
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.params["target"] == name.split("/")[0]
+        assert run.data.metrics["map50_95"] > 0.1
+    assert (
+        runs["gpu-a/fp32"].data.params["prefect.flow_run_id"] != runs["gpu-b/fp32"].data.params["prefect.flow_run_id"]
+    )
+    for target in ("gpu-a", "gpu-b"):
+        alias = runs[f"{target}/int8"].data.tags["registry.alias"]
+        assert (
+            client.get_model_version_by_alias(f"yoloq-yolov5n-{target}-int8", alias).run_id
+            == runs[f"{target}/int8"].info.run_id
+        )
+
+
+def test_a_target_past_its_deadline_is_cancelled_and_its_mlflow_run_failed(servers, project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from flows.quantize import quantize_flow
+    from flows.targets import TargetFailed
+
+    created = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", "cpu-idle", "--type", "process"],
+        env=servers["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    targets = "[{name: idle, work_pool: cpu-idle, timeout_s: 3}]"  # a pool no worker serves
+    with pytest.raises(TargetFailed, match="did not finish within 3 s"):
+        quantize_flow(params_path=str(project), overrides=[f"targets={targets}"])
+
+    parent = parent_runs(servers["tracking_uri"])[-1]
+    assert parent.info.status == "FAILED" and "did not finish within 3 s" in parent.data.tags["error"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["idle-attempt1"])))
+    assert runs and runs[0].state.is_cancelled()

@@ -1,0 +1,72 @@
+"""Model registry on a real MLflow sqlite store: champion for variants that pass the gate, challenger otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from flows.registry import register_variants, registered_model_name, variant_gate_reason
+from tests.conftest import PROJECT
+from yoloq.config import GateConfig, load_params
+from yoloq.report import GateVerdict, VariantResult, check_gate, with_deltas
+
+
+def result(name: str, precision: str, map50_95: float, model: Path) -> VariantResult:
+    return VariantResult(name, precision, "onnxruntime", map50_95, 0.5, 20.0, 40.0, 8, 3.0, model)
+
+
+def test_champion_and_challenger_versions_point_at_the_logged_model_files(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("yoloq", artifact_location=(tmp_path / "artifacts").as_uri())
+    params = load_params(PROJECT / "params.yaml", ["variants.1.name=int8-minmax"])
+    params.variants.append(params.variants[1].model_copy(update={"name": "int8-entropy"}))
+    models = {}
+    for name in ("fp32", "int8-minmax", "int8-entropy"):
+        models[name] = tmp_path / f"{name}.onnx"
+        models[name].write_bytes(name.encode() * 100)
+    results = with_deltas(
+        [
+            result("fp32", "fp32", 0.336, models["fp32"]),
+            result("int8-minmax", "int8", 0.331, models["int8-minmax"]),
+            result("int8-entropy", "int8", 0.314, models["int8-entropy"]),
+        ],
+        "fp32",
+    )
+    gate = check_gate(results, GateConfig(max_map_drop=0.015))
+    children = {}
+    for r in results:
+        run_id = client.create_run(experiment, tags={"mlflow.runName": r.name}).info.run_id
+        client.log_artifact(run_id, str(r.model_path))
+        client.set_terminated(run_id, "FINISHED")
+        children[r.name] = run_id
+
+    registered = register_variants(client, params, results, gate, children)
+
+    assert [(v.model_name, v.alias) for v in registered] == [
+        ("yoloq-yolov5n-int8-minmax", "champion"),
+        ("yoloq-yolov5n-int8-entropy", "challenger"),
+    ]
+    champion = client.get_model_version_by_alias("yoloq-yolov5n-int8-minmax", "champion")
+    assert champion.run_id == children["int8-minmax"] and champion.tags["gate"] == "passed"
+    downloaded = client.download_artifacts(champion.run_id, "int8-minmax.onnx", str(tmp_path / "dl"))
+    assert Path(downloaded).read_bytes() == models["int8-minmax"].read_bytes()
+    challenger_run = client.get_run(children["int8-entropy"])
+    assert challenger_run.data.tags["gate"] == "failed" and challenger_run.data.tags["registry.alias"] == "challenger"
+    assert "2.20 points below FP32" in challenger_run.data.tags["gate.reason"]
+
+    # the next run's passing variant takes the champion alias; versions accumulate
+    again = register_variants(client, params, results, gate, children)
+    assert again[0].version == "2"
+    assert str(client.get_model_version_by_alias("yoloq-yolov5n-int8-minmax", "champion").version) == "2"
+
+
+def test_names_and_reasons():
+    params = load_params(PROJECT / "params.yaml", ["registry.model_name=det"])
+    assert registered_model_name(params, "int8", "h100") == "det-h100-int8"
+    assert registered_model_name(params, "int8") == "det-int8"
+    gate = GateVerdict(False, ["int8: 2 points below FP32", "int8b: too slow"])
+    assert variant_gate_reason(gate, "int8") == "int8: 2 points below FP32"
+    assert variant_gate_reason(GateVerdict(True, []), "int8") == ""
+    assert variant_gate_reason(GateVerdict(False, ["no FP16 variant to compare with"]), "int8") != ""
