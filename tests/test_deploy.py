@@ -14,12 +14,15 @@ from yoloq.config import load_params
 def test_schema_has_dropdowns_and_ranges():
     properties = parameter_schema(quantize_deployment).model_dump()["properties"]
     algorithm = properties["calibration_algorithm"]["anyOf"][0]
-    assert algorithm["enum"] == ["minmax", "entropy", "percentile"]
+    assert algorithm["enum"] == ["minmax", "entropy", "percentile", "mse"]
     assert properties["backend"]["anyOf"][0]["enum"] == ["auto", "onnxruntime", "tensorrt"]
     images = properties["calibration_images"]["anyOf"][0]
     assert (images["minimum"], images["maximum"], images["type"]) == (8, 4096, "integer")
     drop = properties["max_map_drop"]["anyOf"][0]
     assert (drop["minimum"], drop["maximum"]) == (0.0, 1.0)
+    assert properties["search_enabled"]["anyOf"][0]["type"] == "boolean"
+    speedup = properties["min_speedup_vs_fp16"]["anyOf"][0]
+    assert (speedup["minimum"], speedup["maximum"]) == (0.0, 100.0)
     assert all(not isinstance(p.get("default"), dict) for p in properties.values())  # flat: no nested sections
 
 
@@ -69,3 +72,10 @@ def test_targets_in_params():
         load_params(PROJECT / "params.yaml", ["targets=[{name: a, work_pool: p}, {name: a, work_pool: q}]"])
     with pytest.raises(ConfigError, match="targets.0.pool: unknown key"):
         load_params(PROJECT / "params.yaml", ["targets=[{name: a, pool: p}]"])
+
+
+def test_search_and_fp16_gate_fields_become_overrides():
+    overrides = flat_overrides(search_enabled=False, max_map_drop_vs_fp16=0.002, min_speedup_vs_fp16=1.2)
+    assert overrides == ["gate.max_map_drop_vs_fp16=0.002", "gate.min_speedup_vs_fp16=1.2", "search.enabled=false"]
+    params = load_params(PROJECT / "params.yaml", overrides)
+    assert not params.search.enabled and params.gate.min_speedup_vs_fp16 == 1.2

@@ -28,8 +28,11 @@ def _search(maps: dict[str, float], config: SearchConfig, gate: GateConfig | Non
         ranked.append((algorithm, num_images))
         return RANKING
 
-    gate = gate or GateConfig(max_map_drop=0.005)
-    outcome = run_search(
+    return _run(config, evaluate, rank, gate or GateConfig(max_map_drop=0.005)), evaluated, ranked
+
+
+def _run(config: SearchConfig, evaluate, rank, gate: GateConfig, keep_float: tuple[str, ...] = ()):
+    return run_search(
         "int8",
         config.algorithms,
         config.calibration_sizes,
@@ -38,8 +41,8 @@ def _search(maps: dict[str, float], config: SearchConfig, gate: GateConfig | Non
         lambda r: gate_reasons(r, FP32, None, gate),
         rank,
         print,
+        keep_float,
     )
-    return outcome, evaluated, ranked
 
 
 def test_search_picks_the_best_calibration_then_the_fewest_float_convs_that_pass() -> None:
@@ -82,3 +85,31 @@ def test_search_falls_back_to_a_passing_calibration_candidate_or_reports_the_bes
 def test_calibration_sizes_are_capped_at_the_folder() -> None:
     assert effective_sizes([64, 128, 512], 128) == [64, 128]
     assert effective_sizes([512, 1024], 100) == [100]
+
+
+def test_the_stem_stays_float_and_a_failed_build_does_not_stop_the_search() -> None:
+    from yoloq.search import CandidateFailed
+
+    config = SearchConfig(algorithms=["minmax"], calibration_sizes=[64], float_steps=[0, 2, 4])
+    maps = {"minmax-64.default": 0.3300, "minmax-64.top0": 0.3310, "minmax-64.top4": 0.3380}
+    tried: list[Candidate] = []
+
+    def evaluate(candidate: Candidate) -> VariantResult:
+        tried.append(candidate)
+        if candidate.name.endswith("top2"):
+            raise CandidateFailed("TensorRT could not build it")
+        value = maps[candidate.name.split(".", 1)[1]]
+        return VariantResult(candidate.name, "int8", "tensorrt", value, 0.5, 0, 0, 8, 2.5, Path("x"), value - 0.34)
+
+    ranking = [LayerSensitivity("stem", 0, 0.1, 0.5), *RANKING]  # the stem may rank high: it is kept anyway
+    outcome = _run(config, evaluate, lambda _a, _n: ranking, GateConfig(max_map_drop=0.005), ("stem",))
+    precision = [c for c in tried if c.stage == "precision"]
+    assert [c.float_nodes for c in precision] == [
+        ("stem",),
+        ("stem", "conv0", "conv1"),
+        ("stem", "conv0", "conv1", "conv2", "conv3"),
+    ]
+    failed = next(r for r in outcome.evaluated if r.candidate.name.endswith("top2"))
+    assert failed.result is None and not failed.passed and "could not build" in failed.reasons[0]
+    assert outcome.chosen.candidate.name == "int8.minmax-64.top4" and outcome.passed
+    assert "could not build" in candidates_table(outcome)
