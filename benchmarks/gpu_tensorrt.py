@@ -135,7 +135,7 @@ def prepare_search(
     stem = analyze_head(prepare_model(fp32_onnx)).stem_convs
     fake_best = _PreparedCandidate(algorithm, size)
     for candidate in precision_candidates("int8", fake_best, ranking, params.search.float_steps, stem):  # type: ignore[arg-type]
-        floats = list(candidate.float_nodes or ())
+        floats = list(candidate.float_nodes)
         model = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, floats, cache, imgsz)
         k = candidate.name.rsplit(".top", 1)[1]
         files[f"top{k}"] = _copy(model.path, dest / f"qdq-{algorithm}-{size}-top{k}.onnx")
@@ -144,6 +144,7 @@ def prepare_search(
         "num_images": size,
         "float_steps": params.search.float_steps,
         "keep_float": stem,
+        "default_float": default.float_nodes,
         "ranking": [layer.as_json() for layer in ranking],
         "files": files,
         "cpu_search": str(search_json),
@@ -310,7 +311,7 @@ class _Bench:
         keep_float = prepared.get("keep_float", [])
 
         def evaluate(candidate: Candidate) -> Any:
-            k = None if candidate.float_nodes is None else candidate.name.rsplit(".top", 1)[1]
+            k = None if candidate.stage == "calibration" else candidate.name.rsplit(".top", 1)[1]
             if implicit:
                 variant = VariantConfig(
                     name=candidate.name,
@@ -343,6 +344,7 @@ class _Bench:
             lambda _algorithm, _size: ranking,
             print,
             keep_float,
+            [] if implicit else prepared.get("default_float", []),
         )
         text = f"## TensorRT search: {prefix}\n\n{outcome.summary}\n\n{candidates_table(outcome)}\n"
         atomic_write_text(self.out / f"search-{prefix}.md", text)

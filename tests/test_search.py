@@ -31,6 +31,9 @@ def _search(maps: dict[str, float], config: SearchConfig, gate: GateConfig | Non
     return _run(config, evaluate, rank, gate or GateConfig(max_map_drop=0.005)), evaluated, ranked
 
 
+DEFAULT_FLOAT = ("stem", "head0", "head1", "head2")
+
+
 def _run(config: SearchConfig, evaluate, rank, gate: GateConfig, keep_float: tuple[str, ...] = ()):
     return run_search(
         "int8",
@@ -42,6 +45,7 @@ def _run(config: SearchConfig, evaluate, rank, gate: GateConfig, keep_float: tup
         rank,
         print,
         keep_float,
+        DEFAULT_FLOAT,
     )
 
 
@@ -67,15 +71,20 @@ def test_search_picks_the_best_calibration_then_the_fewest_float_convs_that_pass
 
 
 def test_search_falls_back_to_a_passing_calibration_candidate_or_reports_the_best() -> None:
-    config = SearchConfig(algorithms=["minmax"], calibration_sizes=[64, 128], float_steps=[0, 3])
+    config = SearchConfig(algorithms=["minmax"], calibration_sizes=[64, 128], float_steps=[0, 3, 4, 8])
     maps = {
         "minmax-64.default": 0.3300,
         "minmax-128.default": 0.3380,
         "minmax-128.top0": 0.3200,
         "minmax-128.top3": 0.3290,
+        "minmax-128.top4": 0.3300,  # tried only when nothing passes (the strict gate below)
+        "minmax-128.top8": 0.3310,
     }
-    outcome, _, _ = _search(maps, config)
+    outcome, tried, _ = _search(maps, config)
     assert outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
+    assert outcome.chosen.candidate.float_nodes == DEFAULT_FLOAT
+    # top4 and top8 would keep as many convs in float as the passing default, or more: never tried
+    assert [c.name for c in tried][-2:] == ["int8.minmax-128.top0", "int8.minmax-128.top3"]
     strict = GateConfig(max_map_drop=0.0001)
     outcome, _, _ = _search(maps, config, strict)
     assert not outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"

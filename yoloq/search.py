@@ -1,13 +1,14 @@
 """Automatic INT8 search: which calibration, and which convs stay in float, so that the gate passes.
 
     1. calibration stage: every (algorithm, calibration size) of `search`, each with the default float convs
-       (stem + head convs), is evaluated; the best mAP50-95 picks the calibration.
-    2. sensitivity: with that calibration, every quantizable conv is ranked by how much quantizing it alone
-       hurts the head outputs (yoloq.sensitivity).
-    3. precision stage: candidates keep the k most sensitive convs in float, for k in `search.float_steps`
-       (ascending: the most INT8 first); the first one the gate accepts is chosen.
-    If no precision candidate passes, a passing calibration candidate is chosen; if none passes at all, the best
-    mAP50-95 is reported and the gate fails.
+       (Q/DQ: stem + head convs; implicit: none), is evaluated; the best mAP50-95 picks the calibration.
+    2. sensitivity: with that calibration, every quantizable conv is ranked by how much keeping it float helps
+       the all-INT8 model (yoloq.sensitivity).
+    3. precision stage: candidates keep the stem plus the k convs with the largest gain in float, for k in
+       `search.float_steps` (ascending: the most INT8 first), until one passes the gate, or until the next
+       candidate would keep at least as many convs in float as a passing candidate already found.
+    The chosen candidate is the passing one with the fewest convs in float (the most INT8; ties: higher mAP50-95).
+    If none passes, the best mAP50-95 is reported and the gate fails.
 
 The candidates are judged on the validation set, as the gate is: the search is model selection on that set, over
 a handful of candidates. Calibration and the sensitivity ranking use calibration images only.
@@ -34,12 +35,12 @@ class Candidate:
     stage: Stage
     algorithm: str
     num_images: int
-    float_nodes: tuple[str, ...] | None  # None: the default (Q/DQ: stem + head convs float; implicit: none)
+    float_nodes: tuple[str, ...]  # convs kept out of INT8 (the decoding tail always is)
     why: str  # how the float convs were chosen, for the report
 
     @property
     def num_float(self) -> str:
-        return "default" if self.float_nodes is None else str(len(self.float_nodes))
+        return str(len(self.float_nodes))
 
 
 class CandidateFailed(Exception):
@@ -81,15 +82,17 @@ def effective_sizes(sizes: Sequence[int], available: int) -> list[int]:
     return list(dict.fromkeys(min(size, available) for size in sizes))
 
 
-def calibration_candidates(prefix: str, algorithms: Sequence[str], sizes: Sequence[int]) -> list[Candidate]:
+def calibration_candidates(
+    prefix: str, algorithms: Sequence[str], sizes: Sequence[int], default_float: Sequence[str] = ()
+) -> list[Candidate]:
     return [
         Candidate(
             f"{prefix}.{algorithm}-{size}.default",
             "calibration",
             algorithm,
             size,
-            None,
-            "default float convs: stem + head convs",
+            tuple(default_float),
+            "the default float convs (stem + head convs)" if default_float else "no convs held out of INT8",
         )
         for algorithm in algorithms
         for size in sizes
@@ -120,6 +123,12 @@ def precision_candidates(
     ]
 
 
+def pick_passing(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    """The passing candidate with the fewest convs in float (the most INT8); ties: the higher mAP50-95."""
+    passing = [r for r in results if r.passed]
+    return min(passing, key=lambda r: (len(r.candidate.float_nodes), -r.map50_95), default=None)
+
+
 def pick_calibration(results: Sequence[CandidateResult]) -> CandidateResult:
     """Highest mAP50-95 (the first listed wins a tie); failed candidates only when all failed."""
     return max(results, key=lambda r: r.map50_95)
@@ -135,10 +144,11 @@ def run_search(
     rank: Rank,
     progress: Progress | None = None,
     keep_float: Sequence[str] = (),
+    default_float: Sequence[str] = (),
 ) -> SearchOutcome:
     """The three stages above; `prefix` names the candidates (the variant's name). `algorithms` are calibration
     algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones). Precision candidates keep
-    `keep_float` (the stem) in float besides their top-k convs."""
+    `keep_float` (the stem) in float besides their top-k convs; calibration candidates keep `default_float`."""
     say = progress or (lambda _: None)
     evaluated: list[CandidateResult] = []
 
@@ -156,31 +166,25 @@ def run_search(
         evaluated.append(outcome)
         return outcome
 
-    calibration_results = [score(c) for c in calibration_candidates(prefix, algorithms, sizes)]
+    calibration_results = [score(c) for c in calibration_candidates(prefix, algorithms, sizes, default_float)]
     best = pick_calibration(calibration_results)
     say(f"search: best calibration {best.candidate.algorithm} on {best.candidate.num_images} images")
     ranking = rank(best.candidate.algorithm, best.candidate.num_images)
-    chosen: CandidateResult | None = None
     for candidate in precision_candidates(prefix, best.candidate, ranking, float_steps, keep_float):
-        outcome = score(candidate)
-        if outcome.passed:
-            chosen = outcome
+        found = pick_passing(evaluated)
+        if found is not None and len(candidate.float_nodes) >= len(found.candidate.float_nodes):
+            say(f"search: {found.candidate.name} passes with {found.candidate.num_float} convs in float: stop")
             break
+        if score(candidate).passed:
+            break
+    chosen = pick_passing(evaluated)
     if chosen is not None:
-        kept = len(chosen.candidate.float_nodes or ())
-        summary = f"{chosen.candidate.name} passes the gate with {kept} convs in float"
+        summary = f"{chosen.candidate.name} passes the gate with {chosen.candidate.num_float} convs in float"
     else:
-        passing = [r for r in calibration_results if r.passed]
-        if passing:
-            chosen = pick_calibration(passing)
-            summary = f"no precision candidate passed; {chosen.candidate.name} (stem + head convs in float) passes"
-        else:
-            chosen = max(evaluated, key=lambda r: r.map50_95)
-            if chosen.result is None:
-                raise CandidateFailed("every candidate of the search failed: " + "; ".join(chosen.reasons))
-            summary = f"no candidate passes the gate; the best was {chosen.candidate.name}: " + "; ".join(
-                chosen.reasons
-            )
+        chosen = max(evaluated, key=lambda r: r.map50_95)
+        if chosen.result is None:
+            raise CandidateFailed("every candidate of the search failed: " + "; ".join(chosen.reasons))
+        summary = f"no candidate passes the gate; the best was {chosen.candidate.name}: " + "; ".join(chosen.reasons)
     say("search: " + summary)
     return SearchOutcome(evaluated, best.candidate, ranking, chosen, chosen.passed, summary)
 
