@@ -133,8 +133,7 @@ def prepare_search(
     from yoloq.quantize import analyze_head, prepare_model
 
     stem = analyze_head(prepare_model(fp32_onnx)).stem_convs
-    fake_best = _PreparedCandidate(algorithm, size)
-    for candidate in precision_candidates("int8", fake_best, ranking, params.search.float_steps, stem):  # type: ignore[arg-type]
+    for candidate in precision_candidates("int8", algorithm, size, ranking, params.search.float_steps, stem):
         floats = list(candidate.float_nodes)
         model = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, floats, cache, imgsz)
         k = candidate.name.rsplit(".top", 1)[1]
@@ -149,13 +148,6 @@ def prepare_search(
         "files": files,
         "cpu_search": str(search_json),
     }
-
-
-class _PreparedCandidate:
-    """The two fields precision_candidates reads from the calibration winner."""
-
-    def __init__(self, algorithm: str, num_images: int) -> None:
-        self.algorithm, self.num_images = algorithm, num_images
 
 
 def _copy(source: Path, target: Path) -> str:
@@ -338,7 +330,7 @@ class _Bench:
             prefix,
             [algorithm],
             [size],
-            self.params.search.float_steps if self.params.search.float_steps else prepared["float_steps"],
+            self.params.search.float_steps,
             evaluate,
             lambda r: gate_reasons(r, fp32, fp16, self.params.gate),
             lambda _algorithm, _size: ranking,

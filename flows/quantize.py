@@ -47,6 +47,8 @@ from yoloq.report import (
     comparison_plot,
     results_document,
     results_table,
+    variant_metrics,
+    variant_result,
     with_deltas,
 )
 from yoloq.validate import load_validation_set
@@ -166,18 +168,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
         built = build_task(variant, params, fp32_onnx, qdq_onnx, cache_dir / "build")
         builds[variant.name] = built
         score = validate_task(built, dataset, facts, params)
-        by_name[variant.name] = VariantResult(
-            name=variant.name,
-            precision=variant.precision,
-            backend=variant.backend,
-            map50_95=score.map.map50_95,
-            map50=score.map.map50,
-            latency_ms_b1=score.timing.latency_ms_b1,
-            throughput_ips=score.timing.throughput_ips,
-            throughput_batch=score.timing.throughput_batch,
-            size_mb=built.size_mb,
-            model_path=built.path,
-        )
+        by_name[variant.name] = variant_result(variant.name, built, score)
         per_class[variant.name] = per_class_table(score.map)
 
     reference = by_name[params.reference_variant.name]
@@ -232,15 +223,7 @@ def _log_results(
         }
         child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()})
         child_runs[result.name] = child
-        metrics = {
-            "map50_95": result.map50_95,
-            "map50": result.map50,
-            "delta_map50_95_vs_fp32": result.delta_map50_95,
-            "delta_map50_vs_fp32": result.delta_map50,
-            "latency_ms_b1": result.latency_ms_b1,
-            "throughput_ips": result.throughput_ips,
-            "size_mb": result.size_mb,
-        }
+        metrics = variant_metrics(result)
         tracker.log_metrics(child, metrics)
         tracker.log_metrics(parent, {f"{result.name}.{k}": v for k, v in metrics.items()})
         if built.build_seconds:

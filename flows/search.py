@@ -27,7 +27,7 @@ from yoloq.export import ModelFacts
 from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
 from yoloq.quantize import HeadAnalysis, analyze_head, default_float_convs, prepare_model
-from yoloq.report import VariantResult, gate_reasons
+from yoloq.report import VariantResult, gate_reasons, variant_result
 from yoloq.search import Candidate, CandidateFailed, SearchOutcome, candidates_table, effective_sizes, run_search
 from yoloq.sensitivity import LayerSensitivity, SensitivityReport, sensitivity_plot, sensitivity_table
 from yoloq.validate import ValidationSet
@@ -114,20 +114,7 @@ def search_variant(
             tracker.finish(run_id)
             raise CandidateFailed(str(exc)) from exc
         score = validate_task(built, dataset, facts, params, measure_speed=timed)
-        result = VariantResult(
-            name=candidate.name,
-            precision=variant.precision,
-            backend=variant.backend,
-            map50_95=score.map.map50_95,
-            map50=score.map.map50,
-            latency_ms_b1=score.timing.latency_ms_b1,
-            throughput_ips=score.timing.throughput_ips,
-            throughput_batch=score.timing.throughput_batch,
-            size_mb=built.size_mb,
-            model_path=built.path,
-            delta_map50_95=score.map.map50_95 - fp32.map50_95,
-            delta_map50=score.map.map50 - fp32.map50,
-        )
+        result = variant_result(candidate.name, built, score, fp32)
         evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest, per_class_table(score.map))
         reasons = gate_reasons(result, fp32, fp16, params.gate)
         _log_candidate(tracker, candidate, result, float_nodes, manifest, fp16, reasons)

@@ -45,7 +45,15 @@ from yoloq.errors import YoloqError
 from yoloq.export import facts_for_onnx
 from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
-from yoloq.report import GateVerdict, VariantResult, check_gate, comparison_plot, results_table, with_deltas
+from yoloq.report import (
+    GateVerdict,
+    VariantResult,
+    check_gate,
+    comparison_plot,
+    results_table,
+    variant_metrics,
+    with_deltas,
+)
 from yoloq.validate import load_validation_set
 
 FLOW_NAME = "yoloq-build-validate"
@@ -295,16 +303,7 @@ def _log_target(
             },
         )
         children[result.name] = child
-        metrics = {
-            "map50_95": result.map50_95,
-            "map50": result.map50,
-            "delta_map50_95_vs_fp32": result.delta_map50_95,
-            "delta_map50_vs_fp32": result.delta_map50,
-            "latency_ms_b1": result.latency_ms_b1,
-            "throughput_ips": result.throughput_ips,
-            "size_mb": result.size_mb,
-            "build_seconds": row["build_seconds"],
-        }
+        metrics = {**variant_metrics(result), "build_seconds": row["build_seconds"]}
         tracker.log_metrics(child, metrics)
         tracker.log_metrics(tracker.parent_run_id, {f"{name}.{k}": v for k, v in metrics.items()})
         per_class_path = report_dir / run.target.name / result.name / "per_class_ap.md"

@@ -183,3 +183,10 @@ def test_tensorrt_defaults_and_timing_cache_path_resolution(tmp_path):
         ).tensorrt.builder_optimization_level
         == 0
     )
+
+
+def test_search_steps_and_sizes_are_checked_with_their_keys():
+    with pytest.raises(ConfigError, match=r"search.float_steps: Value error, must be increasing and >= 0"):
+        load_params(PROJECT / "params.yaml", ["search.float_steps=[4, 2]"])
+    with pytest.raises(ConfigError, match=r"search.calibration_sizes: Value error, every size must be >= 1"):
+        load_params(PROJECT / "params.yaml", ["search.calibration_sizes=[64, 0]"])

@@ -221,13 +221,19 @@ class SearchConfig(Section):
         description="candidates keep this many of the most sensitive convs in float, tried in this order",
     )
 
-    @model_validator(mode="after")
-    def _sorted_steps(self) -> SearchConfig:
-        if self.float_steps != sorted(set(self.float_steps)) or self.float_steps[0] < 0:
-            raise ValueError(f"search.float_steps must be increasing and >= 0, got {self.float_steps}")
-        if any(size < 1 for size in self.calibration_sizes):
-            raise ValueError(f"search.calibration_sizes must be >= 1, got {self.calibration_sizes}")
-        return self
+    @field_validator("float_steps")
+    @classmethod
+    def _increasing_steps(cls, steps: list[int]) -> list[int]:
+        if steps != sorted(set(steps)) or steps[0] < 0:
+            raise ValueError("must be increasing and >= 0, e.g. [0, 2, 4, 8, 16]")
+        return steps
+
+    @field_validator("calibration_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError("every size must be >= 1, e.g. [64, 128]")
+        return sizes
 
 
 class MlflowConfig(Section):

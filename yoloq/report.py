@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yoloq.artifacts import atomic_path
 from yoloq.config import GateConfig
+
+if TYPE_CHECKING:
+    from yoloq.backends.base import BuiltModel
+    from yoloq.validate import VariantScore
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,42 @@ class VariantResult:
             "throughput_batch": self.throughput_batch,
             "size_mb": round(self.size_mb, 3),
         }
+
+
+def variant_result(
+    name: str, built: BuiltModel, score: VariantScore, fp32: VariantResult | None = None
+) -> VariantResult:
+    """The result of a built and scored variant, named `name`; deltas against `fp32` when given."""
+    result = VariantResult(
+        name=name,
+        precision=built.variant.precision,
+        backend=built.variant.backend,
+        map50_95=score.map.map50_95,
+        map50=score.map.map50,
+        latency_ms_b1=score.timing.latency_ms_b1,
+        throughput_ips=score.timing.throughput_ips,
+        throughput_batch=score.timing.throughput_batch,
+        size_mb=built.size_mb,
+        model_path=built.path,
+    )
+    return (
+        result
+        if fp32 is None
+        else replace(result, delta_map50_95=result.map50_95 - fp32.map50_95, delta_map50=result.map50 - fp32.map50)
+    )
+
+
+def variant_metrics(result: VariantResult) -> dict[str, float]:
+    """What an MLflow run of one variant logs as metrics."""
+    return {
+        "map50_95": result.map50_95,
+        "map50": result.map50,
+        "delta_map50_95_vs_fp32": result.delta_map50_95,
+        "delta_map50_vs_fp32": result.delta_map50,
+        "latency_ms_b1": result.latency_ms_b1,
+        "throughput_ips": result.throughput_ips,
+        "size_mb": result.size_mb,
+    }
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ def calibration_candidates(
 
 def precision_candidates(
     prefix: str,
-    best: Candidate,
+    algorithm: str,
+    num_images: int,
     ranking: Sequence[LayerSensitivity],
     steps: Sequence[int],
     keep_float: Sequence[str] = (),
@@ -112,10 +113,10 @@ def precision_candidates(
     always = f" + {len(keep_float)} always float (stem)" if keep_float else ""
     return [
         Candidate(
-            f"{prefix}.{best.algorithm}-{best.num_images}.top{k}",
+            f"{prefix}.{algorithm}-{num_images}.top{k}",
             "precision",
-            best.algorithm,
-            best.num_images,
+            algorithm,
+            num_images,
             (*keep_float, *names[:k]),
             f"the {k} convs with the largest sensitivity gain{always}",
         )
@@ -170,7 +171,10 @@ def run_search(
     best = pick_calibration(calibration_results)
     say(f"search: best calibration {best.candidate.algorithm} on {best.candidate.num_images} images")
     ranking = rank(best.candidate.algorithm, best.candidate.num_images)
-    for candidate in precision_candidates(prefix, best.candidate, ranking, float_steps, keep_float):
+    winner = best.candidate
+    for candidate in precision_candidates(
+        prefix, winner.algorithm, winner.num_images, ranking, float_steps, keep_float
+    ):
         found = pick_passing(evaluated)
         if found is not None and len(candidate.float_nodes) >= len(found.candidate.float_nodes):
             say(f"search: {found.candidate.name} passes with {found.candidate.num_float} convs in float: stop")
