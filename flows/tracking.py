@@ -116,10 +116,29 @@ class RunTracker:
 
     def fail_all(self, error: BaseException) -> None:
         """Mark every run still open FAILED, with the error as a tag (children first)."""
-        message = f"{type(error).__name__}: {str(error) or 'the run was stopped (cancelled, interrupted or killed)'}"
+        message = error_message(error)
         for run_id in reversed(list(self.open_runs)):
             try:
                 self.set_tags(run_id, {"error": message})
                 self.client.set_terminated(run_id, "FAILED")
             finally:
                 self.open_runs.remove(run_id)
+
+
+def error_message(error: BaseException) -> str:
+    """One line for the `error` tag: the stop signal when the run was stopped, else the error itself.
+
+    A cancellation reaches the flow as a signal (Prefect's TerminationSignal, KeyboardInterrupt, SystemExit) that can
+    strike inside Prefect's own task bookkeeping, which then raises an unrelated error ("Task run is not set") while
+    handling it. The signal is the real reason, so it is looked for along the exception chain first.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    stop = next((e for e in chain if not isinstance(e, Exception)), None)
+    if stop is None:
+        return f"{type(error).__name__}: {str(error) or '(no message)'}"
+    message = f"{type(stop).__name__}: {str(stop) or 'the run was stopped (cancelled, interrupted or killed)'}"
+    return message if stop is error else f"{message} (then {type(error).__name__}: {error})"

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.quantize import _build_artifacts, fp16_vs_int8
+from flows.tracking import error_message
 from yoloq.backends import BuiltModel
 from yoloq.config import VariantConfig
 from yoloq.report import VariantResult
@@ -44,3 +45,35 @@ def test_build_artifacts_are_the_files_a_tensorrt_build_left(tmp_path):
     assert names == ["build.log", "timing.cache", "trt-int8.json"]
     onnx_build = BuiltModel(VariantConfig(name="fp32"), tmp_path / "m.onnx", 1.0, 0.0)
     assert _build_artifacts(onnx_build) == []
+
+
+class StopSignal(BaseException):
+    """Stands for Prefect's TerminationSignal: a BaseException that is not an Exception."""
+
+
+def test_error_message_names_the_stop_signal_even_when_prefect_fails_while_handling_it():
+    # CI saw this: SIGTERM struck while Prefect created a task run, and its crash handler raised a ValueError
+    try:
+        try:
+            raise StopSignal()
+        except StopSignal:
+            raise ValueError("Task run is not set")  # noqa: B904 (Prefect raises it this way)
+    except ValueError as exc:
+        error = exc
+    assert error_message(error) == (
+        "StopSignal: the run was stopped (cancelled, interrupted or killed) (then ValueError: Task run is not set)"
+    )
+    assert error_message(StopSignal()) == "StopSignal: the run was stopped (cancelled, interrupted or killed)"
+    assert error_message(KeyboardInterrupt("by user")) == "KeyboardInterrupt: by user"
+
+
+def test_error_message_of_an_ordinary_error_is_the_error_itself():
+    try:
+        try:
+            raise OSError("disk full")
+        except OSError as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as exc:
+        error = exc
+    assert error_message(error) == "RuntimeError: export failed"
+    assert error_message(ValueError()) == "ValueError: (no message)"
