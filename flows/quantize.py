@@ -16,14 +16,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.prepare import prepare_models
 from flows.registry import register_variants
 from flows.search import search_variant
 from flows.targets import run_targets
 from flows.tracking import RunTracker
 from tasks.build import build_task
-from tasks.calibrate import calibrate_task
-from tasks.export import export_task
-from tasks.simplify import simplify_task
 from tasks.validate import validate_task
 from yoloq.artifacts import (
     atomic_write_json,
@@ -51,7 +49,6 @@ from yoloq.report import (
     variant_result,
     with_deltas,
 )
-from yoloq.validate import load_validation_set
 
 
 @dataclass(frozen=True)
@@ -110,52 +107,10 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
 
 
 def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
-    logger = get_run_logger()
     parent = tracker.parent_run_id
-    exported = export_task(params.model, params.export, cache_dir / "export")
-    facts = exported.facts
-    tracker.set_tags(parent, {"model.family": facts.family, "model.head_format": facts.head_format})
-    tracker.log_params(parent, {"model.num_classes": str(len(facts.names)), "model.stride": str(facts.stride)})
-
-    dataset = load_validation_set(params.validation, len(facts.names))
-    stats = dataset.stats
-    logger.info(
-        "validation: %d images, %d boxes, %d background images (no label file), %d label files without image",
-        stats.num_images,
-        stats.num_boxes,
-        stats.background_images,
-        stats.orphan_labels,
-    )
-    validation_images = [t.path for t in dataset.truths]
-
-    simplify_images = list_images(params.calibration.images)[: params.simplify.check_images] or validation_images
-    simplified = simplify_task(
-        exported.onnx_path, simplify_images, exported.input_name, facts.imgsz, params.simplify, cache_dir / "simplify"
-    )
-    tracker.log_metrics(
-        parent, {"simplify.max_abs_error": simplified.max_abs_error, "simplify.max_rel_error": simplified.max_rel_error}
-    )
-    tracker.set_tags(parent, {"simplify.result": simplified.message})
-    fp32_onnx = simplified.onnx_path
-
-    calibration: CalibrationResult | None = None
-    if params.needs_calibration:
-        calibration = calibrate_task(
-            fp32_onnx,
-            exported.input_name,
-            facts.imgsz,
-            params.calibration,
-            validation_images,
-            cache_dir / "calibration",
-        )
-        tracker.set_tags(parent, {"data.calibration_images_sha256": calibration.images_sha256})
-        tracker.log_metrics(
-            parent,
-            {
-                "calibration.seconds": calibration.seconds,
-                "calibration.validation_overlap": calibration.validation_overlap,
-            },
-        )
+    prepared = prepare_models(params, tracker, cache_dir)
+    exported, facts, dataset, fp32_onnx = prepared.exported, prepared.facts, prepared.dataset, prepared.fp32_onnx
+    calibration = prepared.calibration
 
     searched = {v.name for v in params.variants if params.search.enabled and v.precision == "int8"}
     by_name: dict[str, VariantResult] = {}

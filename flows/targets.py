@@ -31,12 +31,10 @@ from prefect.deployments import arun_deployment
 from prefect.deployments.runner import EntrypointType
 from prefect.states import Cancelled, Cancelling
 
+from flows.prepare import prepare_models
 from flows.registry import register_variants
 from flows.tracking import RunTracker
 from tasks.build import build_task
-from tasks.calibrate import calibrate_task
-from tasks.export import export_task
-from tasks.simplify import simplify_task
 from tasks.validate import validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json
 from yoloq.backends import resolve_variants
@@ -44,7 +42,6 @@ from yoloq.config import Params, TargetConfig
 from yoloq.errors import YoloqError
 from yoloq.export import facts_for_onnx
 from yoloq.metrics import per_class_table
-from yoloq.preprocess import list_images
 from yoloq.report import (
     GateVerdict,
     VariantResult,
@@ -192,7 +189,11 @@ def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     from flows.quantize import FlowOutcome  # the parent flow's result type (imported late: quantize imports us)
 
     logger = get_run_logger()
-    fp32_onnx, qdq_onnx, num_images = _prepare_models(params, tracker, cache_dir)
+    prepared = prepare_models(params, tracker, cache_dir)  # here, once for all targets
+    fp32_onnx, num_images = prepared.fp32_onnx, len(prepared.dataset.truths)
+    qdq_onnx = prepared.calibration.qdq_path if prepared.calibration else None
+    if prepared.calibration:
+        tracker.log_artifacts(tracker.parent_run_id, [prepared.calibration.manifest_path])
     ensure_deployments(params.targets)
     portable = params.model_dump(mode="json")  # paths are absolute: the workers must see the same paths
     jobs = []
@@ -238,53 +239,10 @@ def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     return outcome
 
 
-def _prepare_models(params: Params, tracker: RunTracker, cache_dir: Path) -> tuple[Path, Path | None, int]:
-    """Export, simplify and (for INT8) calibrate here, once for all targets."""
-    parent = tracker.parent_run_id
-    exported = export_task(params.model, params.export, cache_dir / "export")
-    facts = exported.facts
-    tracker.set_tags(parent, {"model.family": facts.family, "model.head_format": facts.head_format})
-    dataset = load_validation_set(params.validation, len(facts.names))
-    validation_images = [t.path for t in dataset.truths]
-    simplify_images = list_images(params.calibration.images)[: params.simplify.check_images] or validation_images
-    simplified = simplify_task(
-        exported.onnx_path, simplify_images, exported.input_name, facts.imgsz, params.simplify, cache_dir / "simplify"
-    )
-    tracker.set_tags(parent, {"simplify.result": simplified.message})
-    qdq = None
-    if params.needs_calibration:
-        calibration = calibrate_task(
-            simplified.onnx_path,
-            exported.input_name,
-            facts.imgsz,
-            params.calibration,
-            validation_images,
-            cache_dir / "calibration",
-        )
-        tracker.set_tags(parent, {"data.calibration_images_sha256": calibration.images_sha256})
-        tracker.log_artifacts(parent, [calibration.manifest_path])
-        qdq = calibration.qdq_path
-    return simplified.onnx_path, qdq, len(dataset.truths)
-
-
 def _log_target(
     params: Params, tracker: RunTracker, run: TargetRun, report_dir: Path
 ) -> tuple[list[VariantResult], GateVerdict]:
-    raw = [
-        VariantResult(
-            name=row["name"],
-            precision=row["precision"],
-            backend=row["backend"],
-            map50_95=row["map50_95"],
-            map50=row["map50"],
-            latency_ms_b1=row["latency_ms_b1"],
-            throughput_ips=row["throughput_ips"],
-            throughput_batch=row["throughput_batch"],
-            size_mb=row["size_mb"],
-            model_path=Path(row["model_path"]),
-        )
-        for row in run.rows
-    ]
+    raw = [VariantResult.from_json(row) for row in run.rows]
     results = with_deltas(raw, params.reference_variant.name)
     gate = check_gate(results, params.gate, params.reference_variant.name)
     children: dict[str, str] = {}

@@ -62,3 +62,13 @@ def test_int8_is_judged_against_fp16_for_accuracy_and_speed():
     assert check_gate([fp32, fp16, slow_and_lossy], no_speed_gate).passed
     # without an FP16 variant (the CPU path) only the FP32 drop counts
     assert check_gate([fp32, slow_and_lossy], gate).passed
+
+
+def test_a_result_reads_back_from_its_json_row_and_from_a_target_row():
+    result = VariantResult("int8", "int8", "tensorrt", 0.33456, 0.5, 1.2345, 5000.5, 32, 2.5, Path("m.engine"), -0.0051)
+    back = VariantResult.from_json(result.as_json())  # results.json has no model path
+    assert back == VariantResult("int8", "int8", "tensorrt", 0.33456, 0.5, 1.234, 5000.5, 32, 2.5, Path(), -0.0051)
+    target_row = {**result.as_json(), "model_path": "/shared/m.engine"}
+    del target_row["delta_map50_95_vs_fp32"]  # a build target's row: the parent computes the deltas
+    assert VariantResult.from_json(target_row).model_path == Path("/shared/m.engine")
+    assert VariantResult.from_json(target_row).delta_map50_95 == 0.0

@@ -133,22 +133,7 @@ def _watch(args: argparse.Namespace) -> int:
 def _print_document(document: dict[str, Any]) -> None:
     from yoloq.report import VariantResult, results_table
 
-    rows = [
-        VariantResult(
-            name=v["name"],
-            precision=v["precision"],
-            backend=v["backend"],
-            map50_95=v["map50_95"],
-            map50=v["map50"],
-            latency_ms_b1=v["latency_ms_b1"],
-            throughput_ips=v["throughput_ips"],
-            throughput_batch=v["throughput_batch"],
-            size_mb=v["size_mb"],
-            model_path=Path(),
-            delta_map50_95=v["delta_map50_95_vs_fp32"],
-        )
-        for v in document["variants"]
-    ]
+    rows = [VariantResult.from_json(v) for v in document["variants"]]
     print()
     print(results_table(rows))
     print()

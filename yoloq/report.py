@@ -44,6 +44,23 @@ class VariantResult:
             "size_mb": round(self.size_mb, 3),
         }
 
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> VariantResult:
+        """A result read back from `as_json` (results.json) or a build target's row (which adds `model_path`)."""
+        return cls(
+            name=row["name"],
+            precision=row["precision"],
+            backend=row["backend"],
+            map50_95=row["map50_95"],
+            map50=row["map50"],
+            latency_ms_b1=row["latency_ms_b1"],
+            throughput_ips=row["throughput_ips"],
+            throughput_batch=row["throughput_batch"],
+            size_mb=row["size_mb"],
+            model_path=Path(row.get("model_path", "")),
+            delta_map50_95=row.get("delta_map50_95_vs_fp32", 0.0),
+        )
+
 
 def variant_result(
     name: str, built: BuiltModel, score: VariantScore, fp32: VariantResult | None = None

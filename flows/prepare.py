@@ -1,0 +1,80 @@
+"""Model preparation shared by the quantize flow and build targets: export -> simplify -> calibrate, logged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from flows.tracking import RunTracker
+from tasks.calibrate import calibrate_task
+from tasks.export import export_task
+from tasks.simplify import simplify_task
+from yoloq.calibrate import CalibrationResult
+from yoloq.config import Params
+from yoloq.export import ExportResult, ModelFacts
+from yoloq.preprocess import list_images
+from yoloq.validate import ValidationSet, load_validation_set
+
+
+@dataclass(frozen=True)
+class PreparedModels:
+    exported: ExportResult
+    dataset: ValidationSet
+    fp32_onnx: Path  # the simplified FP32 model every variant starts from
+    calibration: CalibrationResult | None  # None when no variant needs the Q/DQ model
+
+    @property
+    def facts(self) -> ModelFacts:
+        return self.exported.facts
+
+
+def prepare_models(params: Params, tracker: RunTracker, cache_dir: Path) -> PreparedModels:
+    """Export, load the validation set, simplify and (for INT8) calibrate; facts and metrics go to the parent run."""
+    logger = get_run_logger()
+    parent = tracker.parent_run_id
+    exported = export_task(params.model, params.export, cache_dir / "export")
+    facts = exported.facts
+    tracker.set_tags(parent, {"model.family": facts.family, "model.head_format": facts.head_format})
+    tracker.log_params(parent, {"model.num_classes": str(len(facts.names)), "model.stride": str(facts.stride)})
+
+    dataset = load_validation_set(params.validation, len(facts.names))
+    stats = dataset.stats
+    logger.info(
+        "validation: %d images, %d boxes, %d background images (no label file), %d label files without image",
+        stats.num_images,
+        stats.num_boxes,
+        stats.background_images,
+        stats.orphan_labels,
+    )
+    validation_images = [t.path for t in dataset.truths]
+
+    simplify_images = list_images(params.calibration.images)[: params.simplify.check_images] or validation_images
+    simplified = simplify_task(
+        exported.onnx_path, simplify_images, exported.input_name, facts.imgsz, params.simplify, cache_dir / "simplify"
+    )
+    tracker.log_metrics(
+        parent, {"simplify.max_abs_error": simplified.max_abs_error, "simplify.max_rel_error": simplified.max_rel_error}
+    )
+    tracker.set_tags(parent, {"simplify.result": simplified.message})
+
+    calibration: CalibrationResult | None = None
+    if params.needs_calibration:
+        calibration = calibrate_task(
+            simplified.onnx_path,
+            exported.input_name,
+            facts.imgsz,
+            params.calibration,
+            validation_images,
+            cache_dir / "calibration",
+        )
+        tracker.set_tags(parent, {"data.calibration_images_sha256": calibration.images_sha256})
+        tracker.log_metrics(
+            parent,
+            {
+                "calibration.seconds": calibration.seconds,
+                "calibration.validation_overlap": calibration.validation_overlap,
+            },
+        )
+    return PreparedModels(exported, dataset, simplified.onnx_path, calibration)
