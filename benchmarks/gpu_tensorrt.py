@@ -130,7 +130,7 @@ def prepare_search(
     files = {}
     default = write_qdq_model(fp32_onnx, stats, algorithm, params.calibration.percentile, None, cache, imgsz)
     files["default"] = _copy(default.path, dest / f"qdq-{algorithm}-{size}-default.onnx")
-    from yoloq.quantize import analyze_head, prepare_model
+    from yoloq.quant.graph import analyze_head, prepare_model
 
     stem = analyze_head(prepare_model(fp32_onnx)).stem_convs
     for candidate in precision_candidates("int8", algorithm, size, ranking, params.search.float_steps, stem):

@@ -26,7 +26,7 @@ from yoloq.errors import EngineBuildError
 from yoloq.export import ModelFacts
 from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
-from yoloq.quantize import HeadAnalysis, analyze_head, default_float_convs, prepare_model
+from yoloq.quant.graph import HeadAnalysis, analyze_head, default_float_convs, prepare_model
 from yoloq.report import VariantResult, gate_reasons, variant_result
 from yoloq.search import Candidate, CandidateFailed, SearchOutcome, candidates_table, effective_sizes, run_search
 from yoloq.sensitivity import LayerSensitivity, SensitivityReport, sensitivity_plot, sensitivity_table

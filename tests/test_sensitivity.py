@@ -9,25 +9,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 from tests.test_quantize import CALIB_IMAGES, SIZE, _calibration_loader, yolov5_like, yolov8_like
 from yoloq.calibrate import calibration_statistics, write_qdq_model
 from yoloq.config import CalibrationConfig
 from yoloq.errors import InputError
-from yoloq.quantize import (
-    TensorStats,
-    amax_for,
-    analyze_head,
-    calibration_tensors,
-    collect_stats,
-    mse_amax,
-    quantizable_convs,
-)
+from yoloq.quant.graph import analyze_head, quantizable_convs
+from yoloq.quant.placement import calibration_tensors
+from yoloq.quant.ranges import amax_for, mse_amax
+from yoloq.quant.statistics import TensorStats, collect_stats
 from yoloq.sensitivity import (
     analyze_sensitivity,
     detection_error,
-    fake_quantize_conv,
     head_output_names,
     layer_sensitivity,
     relative_error,
@@ -66,23 +59,7 @@ def test_statistics_serve_every_algorithm_and_round_trip(tmp_path: Path) -> None
         for name in tensors:
             assert 0 < amax[name] <= stats.amax[name] * (1 + 1e-6), (algorithm, name)
     with pytest.raises(InputError, match="unknown"):
-        amax_for(loaded, "kl")
-
-
-def test_fake_quantize_conv_touches_only_that_conv() -> None:
-    model = _prepared(yolov5_like())
-    quantized = fake_quantize_conv(model, "block", input_amax=2.0)
-    onnx.checker.check_model(quantized)
-    nodes = {n.name: n for n in quantized.graph.node}
-    assert nodes["block"].input[0] == "block_fq_dq"
-    assert [n.op_type for n in quantized.graph.node].count("QuantizeLinear") == 1
-    assert nodes["stem"].input == list(next(n for n in model.graph.node if n.name == "stem").input)
-    weights = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == nodes["block"].input[1]))
-    scale = np.abs(weights.reshape(weights.shape[0], -1)).max(axis=1) / 127.0
-    steps = weights / scale.reshape(-1, 1, 1, 1)
-    assert np.allclose(steps, np.round(steps), atol=1e-3)  # on the INT8 grid of its channel
-    with pytest.raises(InputError, match="no node"):
-        fake_quantize_conv(model, "nope", 1.0)
+        amax_for(loaded, "kl", 99.9)
 
 
 def test_layer_sensitivity_ranks_every_quantizable_conv() -> None:

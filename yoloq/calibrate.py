@@ -17,22 +17,15 @@ from yoloq.calibration_data import (
 )
 from yoloq.config import CalibrationConfig
 from yoloq.errors import InputError
-from yoloq.quantize import (
-    TensorStats,
-    amax_for,
-    analyze_head,
-    calibration_tensors,
-    check_algorithm,
-    collect_stats,
-    default_float_convs,
-    prepare_model,
-    quantizable_convs,
-    write_qdq,
-)
+from yoloq.quant.graph import analyze_head, default_float_convs, prepare_model
+from yoloq.quant.placement import calibration_tensors
+from yoloq.quant.qdq import write_qdq
+from yoloq.quant.ranges import amax_for, check_algorithm
+from yoloq.quant.statistics import TensorStats, collect_stats
 
 Progress = Callable[[str], None]
-STATS_VERSION = "stats-v1"
-QDQ_VERSION = "qdq-v3"
+STATS_VERSION = "stats-v2"  # v2: ranges snapped to the range grid; Add/Concat/pass-through tensors too
+QDQ_VERSION = "qdq-v4"  # v4: yoloq.quant.placement rules (residual Add, Concat, pass-through)
 
 
 @dataclass(frozen=True)
@@ -136,9 +129,6 @@ def write_qdq_model(
     model = prepare_model(fp32_onnx)
     head = analyze_head(model)
     chosen = default_float_convs(head) if float_nodes is None else list(float_nodes)
-    unknown = sorted(set(chosen) - set(quantizable_convs(model, head)))
-    if unknown:
-        raise InputError(f"float layers {unknown[:5]} are not quantizable convs of {fp32_onnx.name}")
     key = content_key(
         QDQ_VERSION,
         statistics.key,
@@ -151,7 +141,9 @@ def write_qdq_model(
         manifest = read_json(manifest_path)
         return QdqModel(path, manifest_path, algorithm, chosen, manifest["excluded_nodes"], reused=True)
     amax = amax_for(statistics.stats, algorithm, percentile)
-    excluded, quantized_nodes = write_qdq(model, head, amax, chosen, path)
+    written = write_qdq(model, head, amax, chosen, path)
+    excluded = list(written.placement.excluded)
+    ranges = written.placement.group_amax(amax)
     selected = statistics.images
     atomic_write_json(
         manifest_path,
@@ -168,8 +160,9 @@ def write_qdq_model(
             "validation_overlap": statistics.validation_overlap,
             "float_nodes": chosen,
             "excluded_nodes": excluded,
-            "quantized_nodes": quantized_nodes,
-            "amax": {name: amax[name] for name in sorted(amax)},
+            "quantized_nodes": written.quantized_nodes,
+            "placement": written.placement.rule_counts(),
+            "amax": {name: ranges[name] for name in sorted(ranges)},
         },
     )
     return QdqModel(path, manifest_path, algorithm, chosen, excluded, reused=False)

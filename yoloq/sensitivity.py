@@ -1,10 +1,9 @@
 """Sensitivity analysis: how much keeping one Conv in float helps when every other Conv is INT8.
 
-Leave-one-out in the all-INT8 model: every quantizable Conv (see `yoloq.quantize.quantizable_convs`) gets INT8
-fake quantization (a Q/DQ pair on its activation input with the calibrated range, its weights rounded to
-symmetric per-output-channel INT8: what the Q/DQ model does to it); then, one Conv at a time, that Conv is put
-back to float. The models run on a few calibration images through ONNX Runtime, and the error against FP32 is
-measured on what detection quality depends on (`detection_error`):
+Leave-one-out in the all-INT8 model: the Q/DQ model with every quantizable Conv quantized (the same placement
+rules and ranges as the models the search writes: `yoloq.quant.placement`, `yoloq.quant.qdq`); then, one Conv at a
+time, the Q/DQ model with that Conv kept in float. The models run on a few calibration images through ONNX
+Runtime, and the error against FP32 is measured on what detection quality depends on (`detection_error`):
 
     YOLOv5 / v8 heads: over the predictions FP32 is confident about (score > 0.1), the box centre error relative
     to the box size, plus the relative width/height error, plus the absolute score error (mean per prediction);
@@ -31,7 +30,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from yoloq.artifacts import atomic_path, atomic_write_json, content_key, read_json
 from yoloq.errors import InputError
@@ -41,11 +39,10 @@ if TYPE_CHECKING:  # ONNX Runtime is imported where it runs: the TensorRT machin
     import onnxruntime as ort
 
     from yoloq.calibrate import CalibrationStats
-    from yoloq.quantize import HeadAnalysis
+    from yoloq.quant.graph import HeadAnalysis
 
 Progress = Callable[[str], None]
-INT8_MAX = 127.0
-METRIC_VERSION = "leave-one-out-detection-v1"
+METRIC_VERSION = "leave-one-out-detection-v2"  # v2: the placement rules of yoloq.quant.placement
 
 
 @dataclass(frozen=True)
@@ -57,77 +54,6 @@ class LayerSensitivity:
 
     def as_json(self) -> dict[str, object]:
         return {"node": self.node, "position": self.position, "error": self.error, "gain": self.gain}
-
-
-def fake_quantize_conv(model: onnx.ModelProto, conv_name: str, input_amax: float) -> onnx.ModelProto:
-    """A copy of `model` where only `conv_name` reads INT8-rounded activations and weights."""
-    return fake_quantize_convs(model, [conv_name], {conv_name: input_amax})
-
-
-def fake_quantize_convs(
-    model: onnx.ModelProto, conv_names: Sequence[str], input_amax: dict[str, float]
-) -> onnx.ModelProto:
-    """A copy of `model` where the convs `conv_names` read INT8-rounded activations (a Q/DQ pair with the range
-    `input_amax[conv]`) and INT8-rounded weights (symmetric, per output channel)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    chosen = set(conv_names)
-    convs = {node.name: node for node in graph.node if node.name in chosen}
-    missing = sorted(chosen - convs.keys())
-    if missing:
-        raise InputError(f"no node named {missing[0]!r} in the model")
-    initializers = {init.name: init for init in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    nodes = []
-    for node in graph.node:
-        if node.name in chosen:
-            _fake_quantize_weights(graph, node, initializers, readers)
-            scale_name, zero_name = f"{node.name}_fq_scale", f"{node.name}_fq_zero"
-            scale = max(input_amax[node.name], 1e-12) / INT8_MAX
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(np.array(scale, np.float32), scale_name),
-                    numpy_helper.from_array(np.array(0, np.int8), zero_name),
-                ]
-            )
-            quantized, dequantized = f"{node.name}_fq_q", f"{node.name}_fq_dq"
-            nodes.append(
-                onnx.helper.make_node(
-                    "QuantizeLinear", [node.input[0], scale_name, zero_name], [quantized], f"{node.name}_fq_Q"
-                )
-            )
-            nodes.append(
-                onnx.helper.make_node(
-                    "DequantizeLinear", [quantized, scale_name, zero_name], [dequantized], f"{node.name}_fq_DQ"
-                )
-            )
-            node.input[0] = dequantized
-        nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return copy
-
-
-def _fake_quantize_weights(
-    graph: onnx.GraphProto, conv: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], readers: dict[str, int]
-) -> None:
-    if conv.input[1] not in initializers:
-        raise InputError(f"{conv.name}: its weights are not a constant initializer; cannot quantize them")
-    weight_init = initializers[conv.input[1]]
-    weights = numpy_helper.to_array(weight_init).astype(np.float32)
-    channel_amax = np.abs(weights.reshape(weights.shape[0], -1)).max(axis=1)
-    scale = np.where(channel_amax > 0, channel_amax / INT8_MAX, 1.0).reshape(-1, *([1] * (weights.ndim - 1)))
-    rounded = (np.clip(np.round(weights / scale), -INT8_MAX, INT8_MAX) * scale).astype(np.float32)
-    if readers.get(weight_init.name, 0) == 1:  # replace in place (an unused initializer makes ONNX Runtime warn)
-        weight_init.CopyFrom(numpy_helper.from_array(rounded, weight_init.name))
-    else:
-        new_name = f"{conv.input[1]}_fq_{conv.name}"
-        graph.initializer.append(numpy_helper.from_array(rounded, new_name))
-        conv.input[1] = new_name
 
 
 def head_output_names(model: onnx.ModelProto, head: HeadAnalysis) -> list[str]:
@@ -204,16 +130,13 @@ def layer_sensitivity(
     progress: Progress | None = None,
 ) -> list[LayerSensitivity]:
     """Leave-one-out gains of every quantizable conv on `images` (NCHW float32), largest gain first."""
-    from yoloq.quantize import quantizable_convs
+    from yoloq.quant.graph import quantizable_convs
+    from yoloq.quant.placement import place_qdq
+    from yoloq.quant.qdq import insert_qdq
 
     if images.ndim != 4 or not len(images):
         raise InputError("sensitivity analysis needs a non-empty NCHW batch of preprocessed calibration images")
     convs = quantizable_convs(model, head)
-    by_name = {node.name: node for node in model.graph.node}
-    missing = [name for name in convs if by_name[name].input[0] not in amax]
-    if missing:
-        raise InputError(f"no calibration range for the input of {missing[0]}: recalibrate this model")
-    ranges = {name: amax[by_name[name].input[0]] for name in convs}
     if head_format == "end2end":
         outputs = head_output_names(model, head)
 
@@ -225,14 +148,15 @@ def layer_sensitivity(
         def error(values: list[np.ndarray]) -> float:
             return detection_error(values[0], reference[0], head_format)
 
-    def run(quantized: Sequence[str]) -> list[np.ndarray]:
-        return _session(fake_quantize_convs(model, quantized, ranges), outputs).run(outputs, {input_name: images})
+    def run(float_nodes: Sequence[str]) -> list[np.ndarray]:
+        quantized = insert_qdq(model, place_qdq(model, head, float_nodes), amax)
+        return _session(quantized, outputs).run(outputs, {input_name: images})
 
     reference = _session(model, outputs).run(outputs, {input_name: images})
-    all_int8 = error(run(convs))
+    all_int8 = error(run([]))
     results = []
     for position, name in enumerate(convs):
-        left_out = error(run([c for c in convs if c != name]))
+        left_out = error(run([name]))
         gain = (all_int8 - left_out) / all_int8 if all_int8 > 0 else 0.0
         results.append(LayerSensitivity(name, position, left_out, gain))
         if progress and ((position + 1) % 10 == 0 or position + 1 == len(convs)):
@@ -313,7 +237,8 @@ def analyze_sensitivity(
 ) -> SensitivityReport:
     """Rank the quantizable convs of `fp32_onnx` with `algorithm`'s ranges on the first `num_images` calibration
     images of `statistics` (content-hashed JSON, reused when present)."""
-    from yoloq.quantize import amax_for, analyze_head, image_input, prepare_model, quantizable_convs
+    from yoloq.quant.graph import analyze_head, image_input, prepare_model, quantizable_convs
+    from yoloq.quant.ranges import amax_for
 
     images = statistics.images.images[:num_images]
     key = content_key(

@@ -14,7 +14,7 @@ import numpy as np
 from yoloq.backends.base import Runner
 from yoloq.config import TimingConfig, ValidationConfig
 from yoloq.errors import InputError
-from yoloq.heads import HeadFormat, decode
+from yoloq.heads import Detections, HeadFormat, decode
 from yoloq.labels import GroundTruthStats, ImageTruth, load_ground_truth
 from yoloq.metrics import MapResult, coco_map
 from yoloq.preprocess import boxes_to_original, list_images, load_preprocessed
@@ -79,6 +79,38 @@ def merge_stats(a: GroundTruthStats, b: GroundTruthStats) -> GroundTruthStats:
     )
 
 
+def detect(
+    runner: Runner,
+    images: list[Path],
+    head_format: HeadFormat,
+    imgsz: int,
+    config: ValidationConfig,
+    progress: Progress | None = None,
+) -> list[Detections]:
+    """Run every image through `runner` (batches of `config.batch_size`): detections in original-image pixels."""
+    detections: list[Detections] = []
+    total = len(images)
+    report_every = max(1, total // 4)
+    for start in range(0, total, config.batch_size):
+        chunk = images[start : start + config.batch_size]
+        inputs, boxes = [], []
+        for path in chunk:
+            loaded = load_preprocessed(path, imgsz)
+            if loaded is None:
+                raise InputError(f"image {path} is unreadable: remove or replace it")
+            inputs.append(loaded[0])
+            boxes.append(loaded[1])
+        output = runner.infer(np.stack(inputs))
+        decoded = decode(output, head_format, config.conf_threshold, config.iou_threshold, config.max_detections)
+        for item, box in zip(decoded, boxes, strict=True):
+            original = boxes_to_original(item.boxes_xyxy, box).astype(np.float32)
+            detections.append(dataclasses.replace(item, boxes_xyxy=original))
+        done = start + len(chunk)
+        if progress and (done // report_every != start // report_every or done == total):
+            progress(f"  detected {done}/{total} images")
+    return detections
+
+
 def evaluate(
     runner: Runner,
     dataset: ValidationSet,
@@ -89,26 +121,7 @@ def evaluate(
     progress: Progress | None = None,
 ) -> MapResult:
     """Run every validation image through `runner` and score the detections with COCO mAP."""
-    detections = []
-    total = len(dataset.truths)
-    report_every = max(1, total // 4)
-    for start in range(0, total, config.batch_size):
-        chunk = dataset.truths[start : start + config.batch_size]
-        inputs, boxes = [], []
-        for truth in chunk:
-            loaded = load_preprocessed(truth.path, imgsz)
-            if loaded is None:
-                raise InputError(f"validation image {truth.path} is unreadable: remove or replace it")
-            inputs.append(loaded[0])
-            boxes.append(loaded[1])
-        output = runner.infer(np.stack(inputs))
-        decoded = decode(output, head_format, config.conf_threshold, config.iou_threshold, config.max_detections)
-        for item, box in zip(decoded, boxes, strict=True):
-            original = boxes_to_original(item.boxes_xyxy, box).astype(np.float32)
-            detections.append(dataclasses.replace(item, boxes_xyxy=original))
-        done = start + len(chunk)
-        if progress and (done // report_every != start // report_every or done == total):
-            progress(f"  validated {done}/{total} images")
+    detections = detect(runner, [t.path for t in dataset.truths], head_format, imgsz, config, progress)
     return coco_map(dataset.truths, detections, class_names)
 
 

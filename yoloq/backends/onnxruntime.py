@@ -1,32 +1,64 @@
-"""ONNX Runtime backend (CPU): FP32 runs the simplified ONNX, INT8 runs the explicit Q/DQ ONNX."""
+"""ONNX Runtime backend (CPU): FP32 runs the simplified ONNX, INT8 runs the explicit Q/DQ ONNX.
+
+Q/DQ models run as written, QuantizeLinear then DequantizeLinear then float ops (ONNX Runtime's QDQ fusions into
+integer kernels are switched off with `session.disable_quant_qdq`). That computes exactly what an INT8 engine
+computes up to float rounding, on any CPU. The fused integer kernels are not used because their results depend on
+the instruction set: on AVX2 without VNNI, ONNX Runtime's u8s8 kernels can saturate 16-bit intermediate sums, so
+the same model scored differently on two x86 machines. On the CPU the INT8 variant is therefore an accuracy
+simulation of the GPU engine, not a speed-up: it runs at about FP32 speed or slower.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from yoloq.artifacts import size_mb
 from yoloq.backends.base import BuiltModel
 from yoloq.config import VariantConfig
 from yoloq.errors import InputError
+from yoloq.quant.graph import QDQ_OP_TYPES
+
+
+def has_qdq(model_path: Path) -> bool:
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(node.op_type in QDQ_OP_TYPES for node in model.graph.node)
+
+
+def session_options(simulate_qdq: bool) -> ort.SessionOptions:
+    """Full graph optimization; with `simulate_qdq`, Q/DQ pairs run as written (no integer-kernel fusion)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if simulate_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options
 
 
 class OnnxRuntimeRunner:
     def __init__(self, model_path: Path) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
         try:
+            options = session_options(simulate_qdq=has_qdq(model_path))
             self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        except Exception as exc:  # ORT and onnx raise their own Fail/InvalidGraph/DecodeError types
             raise InputError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
 
 
 class OnnxRuntimeBackend:
