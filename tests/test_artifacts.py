@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +48,50 @@ def test_empty_output_is_refused(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_stale_temps_from_a_killed_run_are_removed(tmp_path):
-    (tmp_path / ".model-abc.onnx.123.tmp").write_bytes(b"partial")
-    (tmp_path / "model-abc.onnx").write_bytes(b"done")
-    assert remove_stale_temps(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["model-abc.onnx"]
+def _age(path: Path, seconds: float) -> None:
+    """Set `path`'s mtime `seconds` into the past."""
+    when = time.time() - seconds
+    os.utime(path, (when, when))
+
+
+def test_stale_temps_from_a_killed_run_are_removed_in_every_subfolder(tmp_path):
+    # the cache keeps every output in a subfolder (export/, simplify/, calibration/, build/...)
+    build = tmp_path / "build" / "trt"
+    build.mkdir(parents=True)
+    old_file = build / ".model-abc.engine.123.tmp"
+    old_file.write_bytes(b"partial")
+    _age(old_file, 7200)
+    old_dir = tmp_path / "calibration" / ".ranges.tmpdir"
+    old_dir.mkdir(parents=True)
+    (old_dir / "part.npy").write_bytes(b"x")
+    _age(old_dir / "part.npy", 7200)
+    _age(old_dir, 7200)
+    (build / "model-abc.engine").write_bytes(b"done")
+    _age(build / "model-abc.engine", 7200)
+    assert remove_stale_temps(tmp_path) == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "build",
+        "build/trt",
+        "build/trt/model-abc.engine",
+        "calibration",
+    ]
+
+
+def test_fresh_temps_of_a_concurrent_run_are_kept(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    fresh = folder / ".model.onnx.456.tmp"
+    fresh.write_bytes(b"being written")
+    fresh_dir = tmp_path / ".sens.tmpdir"
+    fresh_dir.mkdir()
+    (fresh_dir / "new.bin").write_bytes(b"x")  # the folder is old but a file in it is still being written
+    _age(fresh_dir, 7200)
+    assert remove_stale_temps(tmp_path) == 0
+    assert fresh.exists() and (fresh_dir / "new.bin").exists()
+    _age(fresh, 120)
+    assert remove_stale_temps(tmp_path, max_age_s=60) == 1  # the age limit is an argument
+    assert not fresh.exists()
+
+
+def test_stale_temps_of_a_missing_folder_is_nothing(tmp_path):
+    assert remove_stale_temps(tmp_path / "absent") == 0

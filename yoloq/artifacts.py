@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,51 @@ def size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def remove_stale_temps(folder: Path) -> int:
-    """Delete temp files left by an interrupted run; returns how many."""
+STALE_TEMP_AGE_S = 3600.0
+"""A temp file or folder untouched this long belongs to a run that died: a live run keeps writing to its own."""
+
+
+def remove_stale_temps(folder: Path, max_age_s: float = STALE_TEMP_AGE_S, now: float | None = None) -> int:
+    """Delete the temp files (`.*.tmp`) and folders (`.*.tmpdir`) an interrupted run left anywhere under `folder`.
+
+    Only those not modified for `max_age_s` seconds (a folder: nothing inside it either) are removed, so the temps
+    of a run still writing into the same cache are kept. Returns how many files and folders were removed.
+    """
     if not folder.is_dir():
         return 0
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    for path in folder.glob(".*.tmpdir"):
-        shutil.rmtree(path, ignore_errors=True)
-    return len(stale)
+    limit = (time.time() if now is None else now) - max_age_s
+    removed = 0
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        for name in [d for d in dirs if _is_temp_name(d, ".tmpdir")]:
+            dirs.remove(name)  # never descend into a temp folder: it is removed or kept as a whole
+            path = here / name
+            if _newest_mtime(path) < limit:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        for name in files:
+            path = here / name
+            if _is_temp_name(name, ".tmp") and _mtime(path) < limit:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _is_temp_name(name: str, suffix: str) -> bool:
+    return name.startswith(".") and name.endswith(suffix) and len(name) > len(suffix) + 1
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:  # renamed into place or removed by its own run meanwhile
+        return float("inf")
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time of `folder` and everything inside it."""
+    newest = _mtime(folder)
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            newest = max(newest, _mtime(Path(root) / name))
+    return newest
