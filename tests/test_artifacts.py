@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -95,3 +96,45 @@ def test_fresh_temps_of_a_concurrent_run_are_kept(tmp_path):
 
 def test_stale_temps_of_a_missing_folder_is_nothing(tmp_path):
     assert remove_stale_temps(tmp_path / "absent") == 0
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after)."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664)], ids=["umask-022", "umask-002"])
+def test_outputs_get_the_mode_open_would_give_them(tmp_path, umask, mask, mode):
+    umask(mask)
+    written = atomic_write_text(tmp_path / "results.json", "{}")
+    with atomic_path(tmp_path / "model.onnx") as tmp:
+        with open(tmp, "wb") as handle:  # a writer that opens the path itself (onnx.save, torch.onnx.export)
+            handle.write(b"model")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert stat.S_IMODE(plain.stat().st_mode) == mode
+    assert stat.S_IMODE(written.stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "model.onnx").stat().st_mode) == mode
+
+
+def test_file_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_path(tmp_path / "engine.plan") as tmp:
+        tmp.write_bytes(b"engine")  # through the path: atomic_path must open and fsync it itself
+    assert events == ["fsync file", "replace", "fsync folder"]
+    assert (tmp_path / "engine.plan").read_bytes() == b"engine"

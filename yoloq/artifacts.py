@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,19 +44,57 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
 
     A crash, a full disk or Ctrl-C leaves no file at `final`, so a half-written model or cache is never reused.
+    The file gets the mode `open()` would give it (0666 minus the umask, so shared storage stays shared), and it is
+    on disk before the rename and the rename itself after (the file and then its folder are fsynced).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp(final)
     try:
         yield tmp
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise OSError(f"writing {final} produced no data")
+        _fsync_file(tmp)
         os.replace(tmp, final)
+        _fsync_folder(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _create_temp(final: Path) -> Path:
+    """A new empty file `.<name>.<random>.tmp` beside `final`, created like `open(path, "x")` would (umask applies).
+
+    Not `tempfile.mkstemp`: it creates 0600 files whatever the umask, and `os.replace` keeps that mode.
+    """
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {final}: remove the .{final.name}.*.tmp files")
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush `path`'s data to disk, whoever wrote it (a writer given only the path keeps no descriptor to sync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable. Filesystems that cannot sync a folder (EINVAL, ENOTSUP) are skipped."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> Path:
