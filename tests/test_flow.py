@@ -125,6 +125,18 @@ def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, pr
     assert latest.info.status == "FAILED" and "000000000139.txt:2" in latest.data.tags["error"]
 
 
+def test_fp32_run_needs_no_calibration_folder(project, tmp_path, capsys):
+    # no INT8 variant: the simplify check uses validation images instead of listing the missing calibration folder
+    out = tmp_path / "fp32.json"
+    args = ["run", "-p", str(project / "params.yaml"), "--json", str(out)]
+    args += ["--set", "variants=[{name: fp32, precision: fp32}]", "--set", f"calibration.images={tmp_path / 'absent'}"]
+    args += ["--set", "validation.num_images=4"]
+    code = main(args)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert [v["name"] for v in json.loads(out.read_text())["variants"]] == ["fp32"]
+
+
 SEARCH = [
     "--set",
     "search.enabled=true",

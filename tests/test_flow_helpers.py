@@ -2,10 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flows.prepare import simplify_check_images
 from flows.quantize import _build_artifacts, fp16_vs_int8
 from flows.tracking import error_message
+from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES
 from yoloq.backends import BuiltModel
-from yoloq.config import VariantConfig
+from yoloq.config import VariantConfig, load_params
+from yoloq.preprocess import list_images
 from yoloq.report import VariantResult
 
 
@@ -77,3 +80,25 @@ def test_error_message_of_an_ordinary_error_is_the_error_itself():
         error = exc
     assert error_message(error) == "RuntimeError: export failed"
     assert error_message(ValueError()) == "ValueError: (no message)"
+
+
+def test_simplify_checks_on_calibration_images_when_the_run_calibrates():
+    params = load_params(PROJECT / "params.yaml", ["simplify.check_images=3"])
+    validation = list_images(VAL_IMAGES)
+    assert simplify_check_images(params, validation) == list_images(CALIB_IMAGES)[:3]
+
+
+def test_simplify_checks_on_validation_images_without_a_calibration_folder_or_int8(tmp_path):
+    validation = list_images(VAL_IMAGES)
+    # the crash seen on main: fp32 only, no calibration folder -> FileNotFoundError listing it
+    fp32_only = ["variants=[{name: fp32, precision: fp32}]", "simplify.check_images=2"]
+    missing = load_params(PROJECT / "params.yaml", [*fp32_only, f"calibration.images={tmp_path / 'absent'}"])
+    assert simplify_check_images(missing, validation) == validation[:2]
+    # the folder exists but no variant needs calibration: its images are not read at all
+    not_needed = load_params(PROJECT / "params.yaml", fp32_only)
+    assert simplify_check_images(not_needed, validation) == validation[:2]
+    # an empty calibration folder: validation images too
+    (tmp_path / "empty").mkdir()
+    empty_folder = f"calibration.images={tmp_path / 'empty'}"
+    empty = load_params(PROJECT / "params.yaml", ["simplify.check_images=2", empty_folder])
+    assert simplify_check_images(empty, validation) == validation[:2]
