@@ -28,7 +28,6 @@ from yoloq.artifacts import (
     atomic_write_text,
     content_key,
     file_sha256,
-    files_sha256,
     remove_stale_temps,
 )
 from yoloq.backends import BuiltModel, resolve_variants
@@ -37,7 +36,6 @@ from yoloq.config import Params, load_params
 from yoloq.errors import GateFailed
 from yoloq.metrics import per_class_table
 from yoloq.preflight import check_inputs
-from yoloq.preprocess import list_images
 from yoloq.report import (
     GateVerdict,
     VariantResult,
@@ -49,6 +47,7 @@ from yoloq.report import (
     variant_result,
     with_deltas,
 )
+from yoloq.validate import validation_set_sha256
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
         logger.warning("removed %d half-written files left by an interrupted run", stale)
     data_hashes = {  # quantize_flow's check_inputs has made sure both exist
         "model_sha256": file_sha256(params.model.path),
-        "validation_images_sha256": files_sha256(list_images(params.validation.images)),
+        "validation_set_sha256": validation_set_sha256(params.validation),  # images scored + their labels
     }
     run_name = f"{params.model.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)

@@ -60,6 +60,7 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     assert parent.data.params["calibration.num_images"] == str(CALIBRATION_IMAGES)
     assert parent.data.tags["gate"] == "passed"
     assert parent.data.tags["data.model_sha256"].startswith("4f180cf2")
+    assert len(parent.data.tags["data.validation_set_sha256"]) == 64  # images scored and their labels
     assert "version.onnxruntime" in parent.data.tags and "mlflow.source.git.commit" in parent.data.tags
     assert parent.data.metrics["int8.delta_map50_95_vs_fp32"] >= -0.015
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
