@@ -20,7 +20,7 @@ from flows.prepare import prepare_models
 from flows.registry import register_variants
 from flows.search import search_variant
 from flows.targets import run_targets
-from flows.tracking import RunTracker
+from flows.tracking import VARIANT_KIND, RunTracker
 from tasks.build import build_task
 from tasks.validate import validate_task
 from yoloq.artifacts import (
@@ -175,7 +175,7 @@ def _log_results(
             "model": str(result.model_path),
             **{f"build.{k}": v for k, v in built.details.items()},
         }
-        child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()})
+        child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()}, VARIANT_KIND)
         child_runs[result.name] = child
         metrics = variant_metrics(result)
         tracker.log_metrics(child, metrics)

@@ -20,6 +20,9 @@ from yoloq.config import MlflowConfig, Params, flatten
 
 PACKAGES = ("yoloq", "prefect", "mlflow", "onnx", "onnxsim", "onnxruntime", "polygraphy", "numpy", "torch", "tensorrt")
 _MAX_PARAM_LENGTH = 6000
+KIND_TAG = "yoloq.kind"
+"""What a run holds: `variant` (a child run per variant), `candidate` (the INT8 search's), `comparison`."""
+VARIANT_KIND = "variant"
 
 
 def resolve_tracking_uri(config: MlflowConfig, project_dir: Path) -> str:
@@ -102,10 +105,12 @@ class RunTracker:
             elif path.is_file():
                 self.client.log_artifact(run_id, str(path), folder)
 
-    def start_child(self, name: str, params: dict[str, str]) -> str:
-        run = self.client.create_run(
-            self.experiment_id, tags={"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": name}
-        )
+    def start_child(self, name: str, params: dict[str, str], kind: str | None = None) -> str:
+        """A child run of the parent run; `kind` becomes its yoloq.kind tag (e.g. VARIANT_KIND)."""
+        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": name}
+        if kind is not None:
+            tags[KIND_TAG] = kind
+        run = self.client.create_run(self.experiment_id, tags=tags)
         self.open_runs.append(run.info.run_id)
         self.log_params(run.info.run_id, params)
         return run.info.run_id

@@ -73,7 +73,7 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     )
     assert [c.data.tags["mlflow.runName"] for c in children] == ["fp32", "int8"]
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED" and child.data.tags["yoloq.kind"] == "variant"
         assert {"map50_95", "map50", "delta_map50_95_vs_fp32", "latency_ms_b1", "throughput_ips"} <= set(
             child.data.metrics
         )
