@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from yoloq.errors import ConfigError
 
@@ -19,6 +20,19 @@ ResolvedBackendName = Literal["onnxruntime", "tensorrt"]
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
+
+
+NAME_RULE = "letters, digits, '_', '-' and '.', not starting with a dot and without '..'"
+
+
+def check_name(name: str) -> str:
+    """A variant or target name becomes a folder of the run's report (report_dir / name): it must stay inside."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or ".." in name:
+        raise ValueError(f"{name!r} is not allowed: use {NAME_RULE} (the name becomes a folder of the run's report)")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(check_name)]
 
 
 class Section(BaseModel):
@@ -57,7 +71,7 @@ class CalibrationConfig(Section):
 
 
 class VariantConfig(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName = Field(description=f"{NAME_RULE}; names the variant's folder of the run's report")
     precision: Precision = "fp32"
     quantization: Quantization = "none"
     backend: BackendName = Field(
@@ -450,7 +464,7 @@ class RegistryConfig(Section):
 class TargetConfig(Section):
     """A build target: a GPU type whose engines are built and validated by workers of one Prefect work pool."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="e.g. h100, l4, orin")
+    name: SafeName = Field(description=f"e.g. h100, l4, orin ({NAME_RULE})")
     work_pool: str = Field(min_length=1, description="Prefect work pool whose workers run on that GPU type")
     timeout_s: float = Field(
         7200, gt=0, description="deadline of the target's build+validate run; cancelled past it (workers kill it)"
