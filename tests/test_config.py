@@ -216,3 +216,21 @@ def test_ordinary_names_with_single_dots_are_accepted(tmp_path, name):
     data["targets"] = [{"name": name, "work_pool": "gpu"}]
     params = load_params(write_params(tmp_path, data))
     assert params.variants[1].name == name and params.targets[0].name == name
+
+
+# -- code defaults are the shipped params.yaml's --------------------------------------------------------------
+
+PATH_KEYS = ("model.path", "calibration.images", "validation.images", "validation.labels", "output_dir")
+
+
+def test_a_params_file_with_only_the_model_means_the_shipped_params(tmp_path):
+    """Every default in yoloq/config.py equals params.yaml's value (README documents those): a key left out of a
+    params file means what the shipped file says. Paths are compared relative to each file's folder."""
+    minimal = write_params(tmp_path, {"model": {"path": shipped()["model"]["path"]}})
+    defaults, reference = flatten(load_params(minimal)), flatten(load_params(PROJECT / "params.yaml"))
+    for key in PATH_KEYS:
+        defaults[key] = str(Path(defaults[key]).relative_to(tmp_path.resolve()))
+        reference[key] = str(Path(reference[key]).relative_to(PROJECT))
+    assert set(defaults) == set(reference)
+    differing = {key: (defaults[key], reference[key]) for key in reference if defaults[key] != reference[key]}
+    assert differing == {}, "code default vs params.yaml"

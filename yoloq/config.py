@@ -64,7 +64,7 @@ class CalibrationConfig(Section):
     min_images: int = Field(8, ge=1, description="fail when fewer readable images remain")
     batch_size: int = Field(8, ge=1, le=256)
     algorithm: CalibrationAlgorithm = "minmax"
-    percentile: float = Field(99.999, gt=90.0, le=100.0)
+    percentile: float = Field(99.99, gt=90.0, le=100.0, description="used by algorithm: percentile")
     max_validation_overlap: float = Field(
         0.05, ge=0.0, le=1.0, description="largest share of calibration images that may also be validation images"
     )
@@ -75,7 +75,7 @@ class VariantConfig(Section):
     precision: Precision = "fp32"
     quantization: Quantization = "none"
     backend: BackendName = Field(
-        "onnxruntime", description="onnxruntime, tensorrt, or auto; a variant without one takes the top-level backend"
+        "auto", description="onnxruntime, tensorrt, or auto; a variant without one takes the top-level backend"
     )
     calibrator: TrtCalibrator | None = Field(
         None, description="TensorRT calibrator for quantization implicit; null = minmax (entropy2 loses ~12 points)"
@@ -255,15 +255,24 @@ class MlflowConfig(Section):
     experiment: str = "yoloq"
 
 
+DEFAULT_VARIANTS: tuple[dict[str, str], ...] = (
+    {"name": "fp32", "precision": "fp32"},
+    {"name": "int8", "precision": "int8", "quantization": "qdq"},
+)
+"""The variants of a params file that lists none (the shipped params.yaml's)."""
+
+
 class Params(Section):
     model: ModelConfig
     backend: BackendName = Field(
-        "onnxruntime", description="backend of every variant that names none: auto, onnxruntime or tensorrt"
+        "auto", description="backend of every variant that names none: auto, onnxruntime or tensorrt"
     )
     export: ExportConfig = ExportConfig()
     simplify: SimplifyConfig = SimplifyConfig()
     calibration: CalibrationConfig = CalibrationConfig()
-    variants: list[VariantConfig] = Field(min_length=1)
+    variants: list[VariantConfig] = Field(
+        default_factory=lambda: [VariantConfig.model_validate(v) for v in DEFAULT_VARIANTS], min_length=1
+    )
     validation: ValidationConfig = ValidationConfig()
     gate: GateConfig = GateConfig()
     search: SearchConfig = SearchConfig()
@@ -288,7 +297,10 @@ class Params(Section):
     @model_validator(mode="before")
     @classmethod
     def _variants_inherit_backend(cls, data: Any) -> Any:
-        """A variant without its own `backend` takes the top-level one (checked with the variant's other keys)."""
+        """A variant without its own `backend` takes the top-level one (checked with the variant's other keys).
+        Without `variants`, the DEFAULT_VARIANTS do too."""
+        if isinstance(data, dict) and "variants" not in data:
+            data = {**data, "variants": [dict(v) for v in DEFAULT_VARIANTS]}
         if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
             return data
         if data.get("backend") not in ("auto", "onnxruntime", "tensorrt"):
