@@ -6,6 +6,8 @@ from the flow can never produce orphan runs, and a failure marks every open run 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -50,6 +52,26 @@ def git_commit(project_dir: Path) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_versions() -> dict[str, str]:
+    """Besides the model and params, what decides a run's outcome: the yoloq code (version, and git commit when it
+    runs from a checkout, else "unknown") and the TensorRT that builds the engines ("none" without one)."""
+    import yoloq
+
+    checkout = Path(yoloq.__file__).resolve().parents[1]
+    commit = git_commit(checkout) if (checkout / ".git").exists() else "unknown"  # a wheel install has no .git
+    return {"yoloq": yoloq.__version__, "yoloq.git_commit": commit, "tensorrt": tensorrt_version()}
+
+
+def tensorrt_version() -> str:
+    """The importable TensorRT's version, "none" when it is not installed, "unimportable (Error)" when it fails."""
+    try:
+        if importlib.util.find_spec("tensorrt") is None:
+            return "none"
+        return str(importlib.import_module("tensorrt").__version__)
+    except Exception as exc:  # a broken install raises ImportError, OSError (libnvinfer), AttributeError...
+        return f"unimportable ({type(exc).__name__})"
 
 
 @dataclass
