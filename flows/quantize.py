@@ -86,7 +86,8 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
         "model_sha256": file_sha256(params.model.path),
         "validation_set_sha256": validation_set_sha256(params.validation),  # images scored + their labels
     }
-    run_name = f"{params.model.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report_dir = new_run_folder(params.output_dir, params.model.path.stem)
+    run_name = report_dir.name
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
     logger.info("MLflow run %s at %s", tracker.parent_run_id, tracker.tracking_uri)
     try:
@@ -96,13 +97,28 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
                     "targets: the INT8 search is not run per target; INT8 variants use calibration.algorithm with "
                     "the stem and head convs in float (set search.enabled: false to silence this)"
                 )
-            outcome = run_targets(params, tracker, cache_dir, params.output_dir / run_name)
+            outcome = run_targets(params, tracker, cache_dir, report_dir)
         else:
-            outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
+            outcome = _run_stages(params, tracker, cache_dir, report_dir)
     except BaseException as exc:
         tracker.fail_all(exc)
         raise
     return outcome
+
+
+def new_run_folder(output_dir: Path, stem: str, now: time.struct_time | None = None) -> Path:
+    """A new folder `output_dir/<stem>-<YYYYmmdd-HHMMSS>` for one run's reports, created here (mkdir fails when it
+    exists) so no other run can get it; later runs started in the same second get `...-2`, `...-3`, ..."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", now or time.localtime())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    count = 1
+    while True:
+        folder = output_dir / (f"{stem}-{stamp}" if count == 1 else f"{stem}-{stamp}-{count}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            count += 1
 
 
 def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:

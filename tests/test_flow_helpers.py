@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flows.prepare import simplify_check_images
-from flows.quantize import _build_artifacts, fp16_vs_int8
+from flows.quantize import _build_artifacts, fp16_vs_int8, new_run_folder
 from flows.tracking import error_message
 from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES
 from yoloq.backends import BuiltModel
@@ -102,3 +104,14 @@ def test_simplify_checks_on_validation_images_without_a_calibration_folder_or_in
     empty_folder = f"calibration.images={tmp_path / 'empty'}"
     empty = load_params(PROJECT / "params.yaml", ["simplify.check_images=2", empty_folder])
     assert simplify_check_images(empty, validation) == validation[:2]
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    second = time.strptime("2025-06-01 12:00:00", "%Y-%m-%d %H:%M:%S")
+    first = new_run_folder(tmp_path / "runs", "yolov5n", second)
+    again = new_run_folder(tmp_path / "runs", "yolov5n", second)
+    assert (first.name, again.name) == ("yolov5n-20250601-120000", "yolov5n-20250601-120000-2")
+    assert first.is_dir() and again.is_dir()  # created here: no other run can take them
+    with ThreadPoolExecutor(8) as pool:  # concurrent runs
+        folders = list(pool.map(lambda _: new_run_folder(tmp_path / "runs", "yolov5n", second), range(8)))
+    assert len(set(folders)) == 8 and not {first, again} & set(folders)
