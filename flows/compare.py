@@ -14,6 +14,7 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from flows.tracking import KIND_TAG, VARIANT_KIND
 from yoloq.artifacts import atomic_write_text
 from yoloq.errors import InputError
 from yoloq.report import PlotPoint, speed_accuracy_plot
@@ -64,10 +65,20 @@ def variant_rows(client: MlflowClient, run_id: str) -> list[VariantRow]:
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.start_time ASC"]
     )
-    if not children:
+    variants = [child for child in children if is_variant_run(child)]
+    if not variants:
         raise InputError(f"MLflow run {run_id} has no variant runs: pass the id of a yoloq flow's parent run")
-    fp16 = next((c for c in children if c.data.params.get("precision") == "fp16"), None)
-    return [_row(parent, child, fp16) for child in children]
+    fp16 = next((c for c in variants if c.data.params.get("precision") == "fp16"), None)
+    return [_row(parent, child, fp16) for child in variants]
+
+
+def is_variant_run(run: Run) -> bool:
+    """A child run that holds a variant: tagged yoloq.kind=variant, or (runs logged before that tag) untagged with a
+    precision param. The INT8 search's candidates (yoloq.kind=candidate) and other kinds of child runs are not."""
+    kind = run.data.tags.get(KIND_TAG)
+    if kind is not None:
+        return kind == VARIANT_KIND
+    return "precision" in run.data.params
 
 
 def _row(parent: Run, child: Run, fp16: Run | None) -> VariantRow:

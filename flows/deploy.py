@@ -9,9 +9,9 @@ becomes a `--set section.key=value` override, so editing one field never resets 
 deployment parameter as a whole: nested dicts would be replaced entirely).
 
 A `yoloq.checkpoint.created` event (sent by `yoloq watch`) starts a run with `model_path` from the event and
-`skip_if_done`: a run whose model content and parameters already have a finished MLflow run returns that run
-instead of quantizing again. The deployment allows one run at a time (others wait), so duplicate events queue up
-and then find the finished run.
+`skip_if_done`: a run whose model content and parameters already have a finished MLflow run made by the same yoloq
+code (version and git commit) and TensorRT version returns that run instead of quantizing again. The deployment
+allows one run at a time (others wait), so duplicate events queue up and then find the finished run.
 """
 
 import argparse
@@ -26,7 +26,7 @@ from prefect.events import DeploymentEventTrigger
 from pydantic import Field
 
 from flows.quantize import quantize_flow
-from flows.tracking import resolve_tracking_uri
+from flows.tracking import code_versions, resolve_tracking_uri
 from flows.watch import CHECKPOINT_EVENT
 from yoloq.artifacts import content_key, file_sha256
 from yoloq.config import Params, flatten, load_params
@@ -65,10 +65,11 @@ def flat_overrides(
     return [f"{key}={value}" for key, value in fields.items() if value is not None] + list(extra or [])
 
 
-def run_key(params: Params) -> str:
-    """What makes two runs the same: the model file's content and every resolved parameter except its path."""
+def run_key(params: Params, versions: dict[str, str]) -> str:
+    """What makes two runs the same: the model file's content, every resolved parameter except its path, and the
+    code and TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again."""
     settings = {k: v for k, v in flatten(params).items() if k != "model.path"}
-    return content_key(file_sha256(params.model.path), settings, length=32)
+    return content_key(file_sha256(params.model.path), settings, versions, length=32)
 
 
 def finished_run_with_key(tracking_uri: str, experiment: str, key: str) -> str | None:
@@ -127,7 +128,7 @@ def quantize_deployment(
     if not params.model.path.is_file():
         raise InputError(f"model {params.model.path} not found: check model_path or model.path in {params_path}")
     tracking_uri = resolve_tracking_uri(params.mlflow, path.resolve().parent)
-    key = run_key(params)
+    key = run_key(params, code_versions())
     if skip_if_done:
         existing = finished_run_with_key(tracking_uri, params.mlflow.experiment, key)
         if existing:

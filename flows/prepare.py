@@ -50,7 +50,7 @@ def prepare_models(params: Params, tracker: RunTracker, cache_dir: Path) -> Prep
     )
     validation_images = [t.path for t in dataset.truths]
 
-    simplify_images = list_images(params.calibration.images)[: params.simplify.check_images] or validation_images
+    simplify_images = simplify_check_images(params, validation_images)
     simplified = simplify_task(
         exported.onnx_path, simplify_images, exported.input_name, facts.imgsz, params.simplify, cache_dir / "simplify"
     )
@@ -78,3 +78,12 @@ def prepare_models(params: Params, tracker: RunTracker, cache_dir: Path) -> Prep
             },
         )
     return PreparedModels(exported, dataset, simplified.onnx_path, calibration)
+
+
+def simplify_check_images(params: Params, validation_images: list[Path]) -> list[Path]:
+    """The images that prove onnxsim changed nothing: the first `simplify.check_images` calibration images, or the
+    validation images when the run does not calibrate (no INT8 variant) or the calibration folder is missing/empty."""
+    count = params.simplify.check_images
+    folder = params.calibration.images
+    calibration = list_images(folder)[:count] if params.needs_calibration and folder.is_dir() else []
+    return calibration or validation_images[:count]

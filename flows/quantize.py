@@ -20,7 +20,7 @@ from flows.prepare import prepare_models
 from flows.registry import register_variants
 from flows.search import search_variant
 from flows.targets import run_targets
-from flows.tracking import RunTracker
+from flows.tracking import VARIANT_KIND, RunTracker
 from tasks.build import build_task
 from tasks.validate import validate_task
 from yoloq.artifacts import (
@@ -28,7 +28,6 @@ from yoloq.artifacts import (
     atomic_write_text,
     content_key,
     file_sha256,
-    files_sha256,
     remove_stale_temps,
 )
 from yoloq.backends import BuiltModel, resolve_variants
@@ -37,7 +36,6 @@ from yoloq.config import Params, load_params
 from yoloq.errors import GateFailed
 from yoloq.metrics import per_class_table
 from yoloq.preflight import check_inputs
-from yoloq.preprocess import list_images
 from yoloq.report import (
     GateVerdict,
     VariantResult,
@@ -49,6 +47,7 @@ from yoloq.report import (
     variant_result,
     with_deltas,
 )
+from yoloq.validate import validation_set_sha256
 
 
 @dataclass(frozen=True)
@@ -85,9 +84,10 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
         logger.warning("removed %d half-written files left by an interrupted run", stale)
     data_hashes = {  # quantize_flow's check_inputs has made sure both exist
         "model_sha256": file_sha256(params.model.path),
-        "validation_images_sha256": files_sha256(list_images(params.validation.images)),
+        "validation_set_sha256": validation_set_sha256(params.validation),  # images scored + their labels
     }
-    run_name = f"{params.model.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report_dir = new_run_folder(params.output_dir, params.model.path.stem)
+    run_name = report_dir.name
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
     logger.info("MLflow run %s at %s", tracker.parent_run_id, tracker.tracking_uri)
     try:
@@ -97,13 +97,28 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
                     "targets: the INT8 search is not run per target; INT8 variants use calibration.algorithm with "
                     "the stem and head convs in float (set search.enabled: false to silence this)"
                 )
-            outcome = run_targets(params, tracker, cache_dir, params.output_dir / run_name)
+            outcome = run_targets(params, tracker, cache_dir, report_dir)
         else:
-            outcome = _run_stages(params, tracker, cache_dir, params.output_dir / run_name)
+            outcome = _run_stages(params, tracker, cache_dir, report_dir)
     except BaseException as exc:
         tracker.fail_all(exc)
         raise
     return outcome
+
+
+def new_run_folder(output_dir: Path, stem: str, now: time.struct_time | None = None) -> Path:
+    """A new folder `output_dir/<stem>-<YYYYmmdd-HHMMSS>` for one run's reports, created here (mkdir fails when it
+    exists) so no other run can get it; later runs started in the same second get `...-2`, `...-3`, ..."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", now or time.localtime())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    count = 1
+    while True:
+        folder = output_dir / (f"{stem}-{stamp}" if count == 1 else f"{stem}-{stamp}-{count}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            count += 1
 
 
 def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
@@ -176,7 +191,7 @@ def _log_results(
             "model": str(result.model_path),
             **{f"build.{k}": v for k, v in built.details.items()},
         }
-        child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()})
+        child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()}, VARIANT_KIND)
         child_runs[result.name] = child
         metrics = variant_metrics(result)
         tracker.log_metrics(child, metrics)

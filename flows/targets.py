@@ -33,7 +33,7 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.prepare import prepare_models
 from flows.registry import register_variants
-from flows.tracking import RunTracker
+from flows.tracking import VARIANT_KIND, RunTracker
 from tasks.build import build_task
 from tasks.validate import validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json
@@ -259,6 +259,7 @@ def _log_target(
                 "prefect.flow_run_id": run.flow_run_id,
                 "model": str(result.model_path),
             },
+            VARIANT_KIND,
         )
         children[result.name] = child
         metrics = {**variant_metrics(result), "build_seconds": row["build_seconds"]}

@@ -6,6 +6,8 @@ from the flow can never produce orphan runs, and a failure marks every open run 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -20,6 +22,9 @@ from yoloq.config import MlflowConfig, Params, flatten
 
 PACKAGES = ("yoloq", "prefect", "mlflow", "onnx", "onnxsim", "onnxruntime", "polygraphy", "numpy", "torch", "tensorrt")
 _MAX_PARAM_LENGTH = 6000
+KIND_TAG = "yoloq.kind"
+"""What a run holds: `variant` (a child run per variant), `candidate` (the INT8 search's), `comparison`."""
+VARIANT_KIND = "variant"
 
 
 def resolve_tracking_uri(config: MlflowConfig, project_dir: Path) -> str:
@@ -47,6 +52,26 @@ def git_commit(project_dir: Path) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_versions() -> dict[str, str]:
+    """Besides the model and params, what decides a run's outcome: the yoloq code (version, and git commit when it
+    runs from a checkout, else "unknown") and the TensorRT that builds the engines ("none" without one)."""
+    import yoloq
+
+    checkout = Path(yoloq.__file__).resolve().parents[1]
+    commit = git_commit(checkout) if (checkout / ".git").exists() else "unknown"  # a wheel install has no .git
+    return {"yoloq": yoloq.__version__, "yoloq.git_commit": commit, "tensorrt": tensorrt_version()}
+
+
+def tensorrt_version() -> str:
+    """The importable TensorRT's version, "none" when it is not installed, "unimportable (Error)" when it fails."""
+    try:
+        if importlib.util.find_spec("tensorrt") is None:
+            return "none"
+        return str(importlib.import_module("tensorrt").__version__)
+    except Exception as exc:  # a broken install raises ImportError, OSError (libnvinfer), AttributeError...
+        return f"unimportable ({type(exc).__name__})"
 
 
 @dataclass
@@ -102,10 +127,12 @@ class RunTracker:
             elif path.is_file():
                 self.client.log_artifact(run_id, str(path), folder)
 
-    def start_child(self, name: str, params: dict[str, str]) -> str:
-        run = self.client.create_run(
-            self.experiment_id, tags={"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": name}
-        )
+    def start_child(self, name: str, params: dict[str, str], kind: str | None = None) -> str:
+        """A child run of the parent run; `kind` becomes its yoloq.kind tag (e.g. VARIANT_KIND)."""
+        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": name}
+        if kind is not None:
+            tags[KIND_TAG] = kind
+        run = self.client.create_run(self.experiment_id, tags=tags)
         self.open_runs.append(run.info.run_id)
         self.log_params(run.info.run_id, params)
         return run.info.run_id

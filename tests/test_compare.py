@@ -19,7 +19,10 @@ VARIANTS = {  # name: (precision, backend, map50_95, delta vs fp32, latency ms, 
 def log_flow_run(client: MlflowClient, experiment_id: str, name: str) -> str:
     parent = client.create_run(experiment_id, tags={"mlflow.runName": name}).info.run_id
     for variant, (precision, backend, map50_95, delta, latency, ips) in VARIANTS.items():
-        child = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "mlflow.runName": variant})
+        tags = {"mlflow.parentRunId": parent, "mlflow.runName": variant}
+        if variant != "fp16":  # the flow tags variant runs yoloq.kind=variant; older runs have no such tag
+            tags["yoloq.kind"] = "variant"
+        child = client.create_run(experiment_id, tags=tags)
         run_id = child.info.run_id
         client.log_param(run_id, "precision", precision)
         client.log_param(run_id, "backend", backend)
@@ -32,8 +35,27 @@ def log_flow_run(client: MlflowClient, experiment_id: str, name: str) -> str:
         }.items():
             client.log_metric(run_id, key, value)
         client.set_terminated(run_id, "FINISHED")
+    log_search_candidates(client, experiment_id, parent)
     client.set_terminated(parent, "FINISHED")
     return parent
+
+
+def log_search_candidates(client: MlflowClient, experiment_id: str, parent: str) -> None:
+    """Child runs like the INT8 search's (flows/search.py): tagged yoloq.kind=candidate, no precision param."""
+    for name, map50_95 in (("int8.minmax-64.default", 0.33), ("int8.minmax-64.top4", 0.335)):
+        run_id = client.create_run(
+            experiment_id, tags={"mlflow.parentRunId": parent, "mlflow.runName": name, "yoloq.kind": "candidate"}
+        ).info.run_id
+        client.log_param(run_id, "search.stage", "precision")
+        client.log_param(run_id, "calibration.algorithm", "minmax")
+        client.log_metric(run_id, "map50_95", map50_95)
+        client.set_terminated(run_id, "FINISHED")
+    failed = client.create_run(  # a candidate whose build failed: only its stage
+        experiment_id, tags={"mlflow.parentRunId": parent, "mlflow.runName": "int8.mse-64.default"}
+    ).info.run_id
+    client.log_param(failed, "search.stage", "calibration")
+    client.set_tag(failed, "yoloq.kind", "candidate")
+    client.set_terminated(failed, "FINISHED")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +72,8 @@ def test_compare_two_runs_table_plot_and_comparison_run(store, tmp_path):
     uri, client, runs = store
     table, plot, comparison_id = compare_runs(uri, runs[:2], "yoloq", tmp_path)
     lines = table.splitlines()
-    assert len(lines) == 2 + 2 * len(VARIANTS)
+    assert len(lines) == 2 + 2 * len(VARIANTS)  # the search's candidate runs are not variants
+    assert " ? " not in table and "int8.minmax-64" not in table
     assert "| yolov5n-0 | int8-qdq | int8 | tensorrt | 0.3419 | +0.63 | +0.58 | 0.68 | 7620.0 | 5.60 |" in table
     assert "| yolov5n-1 | fp32 | fp32 | tensorrt | 0.3356 | +0.00 | -0.05 |" in table
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -64,6 +87,15 @@ def test_default_is_the_two_latest_flow_runs_not_comparisons(store, tmp_path):
     uri, client, runs = store
     compare_runs(uri, [], "yoloq", tmp_path)  # logs a comparison run, which must not count as a flow run
     assert latest_parent_runs(client, "yoloq", 2) == [runs[2], runs[1]]
+
+
+def test_a_run_with_only_search_candidates_has_no_variant_runs(store, tmp_path):
+    uri, client, runs = store
+    experiment_id = client.get_run(runs[0]).info.experiment_id
+    parent = client.create_run(experiment_id, tags={"mlflow.runName": "interrupted"}).info.run_id
+    log_search_candidates(client, experiment_id, parent)
+    with pytest.raises(InputError, match="has no variant runs"):
+        compare_runs(uri, [parent], "yoloq", tmp_path)
 
 
 def test_unknown_run_and_experiment_are_clear_errors(store, tmp_path):

@@ -190,3 +190,47 @@ def test_search_steps_and_sizes_are_checked_with_their_keys():
         load_params(PROJECT / "params.yaml", ["search.float_steps=[4, 2]"])
     with pytest.raises(ConfigError, match=r"search.calibration_sizes: Value error, every size must be >= 1"):
         load_params(PROJECT / "params.yaml", ["search.calibration_sizes=[64, 0]"])
+
+
+# -- names that become folders of the run's report -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a..b", "..int8", "int8..", "../x", "a/b", "a b"])
+def test_variant_and_target_names_that_could_leave_the_run_folder_are_refused(tmp_path, name):
+    data = shipped()
+    data["variants"][1]["name"] = name
+    with pytest.raises(ConfigError) as err:
+        load_params(write_params(tmp_path, data))
+    assert "variants.1.name" in str(err.value) and "letters, digits" in str(err.value)
+    data = shipped()
+    data["targets"] = [{"name": name, "work_pool": "gpu"}]
+    with pytest.raises(ConfigError) as err:
+        load_params(write_params(tmp_path, data))
+    assert "targets.0.name" in str(err.value) and "letters, digits" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-qdq", "fp16.v2", "a_b.c-d", "8"])
+def test_ordinary_names_with_single_dots_are_accepted(tmp_path, name):
+    data = shipped()
+    data["variants"][1]["name"] = name
+    data["targets"] = [{"name": name, "work_pool": "gpu"}]
+    params = load_params(write_params(tmp_path, data))
+    assert params.variants[1].name == name and params.targets[0].name == name
+
+
+# -- code defaults are the shipped params.yaml's --------------------------------------------------------------
+
+PATH_KEYS = ("model.path", "calibration.images", "validation.images", "validation.labels", "output_dir")
+
+
+def test_a_params_file_with_only_the_model_means_the_shipped_params(tmp_path):
+    """Every default in yoloq/config.py equals params.yaml's value (README documents those): a key left out of a
+    params file means what the shipped file says. Paths are compared relative to each file's folder."""
+    minimal = write_params(tmp_path, {"model": {"path": shipped()["model"]["path"]}})
+    defaults, reference = flatten(load_params(minimal)), flatten(load_params(PROJECT / "params.yaml"))
+    for key in PATH_KEYS:
+        defaults[key] = str(Path(defaults[key]).relative_to(tmp_path.resolve()))
+        reference[key] = str(Path(reference[key]).relative_to(PROJECT))
+    assert set(defaults) == set(reference)
+    differing = {key: (defaults[key], reference[key]) for key in reference if defaults[key] != reference[key]}
+    assert differing == {}, "code default vs params.yaml"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from prefect.exceptions import ParameterTypeError
 from prefect.utilities.callables import parameter_schema
 
 from flows.deploy import checkpoint_trigger, flat_overrides, quantize_deployment, run_key
+from flows.tracking import code_versions
 from tests.conftest import PROJECT
 from yoloq.config import load_params
 
@@ -40,12 +44,39 @@ def test_one_field_overrides_one_key_and_keeps_the_rest():
     ]
 
 
+VERSIONS = {"yoloq": "0.1.0", "yoloq.git_commit": "f7f7b3e", "tensorrt": "10.3.0"}
+
+
 def test_run_key_follows_content_and_settings_not_the_path(tmp_path):
     copy = tmp_path / "renamed.pt"
     copy.write_bytes((PROJECT / "data/models/yolov5n.pt").read_bytes())
-    base = run_key(load_params(PROJECT / "params.yaml"))
-    assert run_key(load_params(PROJECT / "params.yaml", [f"model.path={copy}"])) == base
-    assert run_key(load_params(PROJECT / "params.yaml", ["calibration.num_images=64"])) != base
+    base = run_key(load_params(PROJECT / "params.yaml"), VERSIONS)
+    assert run_key(load_params(PROJECT / "params.yaml", [f"model.path={copy}"]), VERSIONS) == base
+    assert run_key(load_params(PROJECT / "params.yaml", ["calibration.num_images=64"]), VERSIONS) != base
+
+
+@pytest.mark.parametrize(
+    "upgrade", [{"yoloq": "0.2.0"}, {"yoloq.git_commit": "0123abc"}, {"tensorrt": "10.4.0"}, {"tensorrt": "none"}]
+)
+def test_run_key_changes_with_the_code_and_tensorrt_versions(upgrade):
+    # a run after upgrading yoloq or TensorRT must not be skipped as done
+    params = load_params(PROJECT / "params.yaml")
+    assert run_key(params, {**VERSIONS, **upgrade}) != run_key(params, VERSIONS)
+
+
+def test_code_versions_name_this_checkout_and_the_installed_tensorrt():
+    import subprocess
+
+    import yoloq
+
+    versions = code_versions()
+    assert set(versions) == {"yoloq", "yoloq.git_commit", "tensorrt"}
+    assert versions["yoloq"] == yoloq.__version__
+    checkout = Path(yoloq.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True)
+    assert versions["yoloq.git_commit"] == head.stdout.strip()
+    if importlib.util.find_spec("tensorrt") is None:
+        assert versions["tensorrt"] == "none"
 
 
 def test_checkpoint_trigger_templates_the_path_from_the_event():

@@ -60,6 +60,7 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     assert parent.data.params["calibration.num_images"] == str(CALIBRATION_IMAGES)
     assert parent.data.tags["gate"] == "passed"
     assert parent.data.tags["data.model_sha256"].startswith("4f180cf2")
+    assert len(parent.data.tags["data.validation_set_sha256"]) == 64  # images scored and their labels
     assert "version.onnxruntime" in parent.data.tags and "mlflow.source.git.commit" in parent.data.tags
     assert parent.data.metrics["int8.delta_map50_95_vs_fp32"] >= -0.015
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
@@ -72,7 +73,7 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     )
     assert [c.data.tags["mlflow.runName"] for c in children] == ["fp32", "int8"]
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED" and child.data.tags["yoloq.kind"] == "variant"
         assert {"map50_95", "map50", "delta_map50_95_vs_fp32", "latency_ms_b1", "throughput_ips"} <= set(
             child.data.metrics
         )
@@ -123,6 +124,18 @@ def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, pr
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
     latest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert latest.info.status == "FAILED" and "000000000139.txt:2" in latest.data.tags["error"]
+
+
+def test_fp32_run_needs_no_calibration_folder(project, tmp_path, capsys):
+    # no INT8 variant: the simplify check uses validation images instead of listing the missing calibration folder
+    out = tmp_path / "fp32.json"
+    args = ["run", "-p", str(project / "params.yaml"), "--json", str(out)]
+    args += ["--set", "variants=[{name: fp32, precision: fp32}]", "--set", f"calibration.images={tmp_path / 'absent'}"]
+    args += ["--set", "validation.num_images=4"]
+    code = main(args)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert [v["name"] for v in json.loads(out.read_text())["variants"]] == ["fp32"]
 
 
 SEARCH = [

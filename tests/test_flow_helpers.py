@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flows.quantize import _build_artifacts, fp16_vs_int8
+from flows.prepare import simplify_check_images
+from flows.quantize import _build_artifacts, fp16_vs_int8, new_run_folder
 from flows.tracking import error_message
+from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES
 from yoloq.backends import BuiltModel
-from yoloq.config import VariantConfig
+from yoloq.config import VariantConfig, load_params
+from yoloq.preprocess import list_images
 from yoloq.report import VariantResult
 
 
@@ -77,3 +82,36 @@ def test_error_message_of_an_ordinary_error_is_the_error_itself():
         error = exc
     assert error_message(error) == "RuntimeError: export failed"
     assert error_message(ValueError()) == "ValueError: (no message)"
+
+
+def test_simplify_checks_on_calibration_images_when_the_run_calibrates():
+    params = load_params(PROJECT / "params.yaml", ["simplify.check_images=3"])
+    validation = list_images(VAL_IMAGES)
+    assert simplify_check_images(params, validation) == list_images(CALIB_IMAGES)[:3]
+
+
+def test_simplify_checks_on_validation_images_without_a_calibration_folder_or_int8(tmp_path):
+    validation = list_images(VAL_IMAGES)
+    # the crash seen on main: fp32 only, no calibration folder -> FileNotFoundError listing it
+    fp32_only = ["variants=[{name: fp32, precision: fp32}]", "simplify.check_images=2"]
+    missing = load_params(PROJECT / "params.yaml", [*fp32_only, f"calibration.images={tmp_path / 'absent'}"])
+    assert simplify_check_images(missing, validation) == validation[:2]
+    # the folder exists but no variant needs calibration: its images are not read at all
+    not_needed = load_params(PROJECT / "params.yaml", fp32_only)
+    assert simplify_check_images(not_needed, validation) == validation[:2]
+    # an empty calibration folder: validation images too
+    (tmp_path / "empty").mkdir()
+    empty_folder = f"calibration.images={tmp_path / 'empty'}"
+    empty = load_params(PROJECT / "params.yaml", ["simplify.check_images=2", empty_folder])
+    assert simplify_check_images(empty, validation) == validation[:2]
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    second = time.strptime("2025-06-01 12:00:00", "%Y-%m-%d %H:%M:%S")
+    first = new_run_folder(tmp_path / "runs", "yolov5n", second)
+    again = new_run_folder(tmp_path / "runs", "yolov5n", second)
+    assert (first.name, again.name) == ("yolov5n-20250601-120000", "yolov5n-20250601-120000-2")
+    assert first.is_dir() and again.is_dir()  # created here: no other run can take them
+    with ThreadPoolExecutor(8) as pool:  # concurrent runs
+        folders = list(pool.map(lambda _: new_run_folder(tmp_path / "runs", "yolov5n", second), range(8)))
+    assert len(set(folders)) == 8 and not {first, again} & set(folders)

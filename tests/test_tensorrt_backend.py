@@ -70,7 +70,7 @@ def test_onnxruntime_variants_never_probe_tensorrt():
     def probe() -> Availability:
         raise AssertionError("probed")
 
-    assert resolve_backend(VariantConfig(name="o"), probe) == "onnxruntime"
+    assert resolve_backend(VariantConfig(name="o", backend="onnxruntime"), probe) == "onnxruntime"
 
 
 def test_resolve_variants_probes_once_and_returns_concrete_backends(tmp_path):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from yoloq.errors import ConfigError
 
@@ -19,6 +20,19 @@ ResolvedBackendName = Literal["onnxruntime", "tensorrt"]
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
+
+
+NAME_RULE = "letters, digits, '_', '-' and '.', not starting with a dot and without '..'"
+
+
+def check_name(name: str) -> str:
+    """A variant or target name becomes a folder of the run's report (report_dir / name): it must stay inside."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or ".." in name:
+        raise ValueError(f"{name!r} is not allowed: use {NAME_RULE} (the name becomes a folder of the run's report)")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(check_name)]
 
 
 class Section(BaseModel):
@@ -50,18 +64,18 @@ class CalibrationConfig(Section):
     min_images: int = Field(8, ge=1, description="fail when fewer readable images remain")
     batch_size: int = Field(8, ge=1, le=256)
     algorithm: CalibrationAlgorithm = "minmax"
-    percentile: float = Field(99.999, gt=90.0, le=100.0)
+    percentile: float = Field(99.99, gt=90.0, le=100.0, description="used by algorithm: percentile")
     max_validation_overlap: float = Field(
         0.05, ge=0.0, le=1.0, description="largest share of calibration images that may also be validation images"
     )
 
 
 class VariantConfig(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName = Field(description=f"{NAME_RULE}; names the variant's folder of the run's report")
     precision: Precision = "fp32"
     quantization: Quantization = "none"
     backend: BackendName = Field(
-        "onnxruntime", description="onnxruntime, tensorrt, or auto; a variant without one takes the top-level backend"
+        "auto", description="onnxruntime, tensorrt, or auto; a variant without one takes the top-level backend"
     )
     calibrator: TrtCalibrator | None = Field(
         None, description="TensorRT calibrator for quantization implicit; null = minmax (entropy2 loses ~12 points)"
@@ -241,15 +255,24 @@ class MlflowConfig(Section):
     experiment: str = "yoloq"
 
 
+DEFAULT_VARIANTS: tuple[dict[str, str], ...] = (
+    {"name": "fp32", "precision": "fp32"},
+    {"name": "int8", "precision": "int8", "quantization": "qdq"},
+)
+"""The variants of a params file that lists none (the shipped params.yaml's)."""
+
+
 class Params(Section):
     model: ModelConfig
     backend: BackendName = Field(
-        "onnxruntime", description="backend of every variant that names none: auto, onnxruntime or tensorrt"
+        "auto", description="backend of every variant that names none: auto, onnxruntime or tensorrt"
     )
     export: ExportConfig = ExportConfig()
     simplify: SimplifyConfig = SimplifyConfig()
     calibration: CalibrationConfig = CalibrationConfig()
-    variants: list[VariantConfig] = Field(min_length=1)
+    variants: list[VariantConfig] = Field(
+        default_factory=lambda: [VariantConfig.model_validate(v) for v in DEFAULT_VARIANTS], min_length=1
+    )
     validation: ValidationConfig = ValidationConfig()
     gate: GateConfig = GateConfig()
     search: SearchConfig = SearchConfig()
@@ -274,7 +297,10 @@ class Params(Section):
     @model_validator(mode="before")
     @classmethod
     def _variants_inherit_backend(cls, data: Any) -> Any:
-        """A variant without its own `backend` takes the top-level one (checked with the variant's other keys)."""
+        """A variant without its own `backend` takes the top-level one (checked with the variant's other keys).
+        Without `variants`, the DEFAULT_VARIANTS do too."""
+        if isinstance(data, dict) and "variants" not in data:
+            data = {**data, "variants": [dict(v) for v in DEFAULT_VARIANTS]}
         if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
             return data
         if data.get("backend") not in ("auto", "onnxruntime", "tensorrt"):
@@ -450,7 +476,7 @@ class RegistryConfig(Section):
 class TargetConfig(Section):
     """A build target: a GPU type whose engines are built and validated by workers of one Prefect work pool."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="e.g. h100, l4, orin")
+    name: SafeName = Field(description=f"e.g. h100, l4, orin ({NAME_RULE})")
     work_pool: str = Field(min_length=1, description="Prefect work pool whose workers run on that GPU type")
     timeout_s: float = Field(
         7200, gt=0, description="deadline of the target's build+validate run; cancelled past it (workers kill it)"

@@ -258,11 +258,16 @@ def _check_unique_ids(truths: list[ImageTruth]) -> None:
         seen[truth.image_id] = truth.path
 
 
+def yolo_label_path(image: Path, labels: Path) -> Path:
+    """The YOLO label file of `image` in the label folder `labels` (000000000139.jpg -> 000000000139.txt)."""
+    return labels / f"{image.stem}.txt"
+
+
 def _load_from_folder(images: list[Path], labels: Path, num_classes: int) -> tuple[list[ImageTruth], GroundTruthStats]:
     truths: list[ImageTruth] = []
     for path in images:
         width, height = image_size(path)
-        label_file = labels / f"{path.stem}.txt"
+        label_file = yolo_label_path(path, labels)
         if label_file.is_file():
             classes, cxcywh = read_yolo_label_file(label_file, num_classes)
             found = _ImageBoxes(cxcywh_normalised_to_xyxy(cxcywh, width, height), classes)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from yoloq.artifacts import content_key, file_sha256
 from yoloq.backends.base import Runner
 from yoloq.config import TimingConfig, ValidationConfig
 from yoloq.errors import InputError
 from yoloq.heads import Detections, HeadFormat, decode
-from yoloq.labels import GroundTruthStats, ImageTruth, load_ground_truth
+from yoloq.labels import GroundTruthStats, ImageTruth, load_ground_truth, yolo_label_path
 from yoloq.metrics import MapResult, coco_map
 from yoloq.preprocess import boxes_to_original, list_images, load_preprocessed
 
@@ -45,9 +46,15 @@ class VariantScore:
     seconds: float
 
 
-def load_validation_set(config: ValidationConfig, num_classes: int) -> ValidationSet:
-    """The validation images (first `num_images` by name of the main folder) and their ground truth, followed by
-    every image of `extra_sets`: one set, scored by one COCO evaluation."""
+@dataclass(frozen=True)
+class LabelledImages:
+    images: list[Path]
+    labels: Path  # folder of YOLO .txt files, or a COCO instances .json
+
+
+def validation_sources(config: ValidationConfig) -> list[LabelledImages]:
+    """Exactly the images the validation scores, with their labels: the first `num_images` (by name) of the main
+    folder, then every image of each of `extra_sets`. Raises InputError naming the key of a missing folder."""
     if not config.images.is_dir():
         raise InputError(f"validation images folder {config.images} not found: set validation.images")
     if not config.labels.exists():
@@ -57,20 +64,49 @@ def load_validation_set(config: ValidationConfig, num_classes: int) -> Validatio
         images = images[: config.num_images]
     if not images:
         raise InputError(f"validation folder {config.images} holds no images")
-    truths, stats = load_ground_truth(images, config.labels, num_classes)
+    sources = [LabelledImages(images, config.labels)]
     for index, extra in enumerate(config.extra_sets):
         where = f"validation.extra_sets.{index}"
-        if not extra.images.is_dir() or not list_images(extra.images):
+        extra_images = list_images(extra.images) if extra.images.is_dir() else []
+        if not extra_images:
             raise InputError(f"{where}.images: {extra.images} is not a folder of images")
         if not extra.labels.exists():
             raise InputError(f"{where}.labels: {extra.labels} not found (YOLO label folder or COCO json)")
-        more, more_stats = load_ground_truth(list_images(extra.images), extra.labels, num_classes)
+        sources.append(LabelledImages(extra_images, extra.labels))
+    return sources
+
+
+def load_validation_set(config: ValidationConfig, num_classes: int) -> ValidationSet:
+    """The validation images (first `num_images` by name of the main folder) and their ground truth, followed by
+    every image of `extra_sets`: one set, scored by one COCO evaluation."""
+    first, *rest = validation_sources(config)
+    truths, stats = load_ground_truth(first.images, first.labels, num_classes)
+    for source in rest:
+        more, more_stats = load_ground_truth(source.images, source.labels, num_classes)
         truths += more
         stats = merge_stats(stats, more_stats)
     ids = [t.image_id for t in truths]
     if len(set(ids)) != len(ids):
         raise InputError("validation sets share image ids (the same image twice?): list each image folder once")
     return ValidationSet(truths, stats)
+
+
+def validation_set_sha256(config: ValidationConfig) -> str:
+    """One hash of exactly what the validation scores (`validation_sources`): every selected image (name, which
+    gives its COCO image id, and content) with its YOLO label file (or none: background), or the set's COCO json.
+    Changing num_images, an extra set, an image or a label changes it."""
+    sets = []
+    for source in validation_sources(config):
+        in_folder = source.labels.is_dir()
+        images = [[image.name, file_sha256(image), _yolo_label_sha256(image, source.labels)] for image in source.images]
+        sets.append({"coco_json": None if in_folder else file_sha256(source.labels), "images": images})
+    return content_key("validation-set-v1", sets, length=64)
+
+
+def _yolo_label_sha256(image: Path, labels: Path) -> str | None:
+    """The hash of `image`'s label file when `labels` is a YOLO label folder; None without one (or for COCO json)."""
+    label = yolo_label_path(image, labels)
+    return file_sha256(label) if labels.is_dir() and label.is_file() else None
 
 
 def merge_stats(a: GroundTruthStats, b: GroundTruthStats) -> GroundTruthStats:
