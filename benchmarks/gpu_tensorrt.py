@@ -160,7 +160,7 @@ def run(
 ) -> int:
     """GPU: build, validate and time each variant; write the table after each; then the searches asked for."""
     from yoloq.backends import get_backend, tensorrt_availability
-    from yoloq.backends.tensorrt import TensorRTBackend
+    from yoloq.backends.tensorrt.build import TensorRTBackend
     from yoloq.export import read_facts
     from yoloq.validate import load_validation_set
 
@@ -222,7 +222,7 @@ class _Bench:
         return f"{name}@level{self.level}@{len(self.dataset.truths)}img"
 
     def measure(self, name: str, variant: VariantConfig, qdq_onnx: Path | None) -> dict[str, Any]:
-        from yoloq.backends.tensorrt import measure_device_timing, measure_end_to_end
+        from yoloq.backends.tensorrt.timing import measure_device_timing, measure_end_to_end
         from yoloq.validate import evaluate
 
         params, facts, settings = self.params, self.facts, self.params.tensorrt

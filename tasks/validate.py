@@ -50,7 +50,7 @@ def validate_task(
 def _timing_fn(built: BuiltModel, facts: ModelFacts, params: Params) -> TimingFn | None:
     if built.variant.backend != "tensorrt":
         return None  # wall clock at batch 1 and validation.timing.batch_size
-    from yoloq.backends.tensorrt import device_timing_fn  # device time (CUDA events), batch 1 and profile max
+    from yoloq.backends.tensorrt.timing import device_timing_fn  # device time (CUDA events), batch 1 and profile max
 
     return device_timing_fn(facts.imgsz, params.tensorrt)
 

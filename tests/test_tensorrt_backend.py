@@ -3,6 +3,8 @@ and one engine build that runs only where TensorRT and a GPU exist."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -11,30 +13,36 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import CALIB_IMAGES, VAL_IMAGES, shipped, write_params
+from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES, shipped, write_params
 from yoloq.backends import get_backend, resolve_backend, resolve_variants, tensorrt_availability
-from yoloq.backends.tensorrt import (
-    OnnxInput,
-    TensorRTBackend,
-    TrtEnvironment,
-    calibration_cache_key,
-    default_timing_cache,
-    engine_key,
-    library_version,
-    measure_end_to_end,
-    numpy_dtype,
-    onnx_input,
-    tactic_sources,
-)
-from yoloq.backends.trt_cuda import GpuInfo
-from yoloq.backends.trt_versions import Availability, TrtVersion, capabilities, plan_variant
+from yoloq.backends.tensorrt.build import TensorRTBackend, tactic_sources, updated_timing_cache
+from yoloq.backends.tensorrt.constraints import hold_layers_in_float
+from yoloq.backends.tensorrt.cuda import GpuInfo
+from yoloq.backends.tensorrt.environment import TrtEnvironment, library_version
+from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
+from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
+from yoloq.backends.tensorrt.runner import numpy_dtype
+from yoloq.backends.tensorrt.timing import measure_end_to_end, time_device
+from yoloq.backends.tensorrt.versions import Availability, TrtVersion, capabilities, plan_variant
 from yoloq.config import CalibrationConfig, TensorRTConfig, ValidationConfig, VariantConfig, load_params
-from yoloq.errors import BackendUnavailable, InputError
+from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
 
 H200 = GpuInfo(0, "NVIDIA H200", "9.0", 143771)
 AVAILABLE = Availability((), TrtVersion(8, 6, 1), H200)
 MISSING = Availability(("TensorRT is not installed (import tensorrt: No module named 'tensorrt')",))
 TRT_AVAILABLE = tensorrt_availability().available
+
+
+# -- imports -------------------------------------------------------------------------------------------------------
+
+
+def test_the_backends_package_imports_no_tensorrt_and_no_polygraphy():
+    code = (
+        "import sys, yoloq.backends, yoloq.backends.tensorrt.build, yoloq.backends.tensorrt.timing; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'polygraphy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT)
+    assert out.stdout.strip() == "[]"
 
 
 # -- backend selection --------------------------------------------------------------------------------------------
@@ -277,7 +285,7 @@ def test_fp32_engine_builds_runs_and_is_reused(simplified, tmp_path):
     try:
         output = runner.infer(np.zeros((3, 3, 640, 640), dtype=np.float32))
         assert output.shape[0] == 3 and output.dtype == np.float32
-        timing = runner.time_device(np.zeros((4, 3, 640, 640), dtype=np.float32), iterations=5, warmup=1)
+        timing = time_device(runner, np.zeros((4, 3, 640, 640), dtype=np.float32), iterations=5, warmup=1)
         assert timing.latency_ms_median > 0 and timing.images_per_s > 0
     finally:
         runner.close()
@@ -310,14 +318,12 @@ class FakeBuilderConfig:
 
 
 def test_timing_cache_is_merged_with_the_one_on_disk(tmp_path):
-    from yoloq.backends.tensorrt import _updated_timing_cache
-
     path = tmp_path / "timing.cache"
-    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new"
+    assert updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new"
     path.write_bytes(b"+old")
-    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new+old"
-    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new"), readable=False), path) == b"new"
-    assert _updated_timing_cache(FakeBuilderConfig(None), path) == b""
+    assert updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new+old"
+    assert updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new"), readable=False), path) == b"new"
+    assert updated_timing_cache(FakeBuilderConfig(None), path) == b""
 
 
 class _FakeLayer:
@@ -338,8 +344,6 @@ class _FakeNetwork:
 
 
 def test_float_layers_are_constrained_by_onnx_node_name():
-    from yoloq.backends.tensorrt import EngineBuildError, hold_layers_in_float
-
     network = _FakeNetwork(["/model.0/conv/Conv", "/model.0/act/Sigmoid", "/model.2/cv1/conv/Conv"])
     assert hold_layers_in_float(network, ["/model.2/cv1/conv/Conv"], "half") == ["/model.2/cv1/conv/Conv"]
     held = network.layers[2]

@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from yoloq.backends.trt_cuda import CudaUnavailable, GpuInfo, cuda_devices
-from yoloq.backends.trt_versions import (
+from yoloq.backends.tensorrt.cuda import CudaUnavailable, GpuInfo, cuda_devices
+from yoloq.backends.tensorrt.versions import (
     TrtVersion,
     UnsupportedVariant,
     cache_mismatch,

@@ -164,7 +164,8 @@ def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
     from yoloq.export import facts_for_onnx
 
     get_backend("tensorrt")  # BackendUnavailable (exit 2) with the reason and the install hint
-    from yoloq.backends.tensorrt import TensorRTRunner, device_timing_fn
+    from yoloq.backends.tensorrt.runner import TensorRTRunner
+    from yoloq.backends.tensorrt.timing import device_timing_fn
 
     record = engine.with_suffix(".json")
     if not record.is_file():

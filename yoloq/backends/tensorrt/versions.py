@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
-from yoloq.backends.trt_cuda import CudaUnavailable, GpuInfo
+from yoloq.backends.tensorrt.cuda import CudaUnavailable, GpuInfo
 from yoloq.config import TrtCalibrator, VariantConfig
 from yoloq.errors import BackendUnavailable
 
