@@ -228,8 +228,7 @@ class _Bench:
         params, facts, settings = self.params, self.facts, self.params.tensorrt
         print(f"\n=== {name} (builder optimization level {self.level}) ===", flush=True)
         built = self.backend.build(variant, self.fp32_onnx, qdq_onnx, self.build_dir)
-        runner = self.backend.load(built)
-        try:
+        with self.backend.load(built) as runner:
             start = time.perf_counter()
             result = evaluate(
                 runner, self.dataset, facts.head_format, facts.imgsz, facts.names, params.validation, print
@@ -239,8 +238,6 @@ class _Bench:
                 runner, self.sample, [1, settings.profile.max_batch], settings.timing.iterations, settings.timing.warmup
             )
             e2e_ms = measure_end_to_end(runner, self.sample_paths, facts.imgsz, facts.head_format, params.validation)
-        finally:
-            runner.close()
         row = {
             "variant": name,
             "map50_95": result.map50_95,

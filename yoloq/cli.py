@@ -176,10 +176,12 @@ def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
     if not source.is_file():
         raise InputError(f"engine {engine}: its source ONNX {source} is gone; validate that ONNX instead")
     facts = facts_for_onnx(source, imgsz)
-    return TensorRTRunner(engine), facts, device_timing_fn(facts.imgsz, TensorRTConfig())
+    timing_fn = device_timing_fn(facts.imgsz, TensorRTConfig())
+    return TensorRTRunner(engine), facts, timing_fn  # the runner last: the caller closes it
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from yoloq.backends import closing_runner
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
     from yoloq.config import ValidationConfig
     from yoloq.errors import InputError
@@ -195,9 +197,10 @@ def _validate(args: argparse.Namespace) -> int:
         runner, facts, timing_fn = OnnxRuntimeRunner(model), facts_for_onnx(model, args.imgsz), None
     else:
         raise InputError(f"model {model}: validate takes an .onnx model or a TensorRT engine built by yoloq")
-    config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
-    dataset = load_validation_set(config, len(facts.names))
-    score = score_variant(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, print, timing_fn)
+    with closing_runner(runner):  # an engine's runner holds GPU memory
+        config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
+        dataset = load_validation_set(config, len(facts.names))
+        score = score_variant(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, print, timing_fn)
     result, timing = score.map, score.timing
     document = {
         "model": str(model),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from yoloq.backends.base import Backend, BuiltModel, Runner
+from yoloq.backends.base import Backend, BuiltModel, Runner, closing_runner
 from yoloq.backends.tensorrt.cuda import cuda_devices
 from yoloq.backends.tensorrt.versions import Availability, check_availability
 from yoloq.config import BackendName, Params, ResolvedBackendName, VariantConfig
@@ -89,6 +89,7 @@ __all__ = [
     "Backend",
     "BuiltModel",
     "Runner",
+    "closing_runner",
     "get_backend",
     "needs_tensorrt",
     "resolve_backend",
