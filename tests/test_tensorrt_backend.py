@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES, shipped, write_params
 from yoloq.backends import get_backend, resolve_backend, resolve_variants, tensorrt_availability
 from yoloq.backends.tensorrt.build import TensorRTBackend, tactic_sources, updated_timing_cache
-from yoloq.backends.tensorrt.constraints import hold_layers_in_float
+from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_in_float, prefer_precision
 from yoloq.backends.tensorrt.cuda import GpuInfo
 from yoloq.backends.tensorrt.environment import TrtEnvironment, library_version
 from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
@@ -326,17 +326,30 @@ def test_timing_cache_is_merged_with_the_one_on_disk(tmp_path):
     assert updated_timing_cache(FakeBuilderConfig(None), path) == b""
 
 
+class _FakeTensor:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
 class _FakeLayer:
-    def __init__(self, name: str, outputs: int = 1) -> None:
-        self.name, self.num_outputs, self.precision, self.output_types = name, outputs, None, {}
+    def __init__(self, name: str, kind: str = "CONVOLUTION", inputs: tuple[str | None, ...] = (), outputs: int = 1):
+        self.name, self.type, self.num_outputs, self.precision, self.output_types = name, kind, outputs, None, {}
+        self.inputs = [_FakeTensor(i) if i is not None else None for i in inputs]
+        self.num_inputs = len(self.inputs)
+
+    def get_input(self, index: int) -> _FakeTensor | None:
+        return self.inputs[index]
+
+    def get_output(self, index: int) -> _FakeTensor:
+        return _FakeTensor(f"{self.name}_output_{index}")
 
     def set_output_type(self, index: int, dtype: object) -> None:
         self.output_types[index] = dtype
 
 
 class _FakeNetwork:
-    def __init__(self, names: list[str]) -> None:
-        self.layers = [_FakeLayer(n) for n in names]
+    def __init__(self, names: list[str] | None = None, layers: list[_FakeLayer] | None = None) -> None:
+        self.layers = layers if layers is not None else [_FakeLayer(n) for n in names or []]
         self.num_layers = len(self.layers)
 
     def get_layer(self, index: int) -> _FakeLayer:
@@ -351,3 +364,44 @@ def test_float_layers_are_constrained_by_onnx_node_name():
     assert network.layers[0].precision is None
     with pytest.raises(EngineBuildError, match="name no layer"):
         hold_layers_in_float(network, ["/model.99/conv/Conv"], "half")
+
+
+def qdq_network() -> _FakeNetwork:
+    """A Q/DQ network as the ONNX parser makes it: the stem and one head conv left in float, the rest fed by DQ."""
+    dq = "DEQUANTIZE"
+    return _FakeNetwork(
+        layers=[
+            _FakeLayer("/model.0/conv/Conv", inputs=("images",)),  # float stem: reads the network input
+            _FakeLayer("/model.0/act/Mul", "ELEMENTWISE", ("/model.0/conv/Conv_output_0",)),
+            _FakeLayer("/model.0/act/Mul_output_0_QuantizeLinear", "QUANTIZE", ("/model.0/act/Mul_output_0",)),
+            _FakeLayer("x_DequantizeLinear", dq, ("/model.0/act/Mul_output_0_QuantizeLinear_output_0",)),
+            _FakeLayer("w_DequantizeLinear", dq, ("w_int8",)),
+            _FakeLayer("/model.1/conv/Conv", inputs=("x_DequantizeLinear_output_0", "w_DequantizeLinear_output_0")),
+            _FakeLayer("/model.2/conv/Conv", inputs=("/model.0/act/Mul_output_0", "w_DequantizeLinear_output_0")),
+            _FakeLayer("/model.24/m.0/Conv", inputs=("/model.0/act/Mul_output_0", None)),  # float head conv
+        ]
+    )
+
+
+def test_convs_outside_qdq_are_the_ones_no_dequantize_layer_feeds():
+    network = qdq_network()
+    found = convs_outside_qdq(network, "CONVOLUTION", "DEQUANTIZE")
+    assert found == ["/model.0/conv/Conv", "/model.24/m.0/Conv"]  # /model.2 has quantized weights: not float
+
+
+def test_prefer_precision_sets_the_compute_precision_only():
+    network = qdq_network()
+    assert prefer_precision(network, ["/model.0/conv/Conv"], "half") == ["/model.0/conv/Conv"]
+    stem = network.layers[0]
+    assert stem.precision == "half" and stem.output_types == {}  # outputs left to TensorRT
+    assert all(layer.precision is None for layer in network.layers[1:])
+    with pytest.raises(EngineBuildError, match="not in the TensorRT network"):
+        prefer_precision(network, ["/model.99/conv/Conv"], "half")
+
+
+def test_engine_key_changes_with_fp16_for_the_convs_outside_qdq():
+    qdq = VariantConfig(name="q", precision="int8", quantization="qdq", backend="tensorrt")
+    caps86 = capabilities(TrtVersion(8, 6, 1))
+    with_fp16, without = plan_variant(qdq, caps86, True, None), plan_variant(qdq, caps86, False, None)
+    settings = TensorRTConfig()
+    assert engine_key("sha", with_fp16, settings, ENV, None) != engine_key("sha", without, settings, ENV, None)

@@ -30,7 +30,7 @@ import onnx
 from yoloq.artifacts import atomic_path, atomic_write_bytes, atomic_write_json, content_key, file_sha256, read_json
 from yoloq.artifacts import size_mb as file_size_mb
 from yoloq.backends.base import BuiltModel
-from yoloq.backends.tensorrt.constraints import hold_layers_in_float
+from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_in_float, prefer_precision
 from yoloq.backends.tensorrt.environment import TrtEnvironment, has_module, load_environment
 from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
 from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
@@ -247,7 +247,7 @@ class TensorRTBackend:
                 BaseClass=getattr(trt, CALIBRATOR_CLASSES[plan.calibrator or "minmax"]),
             )
         create_config = CreateConfig(
-            precision_constraints="obey" if plan.float_layers else None,
+            precision_constraints=plan.precision_constraints,
             fp16=plan.fp16_flag,
             int8=plan.int8_flag,
             calibrator=calibrator,
@@ -269,6 +269,13 @@ class TensorRTBackend:
                     float_type = trt.float16 if plan.fp16_flag else trt.float32
                     held = hold_layers_in_float(network, plan.float_layers, float_type)
                     log(f"yoloq: {len(held)} layers held in {float_type} by precision constraints: {held}")
+                if plan.fp16_float_convs:
+                    float_convs = convs_outside_qdq(network, trt.LayerType.CONVOLUTION, trt.LayerType.DEQUANTIZE)
+                    preferred = prefer_precision(network, float_convs, trt.float16)
+                    details["fp16_preferred_convs"] = ",".join(preferred) or "none"
+                    message = f"{len(preferred)} convs outside Q/DQ preferred in FP16: {', '.join(preferred) or '-'}"
+                    log(f"yoloq: {message} (layer precision, PREFER_PRECISION_CONSTRAINTS)")
+                    self.progress(f"TensorRT {variant.name}: {message}")
                 config = create_config(builder, network)
                 engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
                 timing_bytes = updated_timing_cache(config, timing_cache)
