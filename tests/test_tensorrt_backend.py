@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES, shipped, write_params
 from yoloq.backends import get_backend, resolve_backend, resolve_variants, tensorrt_availability
-from yoloq.backends.tensorrt.build import TensorRTBackend, tactic_sources, updated_timing_cache
+from yoloq.backends.tensorrt.build import TensorRTBackend, config_options, tactic_sources, updated_timing_cache
 from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_in_float, prefer_precision
 from yoloq.backends.tensorrt.cuda import GpuInfo
 from yoloq.backends.tensorrt.environment import TrtEnvironment, library_version
@@ -245,6 +245,51 @@ def test_tactic_sources_by_name():
     assert tactic_sources(trt, ["EDGE_MASK_CONVOLUTIONS", "JIT_CONVOLUTIONS"]) == [3, 4]
     with pytest.raises(InputError, match=r"\['CUDNN_V9'\] are not TacticSource names.*valid: CUBLAS"):
         tactic_sources(trt, ["CUDNN_V9"])
+
+
+def test_builds_are_detailed_for_the_inspector_and_take_the_plans_precision_constraints(tmp_path):
+    trt = fake_trt_module()
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="names", DETAILED="detailed")
+    qdq = VariantConfig(name="q", precision="int8", quantization="qdq", backend="tensorrt")
+    plan = plan_variant(qdq, capabilities(TrtVersion(8, 6, 1)), True, None)
+    settings = TensorRTConfig(workspace_mb=1024, builder_optimization_level=1, tactic_sources=["JIT_CONVOLUTIONS"])
+    options = config_options(trt, plan, settings, tmp_path / "timing.cache")
+    assert options == {
+        "precision_constraints": "prefer",
+        "fp16": True,
+        "int8": True,
+        "memory_pool_limits": {"workspace": 1024 << 20},
+        "builder_optimization_level": 1,
+        "tactic_sources": [4],
+        "load_timing_cache": None,  # no cache on disk yet
+        "profiling_verbosity": "detailed",
+    }
+    (tmp_path / "timing.cache").write_bytes(b"cache")
+    assert config_options(trt, plan, settings, tmp_path / "timing.cache")["load_timing_cache"] == str(
+        tmp_path / "timing.cache"
+    )
+
+
+def test_engines_named_before_detailed_verbosity_are_not_reused():
+    from dataclasses import asdict
+
+    from yoloq.artifacts import content_key
+
+    plan = plan_variant(VariantConfig(name="f", backend="tensorrt"), capabilities(TrtVersion(8, 6, 1)), True, None)
+    settings = TensorRTConfig()
+    v1 = content_key(
+        "trt-engine-v1",
+        "sha",
+        asdict(plan),
+        settings.profile.model_dump(),
+        settings.workspace_mb,
+        settings.builder_optimization_level,
+        None,
+        {k: ENV[k] for k in sorted(ENV) if k != "gpu_memory_mb"},
+        None,
+    )
+    assert engine_key("sha", plan, settings, ENV, None) != v1
 
 
 def test_numpy_dtypes_of_tensorrt_types():

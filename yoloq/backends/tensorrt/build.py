@@ -1,7 +1,8 @@
 """Engine builds: `TensorRTBackend` builds (or reuses) the engine of a variant with Polygraphy.
 
-Build (`TensorRTBackend.build`): Polygraphy `NetworkFromOnnxPath` -> `CreateConfig` (dynamic-batch profile,
-workspace limit, builder optimization level, tactic sources, timing cache, precision flags, calibrator) ->
+Build (`TensorRTBackend.build`): Polygraphy `NetworkFromOnnxPath` (+ layer precision constraints: `constraints`) ->
+`CreateConfig` (dynamic-batch profile, workspace limit, builder optimization level, tactic sources, timing cache,
+precision flags and constraints, calibrator, ProfilingVerbosity.DETAILED for the engine inspector) ->
 `EngineBytesFromNetwork`. What each variant becomes on the installed TensorRT is decided in `versions`.
 Implicit INT8 calibrates with Polygraphy's `Calibrator` over yoloq's `CalibrationDataLoader`: the same letterbox
 as validation.
@@ -247,15 +248,7 @@ class TensorRTBackend:
                 BaseClass=getattr(trt, CALIBRATOR_CLASSES[plan.calibrator or "minmax"]),
             )
         create_config = CreateConfig(
-            precision_constraints=plan.precision_constraints,
-            fp16=plan.fp16_flag,
-            int8=plan.int8_flag,
-            calibrator=calibrator,
-            profiles=[profile],
-            memory_pool_limits={trt.MemoryPoolType.WORKSPACE: self.settings.workspace_mb << 20},
-            builder_optimization_level=self.settings.builder_optimization_level,
-            tactic_sources=tactic_sources(trt, self.settings.tactic_sources),
-            load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+            calibrator=calibrator, profiles=[profile], **config_options(trt, plan, self.settings, timing_cache)
         )
         start = time.perf_counter()
         with polygraphy_log_to(log_path) as log:
@@ -299,6 +292,21 @@ class TensorRTBackend:
             else:
                 details["calibration_cache"] = "not written: TensorRT returned no calibration cache"
         return seconds
+
+
+def config_options(trt: Any, plan: BuildPlan, settings: TensorRTConfig, timing_cache: Path) -> dict[str, Any]:
+    """Polygraphy `CreateConfig` options of a build (besides calibrator and profile). Engines are built with
+    ProfilingVerbosity.DETAILED so the engine inspector reports each layer's kernel (`yoloq profile`)."""
+    return {
+        "precision_constraints": plan.precision_constraints,
+        "fp16": plan.fp16_flag,
+        "int8": plan.int8_flag,
+        "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
+        "builder_optimization_level": settings.builder_optimization_level,
+        "tactic_sources": tactic_sources(trt, settings.tactic_sources),
+        "load_timing_cache": str(timing_cache) if timing_cache.is_file() else None,
+        "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,
+    }
 
 
 def updated_timing_cache(config: Any, path: Path) -> bytes:

@@ -15,7 +15,9 @@ from yoloq.backends.tensorrt.versions import BuildPlan, TrtVersion
 from yoloq.calibration_data import PREPROCESSING_ID
 from yoloq.config import TensorRTConfig, TrtCalibrator
 
-ENGINE_KEY_VERSION = "trt-engine-v1"
+# v2: engines are built with ProfilingVerbosity.DETAILED (the engine inspector then reports kernels, for
+# `yoloq profile`); engines named by v1 are rebuilt, not reused.
+ENGINE_KEY_VERSION = "trt-engine-v2"
 
 
 def calibration_cache_key(
