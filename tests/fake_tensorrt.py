@@ -26,6 +26,7 @@ class FakeDevice:
     fail_malloc_at: int | None = None  # the n-th malloc (0-based) raises
     reject_address_of: str | None = None  # set_tensor_address returns False for this tensor
     layers: list[tuple[str, float]] = field(default_factory=list)  # what the profiler hears per execution
+    slow_executions: int = 0  # the first executions report 10x the layer times (a cold GPU)
     inspector_json: str = '{"Layers": [], "Bindings": []}'
     profile: tuple[int, int, int] = (1, 8, 32)
     allocated: dict[int, int] = field(default_factory=dict)  # pointer -> bytes
@@ -33,6 +34,7 @@ class FakeDevice:
     freed: list[int] = field(default_factory=list)
     streams_open: int = 0
     executions: int = 0
+    inspected_with_context: bool = False
     objects: list[weakref.ref] = field(default_factory=list)  # runtime, engine, context
 
     def alive(self) -> list[str]:
@@ -101,6 +103,7 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
     trt.__version__ = "8.6.1"  # type: ignore[attr-defined]
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")  # type: ignore[attr-defined]
     trt.LayerInformationFormat = types.SimpleNamespace(ONELINE="oneline", JSON="json")  # type: ignore[attr-defined]
+    trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="names", DETAILED="detailed")  # type: ignore[attr-defined]
     float32 = types.SimpleNamespace(name="FLOAT")
 
     class IProfiler:
@@ -113,6 +116,7 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
 
         def get_engine_information(self, fmt: str) -> str:
             assert fmt == "json"
+            device.inspected_with_context = self.execution_context is not None
             return device.inspector_json
 
     class Context:
@@ -133,10 +137,11 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
             return name != device.reject_address_of
 
         def execute_async_v3(self, stream: int) -> bool:
+            factor = 10.0 if device.executions < device.slow_executions else 1.0
             device.executions += 1
             if self.profiler is not None:
                 for name, ms in device.layers:
-                    self.profiler.report_layer_time(name, ms)
+                    self.profiler.report_layer_time(name, ms * factor)
             return True
 
     class Engine:
