@@ -7,7 +7,9 @@ import json
 
 import pytest
 
+import yoloq.backends.tensorrt.environment as environment_module
 from tests.fake_tensorrt import FakeDevice, inspector_document, install
+from yoloq.backends.tensorrt.cuda import GpuInfo
 from yoloq.backends.tensorrt.profile import (
     EngineProfile,
     InspectedLayer,
@@ -278,3 +280,52 @@ def test_an_engine_whose_profiler_reports_nothing_is_an_error(monkeypatch, engin
     install(monkeypatch, FakeDevice(layers=[]))
     with pytest.raises(RuntimeError, match="no layer times"):
         profile_engine(engine, 8, iterations=2, warmup=0)
+
+
+# -- yoloq profile ------------------------------------------------------------------------------------------------
+
+
+def test_yoloq_profile_without_an_engine_file_exits_2(tmp_path, capsys):
+    from yoloq.cli import main
+
+    assert main(["profile", str(tmp_path / "missing.engine")]) == 2
+    assert "missing.engine not found" in capsys.readouterr().err
+
+
+def test_yoloq_profile_without_tensorrt_exits_2_with_the_reason(monkeypatch, engine, capsys):
+    from yoloq.cli import main
+
+    monkeypatch.setattr(environment_module, "cuda_devices", lambda: [])  # no GPU, whatever this machine has
+    assert main(["profile", str(engine)]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'tensorrt' is not available" in err and "no GPU" in err
+
+
+def fake_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(environment_module, "cuda_devices", lambda: [GpuInfo(0, "NVIDIA H200", "9.0", 143771)])
+    monkeypatch.setattr(environment_module, "library_version", lambda major: None)
+
+
+def test_yoloq_profile_prints_the_markdown_and_writes_the_files(monkeypatch, engine, tmp_path, capsys):
+    from yoloq.cli import main
+
+    install(monkeypatch, FakeDevice(layers=list(TIMES.items()), inspector_json=QDQ_ENGINE))
+    fake_gpu(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["profile", str(engine), "--batch", "8", "--iterations", "3", "--warmup", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "# TensorRT profile: trt-int8-qdq-abc.engine" in printed and "Batch 8, 3 profiled executions" in printed
+    assert "on NVIDIA H200" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["profile.json", "profile.md", "profile.png"]
+
+
+def test_yoloq_profile_of_a_file_tensorrt_cannot_load_exits_2(monkeypatch, tmp_path, capsys):
+    from yoloq.cli import main
+
+    install(monkeypatch)
+    fake_gpu(monkeypatch)
+    junk = tmp_path / "junk.engine"
+    junk.write_bytes(b"not an engine")
+    assert main(["profile", str(junk), "--out", str(tmp_path / "out")]) == 2
+    assert "TensorRT cannot load" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
