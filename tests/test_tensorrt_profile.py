@@ -4,6 +4,7 @@ fake inspector JSON and fake layer times, the report files, and collection throu
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -329,3 +330,26 @@ def test_yoloq_profile_of_a_file_tensorrt_cannot_load_exits_2(monkeypatch, tmp_p
     assert main(["profile", str(junk), "--out", str(tmp_path / "out")]) == 2
     assert "TensorRT cannot load" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_profile_step_of_the_flow(monkeypatch, engine, tmp_path):
+    import logging
+
+    import tasks.profile
+    from yoloq.backends import BuiltModel
+    from yoloq.config import Params, VariantConfig
+
+    install(monkeypatch, FakeDevice(layers=list(TIMES.items()), inspector_json=QDQ_ENGINE))
+    fake_gpu(monkeypatch)
+    monkeypatch.setattr(tasks.profile, "get_run_logger", lambda: logging.getLogger("test"))
+    params = types.SimpleNamespace(tensorrt=Params.model_fields["tensorrt"].default)
+    variant = VariantConfig(name="int8-qdq", precision="int8", quantization="qdq", backend="tensorrt")
+    outcome = tasks.profile.profile_task.fn(BuiltModel(variant, engine, 1.0, 1.0), params, tmp_path / "p")
+    assert outcome.error is None and [p.name for p in outcome.files] == ["profile.md", "profile.png", "profile.json"]
+    assert outcome.metrics["profile.fp32_convs"] == 1 and outcome.metrics["profile.reformat_count"] == 1
+    onnx_variant = BuiltModel(VariantConfig(name="fp32", backend="onnxruntime"), tmp_path / "m.onnx", 1.0, 0.0)
+    assert tasks.profile.profile_task.fn(onnx_variant, params, tmp_path / "q").files == []  # not profiled
+    junk = tmp_path / "junk.engine"
+    junk.write_bytes(b"junk")
+    failed = tasks.profile.profile_task.fn(BuiltModel(variant, junk, 1.0, 1.0), params, tmp_path / "r")
+    assert failed.files == [] and "TensorRT cannot load" in (failed.error or "")
