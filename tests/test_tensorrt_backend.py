@@ -326,15 +326,18 @@ def test_fp32_engine_builds_runs_and_is_reused(simplified, tmp_path):
     variant = VariantConfig(name="fp32", backend="tensorrt")
     built = backend.build(variant, simplified.onnx_path, None, tmp_path)
     assert built.path.is_file() and built.details["reused"] == "false" and built.details["tensorrt_version"]
-    runner = backend.load(built)
-    try:
+    with backend.load(built) as runner:
         output = runner.infer(np.zeros((3, 3, 640, 640), dtype=np.float32))
         assert output.shape[0] == 3 and output.dtype == np.float32
         timing = time_device(runner, np.zeros((4, 3, 640, 640), dtype=np.float32), iterations=5, warmup=1)
         assert timing.latency_ms_median > 0 and timing.images_per_s > 0
-    finally:
-        runner.close()
     assert backend.build(variant, simplified.onnx_path, None, tmp_path).details["reused"] == "true"
+    from yoloq.backends.tensorrt.profile import profile_engine, summarize
+
+    profiled = profile_engine(built.path, None, iterations=3, warmup=1)
+    convs = summarize(profiled).convs
+    assert profiled.batch == 4 and profiled.detailed and sum(b.count for b in convs.values()) > 0
+    assert set(convs) <= {"FP32", "TF32"}  # an FP32 engine
 
 
 class FakeTimingCache:
