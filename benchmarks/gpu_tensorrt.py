@@ -23,6 +23,8 @@ step 1); measures COCO mAP on validation.images, device time (CUDA events, tenso
 warm-up) at batch 1 and at the profile's max batch, and end-to-end time per image (read + letterbox + infer +
 decode/NMS, batch 1). After each variant it rewrites OUT/results.json and OUT/table.md, and keeps every result
 in output_dir/gpu_tensorrt_results.json, so a run split over several calls (--variants) ends with one table.
+With `--profile`, each engine's per-layer profile (yoloq profile: time, kernel precision, reformats, Q/DQ per layer
+and per block, at the profile's max batch) goes to OUT/profile-<variant>/ and its key numbers into the row.
 """
 
 from __future__ import annotations
@@ -156,11 +158,17 @@ def _copy(source: Path, target: Path) -> str:
 
 
 def run(
-    params: Params, inputs: Path, out: Path, names: list[str], search: bool = False, implicit_search: bool = False
+    params: Params,
+    inputs: Path,
+    out: Path,
+    names: list[str],
+    search: bool = False,
+    implicit_search: bool = False,
+    profile: bool = False,
 ) -> int:
     """GPU: build, validate and time each variant; write the table after each; then the searches asked for."""
     from yoloq.backends import get_backend, tensorrt_availability
-    from yoloq.backends.tensorrt import TensorRTBackend
+    from yoloq.backends.tensorrt.build import TensorRTBackend
     from yoloq.export import read_facts
     from yoloq.validate import load_validation_set
 
@@ -185,7 +193,7 @@ def run(
     backend = get_backend("tensorrt", params)
     assert isinstance(backend, TensorRTBackend)
     backend.progress = print
-    bench = _Bench(params, backend, facts, dataset, fp32_onnx, out)
+    bench = _Bench(params, backend, facts, dataset, fp32_onnx, out, profile)
     print(f"validation: {len(dataset.truths)} images, {dataset.stats.num_boxes} boxes", flush=True)
     for name in names:
         bench.measure(name, VariantConfig(name=name, backend="tensorrt", **VARIANTS[name]), qdq_onnx)
@@ -201,7 +209,10 @@ def run(
 class _Bench:
     """Builds, scores and times variants on TensorRT; keeps every row in output_dir/gpu_tensorrt_results.json."""
 
-    def __init__(self, params: Params, backend: Any, facts: Any, dataset: Any, fp32_onnx: Path, out: Path) -> None:
+    def __init__(
+        self, params: Params, backend: Any, facts: Any, dataset: Any, fp32_onnx: Path, out: Path, profile: bool = False
+    ) -> None:
+        self.profile = profile
         self.params, self.backend, self.facts, self.dataset, self.fp32_onnx, self.out = (
             params,
             backend,
@@ -222,14 +233,13 @@ class _Bench:
         return f"{name}@level{self.level}@{len(self.dataset.truths)}img"
 
     def measure(self, name: str, variant: VariantConfig, qdq_onnx: Path | None) -> dict[str, Any]:
-        from yoloq.backends.tensorrt import measure_device_timing, measure_end_to_end
+        from yoloq.backends.tensorrt.timing import measure_device_timing, measure_end_to_end
         from yoloq.validate import evaluate
 
         params, facts, settings = self.params, self.facts, self.params.tensorrt
         print(f"\n=== {name} (builder optimization level {self.level}) ===", flush=True)
         built = self.backend.build(variant, self.fp32_onnx, qdq_onnx, self.build_dir)
-        runner = self.backend.load(built)
-        try:
+        with self.backend.load(built) as runner:
             start = time.perf_counter()
             result = evaluate(
                 runner, self.dataset, facts.head_format, facts.imgsz, facts.names, params.validation, print
@@ -239,8 +249,6 @@ class _Bench:
                 runner, self.sample, [1, settings.profile.max_batch], settings.timing.iterations, settings.timing.warmup
             )
             e2e_ms = measure_end_to_end(runner, self.sample_paths, facts.imgsz, facts.head_format, params.validation)
-        finally:
-            runner.close()
         row = {
             "variant": name,
             "map50_95": result.map50_95,
@@ -260,6 +268,8 @@ class _Bench:
             "validation_seconds": eval_seconds,
             "details": built.details,
         }
+        if self.profile:
+            row["profile"] = self.profile_layers(name, built)
         self.history[self.key(name)] = row
         atomic_write_json(self.history_path, self.history)
         _write_outputs(self.history, self.out)
@@ -271,6 +281,19 @@ class _Bench:
             flush=True,
         )
         return row
+
+    def profile_layers(self, name: str, built: Any) -> dict[str, float]:
+        """The engine's per-layer profile in OUT/profile-<name>/ (as `yoloq profile` writes it); its key numbers."""
+        from yoloq.backends.tensorrt.profile import profile_engine
+        from yoloq.backends.tensorrt.profile_report import write_profile
+
+        settings = self.params.tensorrt.layer_profile
+        keys = ("tensorrt_version", "tensorrt_library_version", "gpu")
+        environment = {k: built.details.get(k, "?") for k in keys}
+        profiled = profile_engine(built.path, None, settings.iterations, settings.warmup, environment)
+        files = write_profile(profiled, self.out / f"profile-{name}")
+        print(files.text, flush=True)
+        return files.metrics
 
     def result_of(self, name: str) -> Any:
         from yoloq.report import VariantResult
@@ -397,6 +420,7 @@ def main() -> int:
     parser.add_argument("--search-json", type=Path, help="prepare: a CPU flow run's search-<variant>/search.json")
     parser.add_argument("--search", action="store_true", help="run: yoloq's search over the Q/DQ candidates")
     parser.add_argument("--implicit-search", action="store_true", help="run: the search for implicit MinMax INT8")
+    parser.add_argument("--profile", action="store_true", help="run: per-layer profile of each engine in OUT")
     parser.add_argument("--float-steps", help="run: comma-separated k values instead of the prepared float_steps")
     args = parser.parse_args()
     params = load_params(args.params, args.overrides)
@@ -410,7 +434,7 @@ def main() -> int:
     if unknown:
         print(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    return run(params, args.inputs, args.out, names, args.search, args.implicit_search)
+    return run(params, args.inputs, args.out, names, args.search, args.implicit_search, args.profile)
 
 
 if __name__ == "__main__":

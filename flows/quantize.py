@@ -2,6 +2,7 @@
 
     params.yaml -> export -> simplify -> calibrate (Q/DQ) -> build (per variant) -> validate (per variant)
                                                      \\-> MLflow parent run + one child run per variant
+                                                         (TensorRT variants: + per-layer profile of the engine)
 
 The flow does all MLflow logging from its own thread (explicit run ids); tasks only compute.
 """
@@ -22,6 +23,7 @@ from flows.search import search_variant
 from flows.targets import run_targets
 from flows.tracking import VARIANT_KIND, RunTracker
 from tasks.build import build_task
+from tasks.profile import profile_task
 from tasks.validate import validate_task
 from yoloq.artifacts import (
     atomic_write_json,
@@ -204,6 +206,12 @@ def _log_results(
         if calibration and built.variant.quantization == "qdq" and "calibration_manifest" not in built.details:
             artifacts.append(calibration.manifest_path)
         tracker.log_artifacts(child, artifacts)
+        if built.variant.backend == "tensorrt":  # why the engine is as fast as it is: per-layer time and precision
+            profiled = profile_task(built, params, variant_dir / "profile")
+            tracker.log_artifacts(child, profiled.files, "profile")
+            tracker.log_metrics(child, profiled.metrics)
+            if profiled.error:
+                tracker.set_tags(child, {"profile.error": profiled.error})
         tracker.finish(child)
 
     tracker.log_metrics(parent, fp16_vs_int8(outcome.results))

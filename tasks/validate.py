@@ -3,7 +3,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from yoloq.backends import BuiltModel, get_backend
+from yoloq.backends import BuiltModel, closing_runner, get_backend
 from yoloq.config import Params
 from yoloq.export import ModelFacts
 from yoloq.validate import Timing, TimingFn, ValidationSet, VariantScore, measure_timing, score_variant
@@ -17,9 +17,8 @@ def validate_task(
     logger = get_run_logger()
     name = built.variant.name
     logger.info("validate %s on %d images", name, len(dataset.truths))
-    runner = get_backend(built.variant.backend, params).load(built)
     timing_fn = _timing_fn(built, facts, params)
-    try:
+    with closing_runner(get_backend(built.variant.backend, params).load(built)) as runner:
         score = score_variant(
             runner,
             dataset,
@@ -31,9 +30,6 @@ def validate_task(
             timing_fn,
             measure_speed,
         )
-    finally:
-        if hasattr(runner, "close"):
-            runner.close()
     logger.info(
         "validate %s: mAP50-95 %.4f, mAP50 %.4f, %.2f ms at batch 1, %.1f images/s at batch %d (%.0f s)",
         name,
@@ -50,7 +46,7 @@ def validate_task(
 def _timing_fn(built: BuiltModel, facts: ModelFacts, params: Params) -> TimingFn | None:
     if built.variant.backend != "tensorrt":
         return None  # wall clock at batch 1 and validation.timing.batch_size
-    from yoloq.backends.tensorrt import device_timing_fn  # device time (CUDA events), batch 1 and profile max
+    from yoloq.backends.tensorrt.timing import device_timing_fn  # device time (CUDA events), batch 1 and profile max
 
     return device_timing_fn(facts.imgsz, params.tensorrt)
 
@@ -58,13 +54,9 @@ def _timing_fn(built: BuiltModel, facts: ModelFacts, params: Params) -> TimingFn
 @task(name="timing", task_run_name="timing-{built.variant.name}", cache_policy=NO_CACHE)
 def timing_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, params: Params) -> Timing:
     """Latency at batch 1 and throughput of one built variant (no mAP)."""
-    runner = get_backend(built.variant.backend, params).load(built)
     images = [t.path for t in dataset.truths]
     timing_fn = _timing_fn(built, facts, params)
-    try:
+    with closing_runner(get_backend(built.variant.backend, params).load(built)) as runner:
         if timing_fn:
             return timing_fn(runner, images)
         return measure_timing(runner, images, facts.imgsz, params.validation.timing)
-    finally:
-        if hasattr(runner, "close"):
-            runner.close()

@@ -115,3 +115,74 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     with ThreadPoolExecutor(8) as pool:  # concurrent runs
         folders = list(pool.map(lambda _: new_run_folder(tmp_path / "runs", "yolov5n", second), range(8)))
     assert len(set(folders)) == 8 and not {first, again} & set(folders)
+
+
+class FakeTracker:
+    """Records what the flow logs, run by run."""
+
+    client = None
+    parent_run_id = "parent"
+
+    def __init__(self) -> None:
+        self.artifacts: dict[str, list[tuple[str, str | None]]] = {}
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.tags: dict[str, dict[str, str]] = {}
+
+    def start_child(self, name: str, params: dict[str, str]) -> str:
+        return f"run-{name}"
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        self.metrics.setdefault(run_id, {}).update(metrics)
+
+    def log_artifacts(self, run_id: str, paths: list[Path], folder: str | None = None) -> None:
+        self.artifacts.setdefault(run_id, []).extend((p.name, folder) for p in paths)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.tags.setdefault(run_id, {}).update(tags)
+
+    def finish(self, run_id: str) -> None:
+        pass
+
+
+def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tmp_path):
+    import flows.quantize as quantize
+    from tasks.profile import ProfileOutcome
+    from tests.conftest import PROJECT
+    from yoloq.config import load_params
+    from yoloq.report import GateVerdict
+
+    profiled = []
+
+    def fake_profile(built: BuiltModel, params, out_dir: Path) -> ProfileOutcome:
+        profiled.append((built.variant.name, out_dir))
+        if built.variant.name == "int8-minmax":
+            return ProfileOutcome(error="RuntimeError: TensorRT reported no layer times")
+        out_dir.mkdir(parents=True)
+        (out_dir / "profile.md").write_text("# profile\n")
+        return ProfileOutcome([out_dir / "profile.md"], {"profile.total_ms": 2.5, "profile.fp32_convs": 1.0})
+
+    monkeypatch.setattr(quantize, "profile_task", fake_profile)
+    monkeypatch.setattr(quantize, "register_variants", lambda *args: None)
+    monkeypatch.setattr(quantize, "create_markdown_artifact", lambda **kwargs: None)
+    params = load_params(PROJECT / "params.yaml")
+    variants = {
+        "fp32": VariantConfig(name="fp32", backend="onnxruntime"),
+        "int8-qdq": VariantConfig(name="int8-qdq", precision="int8", quantization="qdq", backend="tensorrt"),
+        "int8-minmax": VariantConfig(name="int8-minmax", precision="int8", quantization="implicit", backend="tensorrt"),
+    }
+    results = [
+        VariantResult(name, v.precision, v.backend, 0.33, 0.5, 1.0, 100.0, 32, 5.0, tmp_path / f"{name}.bin")
+        for name, v in variants.items()
+    ]
+    builds = {name: BuiltModel(v, tmp_path / f"{name}.bin", 5.0, 0.0) for name, v in variants.items()}
+    outcome = quantize.FlowOutcome(results, GateVerdict(True, []), "parent", "sqlite://", tmp_path / "report")
+    tracker = FakeTracker()
+    quantize._log_results(params, tracker, outcome, dict.fromkeys(variants, "| ap |"), builds, None, 64)
+    assert profiled == [
+        ("int8-qdq", tmp_path / "report" / "int8-qdq" / "profile"),
+        ("int8-minmax", tmp_path / "report" / "int8-minmax" / "profile"),
+    ]  # ONNX Runtime variants are not profiled
+    assert ("profile.md", "profile") in tracker.artifacts["run-int8-qdq"]
+    assert tracker.metrics["run-int8-qdq"]["profile.total_ms"] == 2.5
+    assert "profile.total_ms" not in tracker.metrics["run-fp32"]
+    assert tracker.tags["run-int8-minmax"] == {"profile.error": "RuntimeError: TensorRT reported no layer times"}

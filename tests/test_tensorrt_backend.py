@@ -3,6 +3,8 @@ and one engine build that runs only where TensorRT and a GPU exist."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -11,30 +13,36 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import CALIB_IMAGES, VAL_IMAGES, shipped, write_params
+from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES, shipped, write_params
 from yoloq.backends import get_backend, resolve_backend, resolve_variants, tensorrt_availability
-from yoloq.backends.tensorrt import (
-    OnnxInput,
-    TensorRTBackend,
-    TrtEnvironment,
-    calibration_cache_key,
-    default_timing_cache,
-    engine_key,
-    library_version,
-    measure_end_to_end,
-    numpy_dtype,
-    onnx_input,
-    tactic_sources,
-)
-from yoloq.backends.trt_cuda import GpuInfo
-from yoloq.backends.trt_versions import Availability, TrtVersion, capabilities, plan_variant
+from yoloq.backends.tensorrt.build import TensorRTBackend, config_options, tactic_sources, updated_timing_cache
+from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_in_float, prefer_precision
+from yoloq.backends.tensorrt.cuda import GpuInfo
+from yoloq.backends.tensorrt.environment import TrtEnvironment, library_version
+from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
+from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
+from yoloq.backends.tensorrt.runner import numpy_dtype
+from yoloq.backends.tensorrt.timing import measure_end_to_end, time_device
+from yoloq.backends.tensorrt.versions import Availability, TrtVersion, capabilities, plan_variant
 from yoloq.config import CalibrationConfig, TensorRTConfig, ValidationConfig, VariantConfig, load_params
-from yoloq.errors import BackendUnavailable, InputError
+from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
 
 H200 = GpuInfo(0, "NVIDIA H200", "9.0", 143771)
 AVAILABLE = Availability((), TrtVersion(8, 6, 1), H200)
 MISSING = Availability(("TensorRT is not installed (import tensorrt: No module named 'tensorrt')",))
 TRT_AVAILABLE = tensorrt_availability().available
+
+
+# -- imports -------------------------------------------------------------------------------------------------------
+
+
+def test_the_backends_package_imports_no_tensorrt_and_no_polygraphy():
+    code = (
+        "import sys, yoloq.backends, yoloq.backends.tensorrt.build, yoloq.backends.tensorrt.timing; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'polygraphy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT)
+    assert out.stdout.strip() == "[]"
 
 
 # -- backend selection --------------------------------------------------------------------------------------------
@@ -239,6 +247,51 @@ def test_tactic_sources_by_name():
         tactic_sources(trt, ["CUDNN_V9"])
 
 
+def test_builds_are_detailed_for_the_inspector_and_take_the_plans_precision_constraints(tmp_path):
+    trt = fake_trt_module()
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="names", DETAILED="detailed")
+    qdq = VariantConfig(name="q", precision="int8", quantization="qdq", backend="tensorrt")
+    plan = plan_variant(qdq, capabilities(TrtVersion(8, 6, 1)), True, None)
+    settings = TensorRTConfig(workspace_mb=1024, builder_optimization_level=1, tactic_sources=["JIT_CONVOLUTIONS"])
+    options = config_options(trt, plan, settings, tmp_path / "timing.cache")
+    assert options == {
+        "precision_constraints": "prefer",
+        "fp16": True,
+        "int8": True,
+        "memory_pool_limits": {"workspace": 1024 << 20},
+        "builder_optimization_level": 1,
+        "tactic_sources": [4],
+        "load_timing_cache": None,  # no cache on disk yet
+        "profiling_verbosity": "detailed",
+    }
+    (tmp_path / "timing.cache").write_bytes(b"cache")
+    assert config_options(trt, plan, settings, tmp_path / "timing.cache")["load_timing_cache"] == str(
+        tmp_path / "timing.cache"
+    )
+
+
+def test_engines_named_before_detailed_verbosity_are_not_reused():
+    from dataclasses import asdict
+
+    from yoloq.artifacts import content_key
+
+    plan = plan_variant(VariantConfig(name="f", backend="tensorrt"), capabilities(TrtVersion(8, 6, 1)), True, None)
+    settings = TensorRTConfig()
+    v1 = content_key(
+        "trt-engine-v1",
+        "sha",
+        asdict(plan),
+        settings.profile.model_dump(),
+        settings.workspace_mb,
+        settings.builder_optimization_level,
+        None,
+        {k: ENV[k] for k in sorted(ENV) if k != "gpu_memory_mb"},
+        None,
+    )
+    assert engine_key("sha", plan, settings, ENV, None) != v1
+
+
 def test_numpy_dtypes_of_tensorrt_types():
     assert numpy_dtype(types.SimpleNamespace(name="FLOAT")) is np.float32
     assert numpy_dtype(types.SimpleNamespace(name="HALF")) is np.float16
@@ -273,15 +326,18 @@ def test_fp32_engine_builds_runs_and_is_reused(simplified, tmp_path):
     variant = VariantConfig(name="fp32", backend="tensorrt")
     built = backend.build(variant, simplified.onnx_path, None, tmp_path)
     assert built.path.is_file() and built.details["reused"] == "false" and built.details["tensorrt_version"]
-    runner = backend.load(built)
-    try:
+    with backend.load(built) as runner:
         output = runner.infer(np.zeros((3, 3, 640, 640), dtype=np.float32))
         assert output.shape[0] == 3 and output.dtype == np.float32
-        timing = runner.time_device(np.zeros((4, 3, 640, 640), dtype=np.float32), iterations=5, warmup=1)
+        timing = time_device(runner, np.zeros((4, 3, 640, 640), dtype=np.float32), iterations=5, warmup=1)
         assert timing.latency_ms_median > 0 and timing.images_per_s > 0
-    finally:
-        runner.close()
     assert backend.build(variant, simplified.onnx_path, None, tmp_path).details["reused"] == "true"
+    from yoloq.backends.tensorrt.profile import profile_engine, summarize
+
+    profiled = profile_engine(built.path, None, iterations=3, warmup=1)
+    convs = summarize(profiled).convs
+    assert profiled.batch == 4 and profiled.detailed and sum(b.count for b in convs.values()) > 0
+    assert set(convs) <= {"FP32", "TF32"}  # an FP32 engine
 
 
 class FakeTimingCache:
@@ -310,27 +366,38 @@ class FakeBuilderConfig:
 
 
 def test_timing_cache_is_merged_with_the_one_on_disk(tmp_path):
-    from yoloq.backends.tensorrt import _updated_timing_cache
-
     path = tmp_path / "timing.cache"
-    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new"
+    assert updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new"
     path.write_bytes(b"+old")
-    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new+old"
-    assert _updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new"), readable=False), path) == b"new"
-    assert _updated_timing_cache(FakeBuilderConfig(None), path) == b""
+    assert updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new")), path) == b"new+old"
+    assert updated_timing_cache(FakeBuilderConfig(FakeTimingCache(b"new"), readable=False), path) == b"new"
+    assert updated_timing_cache(FakeBuilderConfig(None), path) == b""
+
+
+class _FakeTensor:
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 class _FakeLayer:
-    def __init__(self, name: str, outputs: int = 1) -> None:
-        self.name, self.num_outputs, self.precision, self.output_types = name, outputs, None, {}
+    def __init__(self, name: str, kind: str = "CONVOLUTION", inputs: tuple[str | None, ...] = (), outputs: int = 1):
+        self.name, self.type, self.num_outputs, self.precision, self.output_types = name, kind, outputs, None, {}
+        self.inputs = [_FakeTensor(i) if i is not None else None for i in inputs]
+        self.num_inputs = len(self.inputs)
+
+    def get_input(self, index: int) -> _FakeTensor | None:
+        return self.inputs[index]
+
+    def get_output(self, index: int) -> _FakeTensor:
+        return _FakeTensor(f"{self.name}_output_{index}")
 
     def set_output_type(self, index: int, dtype: object) -> None:
         self.output_types[index] = dtype
 
 
 class _FakeNetwork:
-    def __init__(self, names: list[str]) -> None:
-        self.layers = [_FakeLayer(n) for n in names]
+    def __init__(self, names: list[str] | None = None, layers: list[_FakeLayer] | None = None) -> None:
+        self.layers = layers if layers is not None else [_FakeLayer(n) for n in names or []]
         self.num_layers = len(self.layers)
 
     def get_layer(self, index: int) -> _FakeLayer:
@@ -338,8 +405,6 @@ class _FakeNetwork:
 
 
 def test_float_layers_are_constrained_by_onnx_node_name():
-    from yoloq.backends.tensorrt import EngineBuildError, hold_layers_in_float
-
     network = _FakeNetwork(["/model.0/conv/Conv", "/model.0/act/Sigmoid", "/model.2/cv1/conv/Conv"])
     assert hold_layers_in_float(network, ["/model.2/cv1/conv/Conv"], "half") == ["/model.2/cv1/conv/Conv"]
     held = network.layers[2]
@@ -347,3 +412,44 @@ def test_float_layers_are_constrained_by_onnx_node_name():
     assert network.layers[0].precision is None
     with pytest.raises(EngineBuildError, match="name no layer"):
         hold_layers_in_float(network, ["/model.99/conv/Conv"], "half")
+
+
+def qdq_network() -> _FakeNetwork:
+    """A Q/DQ network as the ONNX parser makes it: the stem and one head conv left in float, the rest fed by DQ."""
+    dq = "DEQUANTIZE"
+    return _FakeNetwork(
+        layers=[
+            _FakeLayer("/model.0/conv/Conv", inputs=("images",)),  # float stem: reads the network input
+            _FakeLayer("/model.0/act/Mul", "ELEMENTWISE", ("/model.0/conv/Conv_output_0",)),
+            _FakeLayer("/model.0/act/Mul_output_0_QuantizeLinear", "QUANTIZE", ("/model.0/act/Mul_output_0",)),
+            _FakeLayer("x_DequantizeLinear", dq, ("/model.0/act/Mul_output_0_QuantizeLinear_output_0",)),
+            _FakeLayer("w_DequantizeLinear", dq, ("w_int8",)),
+            _FakeLayer("/model.1/conv/Conv", inputs=("x_DequantizeLinear_output_0", "w_DequantizeLinear_output_0")),
+            _FakeLayer("/model.2/conv/Conv", inputs=("/model.0/act/Mul_output_0", "w_DequantizeLinear_output_0")),
+            _FakeLayer("/model.24/m.0/Conv", inputs=("/model.0/act/Mul_output_0", None)),  # float head conv
+        ]
+    )
+
+
+def test_convs_outside_qdq_are_the_ones_no_dequantize_layer_feeds():
+    network = qdq_network()
+    found = convs_outside_qdq(network, "CONVOLUTION", "DEQUANTIZE")
+    assert found == ["/model.0/conv/Conv", "/model.24/m.0/Conv"]  # /model.2 has quantized weights: not float
+
+
+def test_prefer_precision_sets_the_compute_precision_only():
+    network = qdq_network()
+    assert prefer_precision(network, ["/model.0/conv/Conv"], "half") == ["/model.0/conv/Conv"]
+    stem = network.layers[0]
+    assert stem.precision == "half" and stem.output_types == {}  # outputs left to TensorRT
+    assert all(layer.precision is None for layer in network.layers[1:])
+    with pytest.raises(EngineBuildError, match="not in the TensorRT network"):
+        prefer_precision(network, ["/model.99/conv/Conv"], "half")
+
+
+def test_engine_key_changes_with_fp16_for_the_convs_outside_qdq():
+    qdq = VariantConfig(name="q", precision="int8", quantization="qdq", backend="tensorrt")
+    caps86 = capabilities(TrtVersion(8, 6, 1))
+    with_fp16, without = plan_variant(qdq, caps86, True, None), plan_variant(qdq, caps86, False, None)
+    settings = TensorRTConfig()
+    assert engine_key("sha", with_fp16, settings, ENV, None) != engine_key("sha", without, settings, ENV, None)

@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from yoloq.backends.trt_cuda import CudaUnavailable, GpuInfo, cuda_devices
-from yoloq.backends.trt_versions import (
+from yoloq.backends.tensorrt.cuda import CudaUnavailable, GpuInfo, cuda_devices
+from yoloq.backends.tensorrt.versions import (
     TrtVersion,
     UnsupportedVariant,
     cache_mismatch,
@@ -296,3 +296,30 @@ def test_implicit_float_layers_become_obeyed_precision_constraints():
 def test_float_layers_are_for_implicit_variants_only():
     with pytest.raises(ValueError, match="float_layers applies to quantization 'implicit' only"):
         VariantConfig(name="q", precision="int8", quantization="qdq", float_layers=["/model.0/conv/Conv"])
+
+
+# -- FP16 for the convs outside Q/DQ ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
+def test_qdq_with_fp16_fallback_prefers_fp16_for_the_convs_outside_qdq(version):
+    plan = plan_variant(QDQ, caps(version), fp16_fallback=True, fp16_converter=None)
+    assert plan.fp16_float_convs and plan.precision_constraints == "prefer"
+    assert "convs outside Q/DQ preferred in FP16" in plan.describe()
+    assert any("PREFER_PRECISION_CONSTRAINTS" in note for note in plan.notes)
+    plain = plan_variant(QDQ, caps(version), fp16_fallback=False, fp16_converter=None)
+    assert not plain.fp16_float_convs and plain.precision_constraints is None and plain.notes == ()
+    assert plain != plan  # different plans: different engine keys
+
+
+def test_tensorrt_11_qdq_says_the_float_convs_are_not_constrained():
+    plan = plan_variant(QDQ, caps("11.0.0"), fp16_fallback=True, fp16_converter=None)
+    assert not plan.fp16_float_convs and plan.precision_constraints is None
+    assert "not constrained to FP16" in plan.notes[0] and "no precision constraints" in plan.notes[0]
+
+
+def test_only_qdq_plans_prefer_fp16_convs_and_float_layers_are_obeyed():
+    assert not any(plan_variant(v, caps("8.6.1"), True, None).fp16_float_convs for v in (FP32, FP16, MINMAX))
+    held = MINMAX.model_copy(update={"float_layers": ["/model.0/conv/Conv"]})
+    assert plan_variant(held, caps("8.6.1"), True, None).precision_constraints == "obey"
+    assert plan_variant(MINMAX, caps("8.6.1"), True, None).precision_constraints is None

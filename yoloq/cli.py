@@ -1,4 +1,4 @@
-"""The `yoloq` command: `run` the quantize flow, or `validate` one model.
+"""The `yoloq` command: `run` the quantize flow, `validate` one model, `profile` a TensorRT engine layer by layer.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad input or configuration, 3 accuracy gate failed.
 """
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--num-images", type=int, default=None, help="first N images only")
     validate.add_argument("--json", type=Path, help="write the result as JSON to this file")
 
+    profile = commands.add_parser(
+        "profile", help="per-layer time, kernel precision, reformats and Q/DQ of a TensorRT engine (needs a GPU)"
+    )
+    profile.add_argument("engine", type=Path, metavar="ENGINE", help="a TensorRT engine (built by yoloq: trt-*.engine)")
+    profile.add_argument("--batch", type=int, default=None, help="batch to profile (default: the profile's max batch)")
+    profile.add_argument("--iterations", type=int, default=50, help="profiled executions to average (default 50)")
+    profile.add_argument("--warmup", type=int, default=10, help="executions before profiling (default 10)")
+    profile.add_argument("--top", type=int, default=10, help="slowest layers to list (default 10)")
+    profile.add_argument("--out", type=Path, help="folder for profile.md/.png/.json (default runs/profile/ENGINE-STEM)")
+
     compare = commands.add_parser("compare", help="side-by-side table and plot of variants across MLflow runs")
     compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="parent run ids (default: the two latest runs)")
     compare.add_argument("--experiment", default="yoloq", help="MLflow experiment (default yoloq)")
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "watch":
             return _watch(args)
+        if args.command == "profile":
+            return _profile(args)
         return _validate(args)
     except GateFailed as exc:
         if exc.document:
@@ -130,6 +142,25 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from yoloq.errors import InputError
+
+    engine: Path = args.engine
+    if not engine.is_file():
+        raise InputError(f"engine {engine} not found")
+    from yoloq.backends.tensorrt.environment import load_environment
+
+    environment = load_environment()  # BackendUnavailable (exit 2) with the reason and the install hint
+    from yoloq.backends.tensorrt.profile import profile_engine
+    from yoloq.backends.tensorrt.profile_report import write_profile
+
+    profiled = profile_engine(engine, args.batch, args.iterations, args.warmup, environment.describe())
+    files = write_profile(profiled, args.out or Path("runs") / "profile" / engine.stem, args.top)
+    print(files.text)
+    print(f"\nwritten: {', '.join(str(p) for p in files.paths)}")
+    return 0
+
+
 def _print_document(document: dict[str, Any]) -> None:
     from yoloq.report import VariantResult, results_table
 
@@ -164,7 +195,8 @@ def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
     from yoloq.export import facts_for_onnx
 
     get_backend("tensorrt")  # BackendUnavailable (exit 2) with the reason and the install hint
-    from yoloq.backends.tensorrt import TensorRTRunner, device_timing_fn
+    from yoloq.backends.tensorrt.runner import TensorRTRunner
+    from yoloq.backends.tensorrt.timing import device_timing_fn
 
     record = engine.with_suffix(".json")
     if not record.is_file():
@@ -175,10 +207,12 @@ def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
     if not source.is_file():
         raise InputError(f"engine {engine}: its source ONNX {source} is gone; validate that ONNX instead")
     facts = facts_for_onnx(source, imgsz)
-    return TensorRTRunner(engine), facts, device_timing_fn(facts.imgsz, TensorRTConfig())
+    timing_fn = device_timing_fn(facts.imgsz, TensorRTConfig())
+    return TensorRTRunner(engine), facts, timing_fn  # the runner last: the caller closes it
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from yoloq.backends import closing_runner
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
     from yoloq.config import ValidationConfig
     from yoloq.errors import InputError
@@ -194,9 +228,10 @@ def _validate(args: argparse.Namespace) -> int:
         runner, facts, timing_fn = OnnxRuntimeRunner(model), facts_for_onnx(model, args.imgsz), None
     else:
         raise InputError(f"model {model}: validate takes an .onnx model or a TensorRT engine built by yoloq")
-    config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
-    dataset = load_validation_set(config, len(facts.names))
-    score = score_variant(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, print, timing_fn)
+    with closing_runner(runner):  # an engine's runner holds GPU memory
+        config = ValidationConfig(images=args.images, labels=args.labels, num_images=args.num_images)
+        dataset = load_validation_set(config, len(facts.names))
+        score = score_variant(runner, dataset, facts.head_format, facts.imgsz, facts.names, config, print, timing_fn)
     result, timing = score.map, score.timing
     document = {
         "model": str(model),

@@ -146,6 +146,15 @@ class TensorRTTimingConfig(Section):
     iterations: int = Field(200, ge=1, description="timed executions per batch size (the issue asks for >= 200)")
 
 
+class TensorRTLayerProfileConfig(Section):
+    """Per-layer profile of every TensorRT variant after validation (IProfiler + engine inspector) at the profile's
+    max batch: profile.md, profile.png and profile.json in the variant's MLflow run (`yoloq profile` by hand)."""
+
+    enabled: bool = True
+    warmup: int = Field(10, ge=0)
+    iterations: int = Field(50, ge=1, description="profiled executions whose per-layer times are averaged")
+
+
 class TensorRTConfig(Section):
     """Engine builds (backend tensorrt). TensorRT's own defaults where a key is null."""
 
@@ -166,6 +175,7 @@ class TensorRTConfig(Section):
         True, description="INT8 engines may run layers in FP16 where faster or unquantized (else FP32)"
     )
     timing: TensorRTTimingConfig = TensorRTTimingConfig()
+    layer_profile: TensorRTLayerProfileConfig = TensorRTLayerProfileConfig()
 
     @model_validator(mode="after")
     def _tactic_source_names(self) -> TensorRTConfig:

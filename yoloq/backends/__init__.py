@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from yoloq.backends.base import Backend, BuiltModel, Runner
-from yoloq.backends.trt_cuda import cuda_devices
-from yoloq.backends.trt_versions import Availability, check_availability
+from yoloq.backends.base import Backend, BuiltModel, Runner, closing_runner
+from yoloq.backends.tensorrt.cuda import cuda_devices
+from yoloq.backends.tensorrt.versions import Availability, check_availability
 from yoloq.config import BackendName, Params, ResolvedBackendName, VariantConfig
 from yoloq.errors import BackendUnavailable
 
@@ -77,7 +77,7 @@ def get_backend(name: BackendName, params: Params | None = None) -> Backend:
         found = tensorrt_availability()
         if not found.available:
             raise BackendUnavailable(found.message())
-        from yoloq.backends.tensorrt import TensorRTBackend
+        from yoloq.backends.tensorrt.build import TensorRTBackend
 
         if params is None:
             return TensorRTBackend()
@@ -89,6 +89,7 @@ __all__ = [
     "Backend",
     "BuiltModel",
     "Runner",
+    "closing_runner",
     "get_backend",
     "needs_tensorrt",
     "resolve_backend",

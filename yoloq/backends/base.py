@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -26,6 +28,21 @@ class Runner(Protocol):
     """Runs NCHW float32 batches; returns the raw detection output."""
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def closing_runner(runner: R) -> Iterator[R]:
+    """Yield `runner`, then close it, also on error (TensorRT runners hold GPU memory; ONNX Runtime ones have no
+    close and are left to the garbage collector)."""
+    try:
+        yield runner
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
 
 class Backend(Protocol):

@@ -1,8 +1,12 @@
-"""The little CUDA that the TensorRT backend needs, through ctypes: which GPUs exist, and CUDA events for timing.
+"""The little CUDA that the TensorRT backend needs beyond Polygraphy, through ctypes: which GPUs exist, and CUDA
+events for timing.
 
-GPUs are listed with the driver API (libcuda.so.1, present wherever an NVIDIA driver is) so the availability check
-needs neither TensorRT nor a CUDA toolkit. Events use the CUDA runtime that Polygraphy loads for its device
-buffers (`polygraphy.cuda.wrapper().handle`), so timing and inference share one runtime.
+Device memory, copies and streams come from `polygraphy.cuda` (the runner); yoloq needs no cuda-python. This small
+ctypes layer covers only what `polygraphy.cuda` lacks:
+- listing GPUs with the driver API (libcuda.so.1, present wherever an NVIDIA driver is), so the availability check
+  needs neither TensorRT nor a CUDA toolkit;
+- CUDA events, on the CUDA runtime that Polygraphy loads for its device buffers (`polygraphy.cuda.wrapper().handle`),
+  so timing and inference share one runtime.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Facts these rules encode (NVIDIA's TensorRT migration guides; ../shared/docs/fac
 - 8.6 - 10.x are weakly typed: FP16 and INT8 come from BuilderFlag.FP16/INT8; implicit INT8 needs a calibrator
   (IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator); a Q/DQ network also needs the INT8
   flag (and FP16 for the layers outside Q/DQ pairs). 10.1 deprecated every calibrator; they still work in 10.x.
+- With the FP16 flag alone, TensorRT 8.6 ran the float stem conv of yoloq's Q/DQ engines on an FP32 kernel
+  (1.17 ms vs 0.30 ms in FP16 at batch 32); layer precision (`layer.precision`) with PREFER_PRECISION_CONSTRAINTS
+  asks for FP16 there (8.6 - 10.x; 11.x has no precision constraints).
 - 11.x removed the calibrators, BuilderFlag.FP16/INT8 and precision constraints: every network is strongly
   typed. INT8 exists only as Q/DQ nodes in the ONNX; FP16 only as FP16 types in the ONNX (ModelOpt AutoCast, or
   onnxconverter-common's float16 converter).
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
-from yoloq.backends.trt_cuda import CudaUnavailable, GpuInfo
+from yoloq.backends.tensorrt.cuda import CudaUnavailable, GpuInfo
 from yoloq.config import TrtCalibrator, VariantConfig
 from yoloq.errors import BackendUnavailable
 
@@ -137,6 +140,7 @@ class BuildPlan:
     fp16_converter: str | None = None  # for onnx == "fp16"
     notes: tuple[str, ...] = ()
     float_layers: tuple[str, ...] = ()  # implicit INT8: layers held in FP16/FP32 by precision constraints (obeyed)
+    fp16_float_convs: bool = False  # Q/DQ, weakly typed: convs outside Q/DQ preferred in FP16 (precision constraints)
 
     @property
     def tag(self) -> str:
@@ -158,7 +162,19 @@ class BuildPlan:
             parts.append(f"FP16 ONNX by {self.fp16_converter}")
         if self.float_layers:
             parts.append(f"{len(self.float_layers)} layers held out of INT8 by precision constraints")
+        if self.fp16_float_convs:
+            parts.append("convs outside Q/DQ preferred in FP16 by precision constraints")
         return ", ".join(parts)
+
+    @property
+    def precision_constraints(self) -> str | None:
+        """Polygraphy's `CreateConfig(precision_constraints=...)` for this plan: "obey" for float layers of implicit
+        INT8, "prefer" for FP16 convs outside Q/DQ, else None (TensorRT ignores layer precisions)."""
+        if self.float_layers:
+            return "obey"
+        if self.fp16_float_convs:
+            return "prefer"
+        return None
 
 
 def plan_variant(
@@ -202,12 +218,22 @@ def plan_variant(
             float_layers=tuple(variant.float_layers),
         )
     if caps.precision_flags:
-        return BuildPlan("qdq", fp16_fallback, True, None, strongly_typed=False)
+        notes = ()
+        if fp16_fallback:
+            notes = (
+                "fp16_fallback: the convs outside Q/DQ pairs (fed by no Dequantize layer) are preferred in FP16 by "
+                "layer precision constraints (PREFER_PRECISION_CONSTRAINTS); with the FP16 flag alone TensorRT 8.6 "
+                "ran the float stem on an FP32 kernel",
+            )
+        return BuildPlan(
+            "qdq", fp16_fallback, True, None, strongly_typed=False, notes=notes, fp16_float_convs=fp16_fallback
+        )
     notes = ()
     if fp16_fallback:
         notes = (
             f"fp16_fallback has no effect on TensorRT {version}: networks are strongly typed, so the layers outside "
-            "Q/DQ pairs run in the ONNX's types (FP32)",
+            "Q/DQ pairs run in the ONNX's types (FP32), and the convs outside Q/DQ are not constrained to FP16 "
+            "(TensorRT 11 has no precision constraints; an FP16-typed ONNX would be needed)",
         )
     return BuildPlan("qdq", False, False, None, strongly_typed=True, notes=notes)
 

@@ -1,0 +1,372 @@
+"""Engine builds: `TensorRTBackend` builds (or reuses) the engine of a variant with Polygraphy.
+
+Build (`TensorRTBackend.build`): Polygraphy `NetworkFromOnnxPath` (+ layer precision constraints: `constraints`) ->
+`CreateConfig` (dynamic-batch profile, workspace limit, builder optimization level, tactic sources, timing cache,
+precision flags and constraints, calibrator, ProfilingVerbosity.DETAILED for the engine inspector) ->
+`EngineBytesFromNetwork`. What each variant becomes on the installed TensorRT is decided in `versions`.
+Implicit INT8 calibrates with Polygraphy's `Calibrator` over yoloq's `CalibrationDataLoader`: the same letterbox
+as validation.
+
+Caches (all under the build folder, all written atomically, named in `keys`):
+- engines, named `trt-<tag>-<hash>.engine` by a hash of the ONNX content, the build plan and settings, the TensorRT
+  version and the GPU; a JSON beside each (written last) says it is complete, and it is reused;
+- calibration caches, `trt-calib-<algorithm>-<hash>.cache`, keyed by model + images + algorithm + batch + TensorRT
+  version; before reuse their header (`TRT-<version>-<algorithm>`) is checked, and a cache from another TensorRT
+  version or algorithm is set aside (renamed `.rejected`) and recalibrated, never silently reused;
+- one tactic timing cache per TensorRT version and GPU (or `tensorrt.timing_cache`), read before and updated
+  after every build, so later builds (other variants, higher optimization levels) skip timing known tactics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from yoloq.artifacts import atomic_path, atomic_write_bytes, atomic_write_json, content_key, file_sha256, read_json
+from yoloq.artifacts import size_mb as file_size_mb
+from yoloq.backends.base import BuiltModel
+from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_in_float, prefer_precision
+from yoloq.backends.tensorrt.environment import TrtEnvironment, has_module, load_environment
+from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
+from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
+from yoloq.backends.tensorrt.runner import TensorRTRunner
+from yoloq.backends.tensorrt.versions import (
+    CALIBRATOR_CLASSES,
+    BuildPlan,
+    cache_mismatch,
+    find_fp16_converter,
+    plan_variant,
+)
+from yoloq.calibration_data import CalibrationDataLoader, select_calibration_images
+from yoloq.config import CalibrationConfig, TensorRTConfig, VariantConfig
+from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    images: list[Path]
+    images_hash: str
+    batch: int
+    cache_path: Path
+    reuse: bool  # a valid cache for this TensorRT and algorithm exists
+    rejected: str | None  # why an existing cache was set aside
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        settings: TensorRTConfig | None = None,
+        calibration: CalibrationConfig | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings or TensorRTConfig()
+        self.calibration = calibration
+        self.progress = progress or (lambda message: None)
+
+    # -- the Backend protocol ------------------------------------------------------------------------------------
+
+    def build(self, variant: VariantConfig, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path) -> BuiltModel:
+        """Build (or reuse) the engine of `variant`; BuiltModel.details says what was built, with what, and where."""
+        env = load_environment()
+        plan = plan_variant(variant, env.caps, self.settings.fp16_fallback, find_fp16_converter(has_module))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        source = self._source_onnx(variant, plan, fp32_onnx, qdq_onnx, out_dir)
+        source_sha = file_sha256(source)
+        model_input = onnx_input(source)
+        environment = env.describe()
+        calibration = self._calibration_plan(variant, plan, source_sha, model_input, env, out_dir)
+        calibration_id = calibration.cache_path.stem if calibration else None
+        key = engine_key(source_sha, plan, self.settings, environment, calibration_id)
+        stem = f"trt-{plan.tag}-{key}"
+        engine_path, record_path, log_path = (out_dir / f"{stem}{suffix}" for suffix in (".engine", ".json", ".log"))
+        if engine_path.is_file() and record_path.is_file():
+            record = read_json(record_path)
+            details = {**record["details"], "reused": "true"}
+            self.progress(f"TensorRT {variant.name}: reusing {engine_path.name}")
+            return BuiltModel(variant, engine_path, file_size_mb(engine_path), float(record["build_seconds"]), details)
+
+        timing_cache = self.settings.timing_cache or default_timing_cache(out_dir, env.runtime_version, env.gpu)
+        details = {
+            **environment,
+            "plan": plan.describe(),
+            "notes": " | ".join(plan.notes),
+            "source_onnx": str(source),
+            "profile": "/".join(str(b) for b in self._batches()),
+            "workspace_mb": str(self.settings.workspace_mb),
+            "builder_optimization_level": str(self.settings.builder_optimization_level),
+            "tactic_sources": ",".join(self.settings.tactic_sources) if self.settings.tactic_sources else "default",
+            "timing_cache": str(timing_cache),
+            "timing_cache_reused": str(timing_cache.is_file()).lower(),
+            "build_log": str(log_path),
+            "engine_key": key,
+            "reused": "false",
+        }
+        if calibration:
+            details.update(
+                calibrator=CALIBRATOR_CLASSES[plan.calibrator or "minmax"],
+                calibration_images=str(len(calibration.images)),
+                calibration_batch=str(calibration.batch),
+                calibration_cache=str(calibration.cache_path),
+                calibration_cache_reused=str(calibration.reuse).lower(),
+            )
+            if calibration.rejected:
+                details["calibration_cache_rejected"] = calibration.rejected
+        for note in plan.notes:
+            self.progress(f"TensorRT {variant.name}: {note}")
+        self.progress(f"TensorRT {variant.name}: building ({plan.describe()}); log {log_path}")
+        seconds = self._build_engine(
+            variant, plan, source, model_input, env, calibration, timing_cache, engine_path, log_path, details
+        )
+        details["build_seconds"] = f"{seconds:.1f}"
+        atomic_write_json(record_path, {"details": details, "build_seconds": seconds})
+        self.progress(f"TensorRT {variant.name}: built {engine_path.name} in {seconds:.0f} s")
+        return BuiltModel(variant, engine_path, file_size_mb(engine_path), seconds, details)
+
+    def load(self, built: BuiltModel) -> TensorRTRunner:
+        return TensorRTRunner(built.path)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def _batches(self) -> tuple[int, int, int]:
+        profile = self.settings.profile
+        return profile.min_batch, profile.opt_batch, profile.max_batch
+
+    def _source_onnx(
+        self, variant: VariantConfig, plan: BuildPlan, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path
+    ) -> Path:
+        if plan.onnx == "qdq":
+            if qdq_onnx is None:
+                raise InputError(f"variant {variant.name!r} needs the Q/DQ model from the calibration stage")
+            return qdq_onnx
+        if plan.onnx == "fp16":
+            return fp16_typed_onnx(fp32_onnx, plan.fp16_converter or "", out_dir)
+        return fp32_onnx
+
+    def _calibration_plan(
+        self,
+        variant: VariantConfig,
+        plan: BuildPlan,
+        source_sha: str,
+        model_input: OnnxInput,
+        env: TrtEnvironment,
+        out_dir: Path,
+    ) -> CalibrationPlan | None:
+        if plan.calibrator is None:
+            return None
+        if self.calibration is None:
+            raise InputError(
+                f"variant {variant.name!r} calibrates INT8 in TensorRT and needs the calibration settings: "
+                "create the backend with get_backend('tensorrt', params)"
+            )
+        batch = self.settings.profile.opt_batch
+        selected = select_calibration_images(
+            self.calibration.images, self.calibration.num_images, self.calibration.min_images
+        )
+        usable = len(selected.images) // batch * batch
+        if usable == 0:
+            raise InputError(
+                f"variant {variant.name!r}: TensorRT calibrates at the profile's opt batch ({batch}) and needs at "
+                f"least {batch} readable calibration images, found {len(selected.images)}: add images or lower "
+                "tensorrt.profile.opt_batch"
+            )
+        images = selected.images[:usable]
+        images_hash = content_key(selected.image_hashes[:usable], length=32)
+        key = calibration_cache_key(
+            source_sha,
+            images_hash,
+            plan.calibrator,
+            batch,
+            model_input.height,
+            str(env.version),
+            str(env.library) if env.library else "unknown",
+        )
+        cache_path = out_dir / f"trt-calib-{plan.calibrator}-{key}.cache"
+        reuse, rejected = False, None
+        if cache_path.is_file():
+            rejected = cache_mismatch(
+                cache_path.read_bytes(), env.runtime_version, env.library is not None, plan.calibrator
+            )
+            if rejected:
+                aside = cache_path.with_suffix(".rejected")
+                cache_path.replace(aside)
+                self.progress(
+                    f"TensorRT {variant.name}: calibration cache {cache_path.name} not reused: {rejected}; "
+                    f"moved to {aside.name}, calibrating again"
+                )
+            else:
+                reuse = True
+        return CalibrationPlan(images, images_hash, batch, cache_path, reuse, rejected)
+
+    def _build_engine(
+        self,
+        variant: VariantConfig,
+        plan: BuildPlan,
+        source: Path,
+        model_input: OnnxInput,
+        env: TrtEnvironment,
+        calibration: CalibrationPlan | None,
+        timing_cache: Path,
+        engine_path: Path,
+        log_path: Path,
+        details: dict[str, str],
+    ) -> float:
+        from polygraphy.backend.trt import (
+            Calibrator,
+            CreateConfig,
+            EngineBytesFromNetwork,
+            NetworkFromOnnxPath,
+            Profile,
+        )
+        from polygraphy.exception import PolygraphyException
+
+        trt = env.trt
+        low, opt, high = self._batches()
+        profile = Profile().add(
+            model_input.name, min=model_input.shape(low), opt=model_input.shape(opt), max=model_input.shape(high)
+        )
+        calibrator = None
+        if calibration is not None:
+            if model_input.height != model_input.width:
+                raise InputError(
+                    f"{source}: yoloq's letterbox is square; the model input is "
+                    f"{model_input.height}x{model_input.width}"
+                )
+            loader = CalibrationDataLoader(calibration.images, model_input.name, model_input.height, calibration.batch)
+            calibrator = Calibrator(
+                loader,
+                cache=str(calibration.cache_path) if calibration.reuse else None,
+                BaseClass=getattr(trt, CALIBRATOR_CLASSES[plan.calibrator or "minmax"]),
+            )
+        create_config = CreateConfig(
+            calibrator=calibrator, profiles=[profile], **config_options(trt, plan, self.settings, timing_cache)
+        )
+        start = time.perf_counter()
+        with polygraphy_log_to(log_path) as log:
+            log(f"yoloq: variant {variant.name}: {plan.describe()}")
+            log("yoloq: " + ", ".join(f"{k}={v}" for k, v in details.items()))
+            try:
+                builder, network, parser = NetworkFromOnnxPath(
+                    str(source), strongly_typed=True if plan.strongly_typed else None
+                )()
+                if plan.float_layers:
+                    float_type = trt.float16 if plan.fp16_flag else trt.float32
+                    held = hold_layers_in_float(network, plan.float_layers, float_type)
+                    log(f"yoloq: {len(held)} layers held in {float_type} by precision constraints: {held}")
+                if plan.fp16_float_convs:
+                    float_convs = convs_outside_qdq(network, trt.LayerType.CONVOLUTION, trt.LayerType.DEQUANTIZE)
+                    preferred = prefer_precision(network, float_convs, trt.float16)
+                    details["fp16_preferred_convs"] = ",".join(preferred) or "none"
+                    message = f"{len(preferred)} convs outside Q/DQ preferred in FP16: {', '.join(preferred) or '-'}"
+                    log(f"yoloq: {message} (layer precision, PREFER_PRECISION_CONSTRAINTS)")
+                    self.progress(f"TensorRT {variant.name}: {message}")
+                config = create_config(builder, network)
+                engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
+                timing_bytes = updated_timing_cache(config, timing_cache)
+            except (PolygraphyException, RuntimeError, TypeError, ValueError) as exc:
+                raise EngineBuildError(
+                    f"TensorRT could not build variant {variant.name!r} ({plan.describe()}): {exc}. "
+                    f"Build log: {log_path}"
+                ) from exc
+            finally:
+                if calibrator is not None:
+                    calibrator.free()
+        seconds = time.perf_counter() - start
+        with atomic_path(engine_path) as tmp:
+            tmp.write_bytes(memoryview(engine))
+        if timing_bytes:
+            atomic_write_bytes(timing_cache, timing_bytes)
+        if calibration is not None and calibrator is not None and not calibration.reuse:
+            contents = calibrator.cache_contents
+            if contents:
+                atomic_write_bytes(calibration.cache_path, bytes(contents))
+            else:
+                details["calibration_cache"] = "not written: TensorRT returned no calibration cache"
+        return seconds
+
+
+def config_options(trt: Any, plan: BuildPlan, settings: TensorRTConfig, timing_cache: Path) -> dict[str, Any]:
+    """Polygraphy `CreateConfig` options of a build (besides calibrator and profile). Engines are built with
+    ProfilingVerbosity.DETAILED so the engine inspector reports each layer's kernel (`yoloq profile`)."""
+    return {
+        "precision_constraints": plan.precision_constraints,
+        "fp16": plan.fp16_flag,
+        "int8": plan.int8_flag,
+        "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
+        "builder_optimization_level": settings.builder_optimization_level,
+        "tactic_sources": tactic_sources(trt, settings.tactic_sources),
+        "load_timing_cache": str(timing_cache) if timing_cache.is_file() else None,
+        "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,
+    }
+
+
+def updated_timing_cache(config: Any, path: Path) -> bytes:
+    """The build's timing cache merged with the one on disk (as Polygraphy does), so entries a build could not load
+    are kept; b"" when TensorRT gives none. (TensorRT 8.6.0 in the kit rejects its own level-0 caches: "Myelin error
+    from unknown graph"; the build then runs without one.)"""
+    timing = config.get_timing_cache()
+    if timing is None:
+        return b""
+    if path.is_file():
+        with contextlib.suppress(Exception):  # an unreadable old cache is simply not merged
+            timing.combine(config.create_timing_cache(path.read_bytes()), True)
+    return bytes(memoryview(timing.serialize()))
+
+
+def tactic_sources(trt: Any, names: list[str] | None) -> list[Any] | None:
+    """TacticSource values from their names; None keeps TensorRT's default."""
+    if names is None:
+        return None
+    known = [name for name in dir(trt.TacticSource) if name.isupper()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InputError(
+            f"tensorrt.tactic_sources: {unknown} are not TacticSource names of TensorRT {trt.__version__}; "
+            f"valid: {', '.join(known)}"
+        )
+    return [getattr(trt.TacticSource, name) for name in names]
+
+
+@contextlib.contextmanager
+def polygraphy_log_to(path: Path) -> Iterator[Callable[[str], None]]:
+    """Copy Polygraphy's log (its build messages and TensorRT's warnings and errors) to `path` while building."""
+    from polygraphy.logger import G_LOGGER
+
+    previous = G_LOGGER.log_file
+    G_LOGGER.log_file = str(path)
+    try:
+        yield G_LOGGER.info
+    finally:
+        G_LOGGER.log_file = previous
+
+
+def fp16_typed_onnx(fp32_onnx: Path, converter: str, out_dir: Path) -> Path:
+    """An FP16-typed copy of the model (I/O kept FP32) for strongly typed TensorRT (11+), named by content hash."""
+    key = content_key("fp16-onnx-v1", file_sha256(fp32_onnx), converter)
+    final = out_dir / f"model-{key}.fp16.onnx"
+    if final.is_file():
+        return final
+    if converter == "modelopt":
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+
+        model = convert_to_mixed_precision(onnx_path=str(fp32_onnx), low_precision_type="fp16", keep_io_types=True)
+    elif converter == "onnxconverter-common":
+        from onnxconverter_common import float16
+
+        model = float16.convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True)
+    else:
+        raise BackendUnavailable(
+            f"no FP16 ONNX converter {converter!r}: install nvidia-modelopt[onnx] or onnxconverter-common"
+        )
+    with atomic_path(final) as tmp:
+        onnx.save(model, str(tmp))
+    return final

@@ -1,0 +1,217 @@
+"""`TensorRTRunner`: runs an engine on the TensorRT execution API directly, on one CUDA stream.
+
+`deserialize_cuda_engine`, name-based tensors, `set_input_shape`, `set_tensor_address`, `execute_async_v3`; device
+buffers and the stream come from `polygraphy.cuda`, sized once for the profile's max batch. Polygraphy's `TrtRunner`
+is not used (it segfaults with the 8.6 kit: ../shared/gpu/README.md).
+
+The runner is a context manager: `close()` (or leaving the `with` block) drops the execution context, engine and
+runtime, in that order, and frees the device buffers and the stream. A constructor that fails half-way frees what it
+had already allocated before raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from yoloq.errors import InputError
+
+_NUMPY_DTYPES: dict[str, type] = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+class TensorRTRunner:
+    """Runs an engine on one CUDA stream; buffers are allocated once for the profile's max batch."""
+
+    def __init__(self, engine_path: Path) -> None:
+        trt = importlib.import_module("tensorrt")
+        cuda = importlib.import_module("polygraphy.cuda")
+        logger = importlib.import_module("polygraphy.backend.trt.util").get_trt_logger()
+        self._trt = trt
+        self._cuda = cuda.wrapper()
+        self._memcpy_kind = cuda.MemcpyKind
+        self._buffers: dict[str, int] = {}
+        self._stream: Any = None
+        self._runtime: Any = None
+        self._engine: Any = None
+        self._context: Any = None
+        self._profiler: Any = None
+        try:
+            self._open(engine_path, cuda, logger)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.close()
+            raise
+
+    def _open(self, engine_path: Path, cuda: Any, logger: Any) -> None:
+        trt = self._trt
+        try:
+            data = engine_path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read the engine {engine_path}: {exc}") from exc
+        self._stream = cuda.Stream()
+        self._runtime = trt.Runtime(logger)
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            raise InputError(
+                f"TensorRT cannot load {engine_path}: it is not an engine, or it was built by another TensorRT "
+                "version or for another GPU; delete it and build again"
+            )
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {engine_path} (GPU memory?)")
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise InputError(f"{engine_path}: expected one input tensor, found {inputs}")
+        self.input_name = inputs[0]
+        self.output_names = [n for n in names if n != self.input_name]
+        low, opt, high = (tuple(s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
+        self.min_batch, self.opt_batch, self.max_batch = int(low[0]), int(opt[0]), int(high[0])
+        self.sample_shape = tuple(int(d) for d in high[1:])
+        self._dtypes = {n: numpy_dtype(self._engine.get_tensor_dtype(n)) for n in names}
+        self._context.set_input_shape(self.input_name, tuple(high))
+        for name in names:
+            shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
+            nbytes = int(np.prod(shape)) * np.dtype(self._dtypes[name]).itemsize
+            self._buffers[name] = self._cuda.malloc(nbytes)
+            if not self._context.set_tensor_address(name, self._buffers[name]):
+                raise RuntimeError(f"TensorRT rejected the device buffer of tensor {name!r} of {engine_path}")
+
+    # -- the context manager -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> TensorRTRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the execution context, engine and runtime (in that order), then free the device buffers and the stream.
+
+        Every handle is released even when one fails (the first failure is raised after). Safe to call twice, and on
+        a runner whose constructor failed half-way."""
+        buffers, self._buffers = self._buffers, {}
+        stream, self._stream = self._stream, None
+        self._context = None  # context before engine before runtime
+        self._profiler = None  # after the context that calls it
+        self._engine = None
+        self._runtime = None
+        errors: list[Exception] = []
+        for free, handle in [*((self._cuda.free, pointer) for pointer in buffers.values()), (_free_stream, stream)]:
+            try:
+                free(handle)
+            except Exception as exc:  # free the rest, then report the first failure
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    # -- running -------------------------------------------------------------------------------------------------
+
+    @property
+    def trt(self) -> Any:
+        """The tensorrt module this runner uses."""
+        return self._trt
+
+    @property
+    def engine(self) -> Any:
+        return self._require(self._engine)
+
+    @property
+    def context(self) -> Any:
+        return self._require(self._context)
+
+    @property
+    def stream_ptr(self) -> int:
+        """The CUDA stream the engine runs on."""
+        return int(self._require(self._stream).ptr)
+
+    @property
+    def cudart(self) -> Any:
+        """The CUDA runtime library Polygraphy loaded (ctypes), for CUDA events on the same runtime."""
+        return self._cuda.handle
+
+    def set_profiler(self, profiler: Any) -> None:
+        """Attach a `tensorrt.IProfiler` to the execution context; the runner keeps it alive until `close()`."""
+        self.context.profiler = profiler
+        self._profiler = profiler
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """The engine's (first) output for an NCHW batch; batches above the profile's max run in pieces."""
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.sample_shape:
+            raise InputError(
+                f"TensorRT engine takes (N, {', '.join(map(str, self.sample_shape))}) batches, got {batch.shape}"
+            )
+        if batch.shape[0] > self.max_batch:
+            pieces = [self.infer(batch[i : i + self.max_batch]) for i in range(0, batch.shape[0], self.max_batch)]
+            return np.concatenate(pieces)
+        if batch.shape[0] < self.min_batch:
+            raise InputError(f"batch {batch.shape[0]} is below the engine profile's min batch {self.min_batch}")
+        self.set_input(batch)
+        self.execute()
+        name = self.output_names[0]
+        output = np.empty(tuple(int(d) for d in self.context.get_tensor_shape(name)), dtype=self._dtypes[name])
+        self._cuda.memcpy(
+            dst=output.ctypes.data,
+            src=self._buffers[name],
+            nbytes=output.nbytes,
+            kind=self._memcpy_kind.DeviceToHost,
+            stream_ptr=self.stream_ptr,
+        )
+        self.synchronize()
+        return output.astype(np.float32, copy=False)
+
+    def set_input(self, batch: np.ndarray) -> None:
+        """Copy `batch` (N within the profile) to the input buffer and set the input shape."""
+        host = np.ascontiguousarray(batch, dtype=self._dtypes[self.input_name])
+        if not self.context.set_input_shape(self.input_name, host.shape):
+            raise InputError(f"TensorRT rejected input shape {host.shape} for {self.input_name!r}")
+        self._cuda.memcpy(
+            dst=self._buffers[self.input_name],
+            src=host.ctypes.data,
+            nbytes=host.nbytes,
+            kind=self._memcpy_kind.HostToDevice,
+            stream_ptr=self.stream_ptr,
+        )
+        self.synchronize()  # `host` may be a temporary: the copy must finish before it is freed
+
+    def execute(self) -> None:
+        """One `execute_async_v3` on the runner's stream (not synchronised)."""
+        if not self.context.execute_async_v3(self.stream_ptr):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on the runner's stream."""
+        self._require(self._stream).synchronize()
+
+    @staticmethod
+    def _require(handle: Any) -> Any:
+        if handle is None:
+            raise RuntimeError("the TensorRT runner is closed")
+        return handle
+
+
+def _free_stream(stream: Any) -> None:
+    if stream is not None:
+        stream.free()
+
+
+def numpy_dtype(trt_dtype: Any) -> type:
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    if name not in _NUMPY_DTYPES:
+        raise InputError(f"TensorRT tensor type {name} has no NumPy equivalent in yoloq")
+    return _NUMPY_DTYPES[name]
