@@ -15,6 +15,7 @@ from yoloq.calibrate import CalibrationResult
 from yoloq.config import Params
 from yoloq.export import ExportResult, ModelFacts
 from yoloq.preprocess import list_images
+from yoloq.selection import SelectionSet, load_selection_set
 from yoloq.validate import ValidationSet, load_validation_set
 
 
@@ -24,6 +25,7 @@ class PreparedModels:
     dataset: ValidationSet
     fp32_onnx: Path  # the simplified FP32 model every variant starts from
     calibration: CalibrationResult | None  # None when no variant needs the Q/DQ model
+    selection: SelectionSet | None  # the INT8 search's images (None without a search)
 
     @property
     def facts(self) -> ModelFacts:
@@ -77,7 +79,26 @@ def prepare_models(params: Params, tracker: RunTracker, cache_dir: Path) -> Prep
                 "calibration.validation_overlap": calibration.validation_overlap,
             },
         )
-    return PreparedModels(exported, dataset, simplified.onnx_path, calibration)
+    selection: SelectionSet | None = None
+    if params.needs_selection:
+        calibration_images = list_images(params.calibration.images) if params.calibration.images.is_dir() else []
+        selection = load_selection_set(params.selection, len(facts.names), validation_images, calibration_images)
+        logger.info(
+            "selection: the INT8 search judges candidates on %s; every reported number comes from the %d "
+            "validation images",
+            selection.describe(),
+            len(validation_images),
+        )
+        tracker.set_tags(
+            parent,
+            {
+                "data.selection_images_sha256": selection.images_sha256,
+                "data.selection": selection.describe(),
+                "data.report": f"{params.validation.images} + {len(params.validation.extra_sets)} extra sets "
+                f"({len(validation_images)} images)",
+            },
+        )
+    return PreparedModels(exported, dataset, simplified.onnx_path, calibration, selection)
 
 
 def simplify_check_images(params: Params, validation_images: list[Path]) -> list[Path]:

@@ -10,20 +10,22 @@ The flow does all MLflow logging from its own thread (explicit run ids); tasks o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.prepare import prepare_models
-from flows.registry import register_variants
+from flows.context import RunContext
+from flows.outcome import FlowOutcome
+from flows.prepare import PreparedModels, prepare_models
+from flows.registry import register_champion, register_variants
 from flows.search import search_variant
 from flows.targets import run_targets
 from flows.tracking import VARIANT_KIND, RunTracker
 from tasks.build import build_task
 from tasks.profile import profile_task
+from tasks.speed import speed_task
 from tasks.validate import validate_task
 from yoloq.artifacts import (
     atomic_write_json,
@@ -39,29 +41,17 @@ from yoloq.errors import GateFailed
 from yoloq.metrics import per_class_table
 from yoloq.preflight import check_inputs
 from yoloq.report import (
-    GateVerdict,
     VariantResult,
     check_gate,
     comparison_plot,
-    results_document,
     results_table,
+    ship_decision,
     variant_metrics,
     variant_result,
     with_deltas,
+    with_timing,
 )
 from yoloq.validate import validation_set_sha256
-
-
-@dataclass(frozen=True)
-class FlowOutcome:
-    results: list[VariantResult]
-    gate: GateVerdict
-    run_id: str
-    tracking_uri: str
-    report_dir: Path
-
-    def document(self) -> dict[str, Any]:
-        return results_document(self.results, self.run_id, self.tracking_uri, self.gate)
 
 
 @flow(name="yoloq-quantize")
@@ -124,9 +114,10 @@ def new_run_folder(output_dir: Path, stem: str, now: time.struct_time | None = N
 
 
 def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
+    ctx = RunContext(params, tracker, cache_dir, report_dir)
     parent = tracker.parent_run_id
     prepared = prepare_models(params, tracker, cache_dir)
-    exported, facts, dataset, fp32_onnx = prepared.exported, prepared.facts, prepared.dataset, prepared.fp32_onnx
+    facts, dataset, fp32_onnx = prepared.facts, prepared.dataset, prepared.fp32_onnx
     calibration = prepared.calibration
 
     searched = {v.name for v in params.variants if params.search.enabled and v.precision == "int8"}
@@ -137,39 +128,45 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
         if variant.name in searched:
             continue
         qdq_onnx = calibration.qdq_path if calibration else None
-        built = build_task(variant, params, fp32_onnx, qdq_onnx, cache_dir / "build")
+        built = build_task(variant, params, fp32_onnx, qdq_onnx, ctx.build_dir)
         builds[variant.name] = built
-        score = validate_task(built, dataset, facts, params)
+        score = validate_task(built, dataset, facts, params, measure_speed=False)
         by_name[variant.name] = variant_result(variant.name, built, score)
         per_class[variant.name] = per_class_table(score.map)
 
-    reference = by_name[params.reference_variant.name]
-    fp16 = next((by_name[v.name] for v in params.variants if v.precision == "fp16"), None)
-    for variant in (v for v in params.variants if v.name in searched):
-        found = search_variant(
-            variant,
-            params,
-            fp32_onnx,
-            exported.input_name,
-            facts,
-            dataset,
-            reference,
-            fp16,
-            tracker,
-            cache_dir,
-            report_dir,
+    reference = params.reference_variant.name
+    fp16_name = next((v.name for v in params.variants if v.precision == "fp16"), None)
+    if searched and fp16_name is not None:  # the search's speed gate compares candidates with FP16's speed
+        by_name[fp16_name] = with_timing(
+            by_name[fp16_name], speed_task({fp16_name: builds[fp16_name]}, dataset, facts, params)[fp16_name]
         )
+    fp16 = (builds[fp16_name], by_name[fp16_name]) if fp16_name else None
+    for variant in (v for v in params.variants if v.name in searched):
+        found = search_variant(ctx, prepared, variant, builds[reference], by_name[reference], fp16)
         by_name[variant.name] = found.result
         builds[variant.name] = found.built
         per_class[variant.name] = found.per_class
         tracker.log_artifacts(tracker.parent_run_id, found.artifacts, f"search-{variant.name}")
-    raw_results = [by_name[v.name] for v in params.variants]
+    timings = speed_task({v.name: builds[v.name] for v in params.variants}, dataset, facts, params)
+    raw_results = [with_timing(by_name[v.name], timings[v.name]) for v in params.variants]
 
-    results = with_deltas(raw_results, params.reference_variant.name)
-    gate = check_gate(results, params.gate, params.reference_variant.name)
-    outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir)
-    _log_results(params, tracker, outcome, per_class, builds, calibration, len(dataset.truths))
+    results = with_deltas(raw_results, reference)
+    gate = check_gate(results, params.gate, reference)
+    ship = ship_decision(results, params.gate, reference)
+    outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir, ship, data_roles(params, prepared))
+    _log_results(params, tracker, outcome, per_class, builds, calibration)
     return outcome
+
+
+def data_roles(params: Params, prepared: PreparedModels) -> dict[str, str]:
+    """Which images did what in this run (every number says which images it came from)."""
+    folders = [params.validation.images, *(extra.images for extra in params.validation.extra_sets)]
+    roles = {"report": f"{' + '.join(str(f) for f in folders)} ({len(prepared.dataset.truths)} images)"}
+    if prepared.calibration is not None:
+        roles["calibration"] = f"{params.calibration.images} ({prepared.calibration.num_images} images)"
+    if prepared.selection is not None:
+        roles["selection"] = prepared.selection.describe()
+    return roles
 
 
 def _log_results(
@@ -179,12 +176,12 @@ def _log_results(
     per_class: dict[str, str],
     builds: dict[str, BuiltModel],
     calibration: CalibrationResult | None,
-    num_validation_images: int,
 ) -> None:
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     table = results_table(outcome.results)
-    folders = [params.validation.images, *(extra.images for extra in params.validation.extra_sets)]
-    dataset_note = f"validation: {' + '.join(str(f) for f in folders)} ({num_validation_images} images)"
+    dataset_note = "; ".join(f"{role}: {what}" for role, what in outcome.data.items())
+    if outcome.ship is not None:
+        dataset_note += f"\n\nship: {outcome.ship.reason}"
     child_runs: dict[str, str] = {}
     for result in outcome.results:
         built = builds[result.name]
@@ -223,6 +220,9 @@ def _log_results(
         parent, {"gate": "passed" if outcome.gate.passed else "failed", "gate.reasons": "; ".join(outcome.gate.reasons)}
     )
     register_variants(tracker.client, params, outcome.results, outcome.gate, child_runs)
+    if outcome.ship is not None:
+        tracker.set_tags(parent, {"ship.variant": outcome.ship.variant or "none", "ship.reason": outcome.ship.reason})
+        register_champion(tracker.client, params, outcome.ship, outcome.results, child_runs)
     gate_line = "gate: passed" if outcome.gate.passed else "gate: FAILED: " + "; ".join(outcome.gate.reasons)
     create_markdown_artifact(
         key=f"results-{content_key(parent, length=8)}",

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from yoloq.config import Params
-from yoloq.report import GateVerdict, VariantResult
+from yoloq.report import GateVerdict, ShipDecision, VariantResult
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -88,6 +88,40 @@ def register_variants(
             client.set_tag(run_id, key, value)
         registered.append(RegisteredVariant(name, str(version.version), alias, run_id, reason))
     return registered
+
+
+def register_champion(
+    client: MlflowClient,
+    params: Params,
+    ship: ShipDecision,
+    results: list[VariantResult],
+    child_runs: dict[str, str],
+    target: str | None = None,
+) -> RegisteredVariant | None:
+    """The model a run ships, as a version of one registered model per model (and target), `<name>` or
+    `<name>-<target>`, with alias `champion` and the reason as a tag: `models:/<name>@champion` is what to deploy.
+    Nothing is registered when no variant passes (the alias stays on the last shipped version)."""
+    if not params.registry.enabled or ship.variant is None:
+        return None
+    result = next(r for r in results if r.name == ship.variant)
+    run_id = child_runs[result.name]
+    name = registered_model_name(params, "", target)
+    _ensure_registered_model(client, name, params)
+    tags = {
+        "variant": result.name,
+        "precision": result.precision,
+        "backend": result.backend,
+        "target": target or "local",
+        "map50_95": f"{result.map50_95:.4f}",
+        "delta_map50_95_vs_fp32": f"{result.delta_map50_95:+.4f}",
+        "throughput_ips": f"{result.throughput_ips:.1f}",
+        "why": ship.reason[:5000],
+    }
+    version = client.create_model_version(
+        name, source=f"runs:/{run_id}/{result.model_path.name}", run_id=run_id, tags=tags
+    )
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return RegisteredVariant(name, str(version.version), CHAMPION, run_id, "")
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, params: Params) -> None:

@@ -1,9 +1,11 @@
-"""The INT8 search stage of the quantize flow, for one explicit Q/DQ variant (see yoloq.search).
+"""The INT8 search stage of the quantize flow, for one INT8 variant (see yoloq.search).
 
 Each candidate is a real variant: a Q/DQ model written from cached calibration statistics, built by the variant's
-backend and scored on the validation set. Every candidate becomes an MLflow child run (tag `yoloq.kind=candidate`)
-so the MLflow UI shows them side by side; the parent run gets the candidates table, the sensitivity ranking and
-plot, and the list of convs kept in float with the reason for each.
+backend and scored on the selection set (yoloq.selection), never on the validation set: only the chosen candidate
+is then scored on the validation (report) set, and that is the number the run prints and gates on. Every
+candidate becomes an MLflow child run (tag `yoloq.kind=candidate`) so the MLflow UI shows them side by side;
+the parent run gets the candidates table, the sensitivity ranking and plot, and the list of convs kept in float
+with the reason for each.
 """
 
 from __future__ import annotations
@@ -14,28 +16,31 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from flows.tracking import RunTracker
+from flows.context import RunContext
+from flows.prepare import PreparedModels
+from flows.tracking import CANDIDATE_KIND, RunTracker
 from tasks.build import build_task
 from tasks.calibrate import qdq_task, sensitivity_task, statistics_task
-from tasks.validate import timing_task, validate_task
+from tasks.speed import speed_task
+from tasks.validate import detect_task, validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text
 from yoloq.backends import BuiltModel
 from yoloq.calibrate import CalibrationStats
-from yoloq.config import Params, VariantConfig
+from yoloq.config import VariantConfig
 from yoloq.errors import EngineBuildError
-from yoloq.export import ModelFacts
 from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
 from yoloq.quant.graph import HeadAnalysis, analyze_head, default_float_convs, prepare_model
-from yoloq.report import VariantResult, gate_reasons, variant_result
+from yoloq.report import VariantResult, variant_result
 from yoloq.search import Candidate, CandidateFailed, SearchOutcome, candidates_table, effective_sizes, run_search
+from yoloq.selection import SelectionScorer, SelectionSet
 from yoloq.sensitivity import LayerSensitivity, SensitivityReport, sensitivity_plot, sensitivity_table
-from yoloq.validate import ValidationSet
+from yoloq.validate import Timing
 
 
 @dataclass(frozen=True)
 class SearchedVariant:
-    result: VariantResult  # the chosen candidate, named after the variant, timed
+    result: VariantResult  # the chosen candidate, named after the variant, scored and timed on the report set
     built: BuiltModel
     float_nodes: list[str]  # convs the chosen candidate keeps out of INT8
     outcome: SearchOutcome
@@ -48,41 +53,56 @@ class _Evaluated:
     built: BuiltModel
     float_nodes: list[str]
     manifest: Path | None  # the Q/DQ model's calibration manifest (Q/DQ variants)
-    per_class: str
 
 
 def search_variant(
+    ctx: RunContext,
+    prepared: PreparedModels,
     variant: VariantConfig,
-    params: Params,
-    fp32_onnx: Path,
-    input_name: str,
-    facts: ModelFacts,
-    dataset: ValidationSet,
+    fp32_built: BuiltModel,
     fp32: VariantResult,
-    fp16: VariantResult | None,
-    tracker: RunTracker,
-    cache_dir: Path,
-    report_dir: Path,
+    fp16: tuple[BuiltModel, VariantResult] | None,
 ) -> SearchedVariant:
-    """Run the search for `variant` against the FP32 (and FP16) results; log every candidate to MLflow.
+    """Run the search for `variant`, judging candidates on the selection set; log every candidate to MLflow; then
+    score the chosen one on the validation (report) set, the only numbers the run reports and gates on.
 
     Q/DQ variants: candidates differ in calibration algorithm, calibration size and the convs left out of Q/DQ.
     Implicit variants (TensorRT 8.6-10.x): the variant's TensorRT calibrator on calibration.num_images images,
     then the same sensitivity ranking held out of INT8 by layer precision constraints (float_layers)."""
     logger = get_run_logger()
+    params, tracker, facts = ctx.params, ctx.tracker, prepared.facts
+    if prepared.selection is None:
+        raise ValueError("search_variant needs the selection set (prepare_models loads it when the search runs)")
+    selection = prepared.selection
+    dataset = prepared.dataset
+    fp32_onnx = prepared.fp32_onnx
     validation_images = [t.path for t in dataset.truths]
-    calibration_dir = cache_dir / "calibration"
     percentile = params.calibration.percentile
     timed = fp16 is not None and params.gate.min_speedup_vs_fp16 > 0  # speed decides too: time every candidate
+    fp16_speed: dict[str, float] = {}  # candidate -> FP16's images/s, timed interleaved with that candidate
     implicit = variant.quantization == "implicit"
     statistics: dict[int, CalibrationStats] = {}
     evaluated: dict[str, _Evaluated] = {}
     reports: list[SensitivityReport] = []
+    scorer = SelectionScorer(selection, detect_task(fp32_built, selection.images, facts, params), facts.names)
+    allowed = scorer.allowed_shortfall(params.gate.max_map_drop)
+    logger.info(
+        "search: candidates judged on %s; FP32 scores %.4f there; a candidate passes at most %.2f points below",
+        selection.describe(),
+        scorer.reference_score,
+        allowed * 100,
+    )
 
     def stats(num_images: int) -> CalibrationStats:
         if num_images not in statistics:
             statistics[num_images] = statistics_task(
-                fp32_onnx, input_name, facts.imgsz, params.calibration, validation_images, calibration_dir, num_images
+                fp32_onnx,
+                prepared.exported.input_name,
+                facts.imgsz,
+                params.calibration,
+                [*validation_images, *selection.images],
+                ctx.calibration_dir,
+                num_images,
             )
         return statistics[num_images]
 
@@ -90,7 +110,7 @@ def search_variant(
         floats = list(candidate.float_nodes)
         if implicit:
             update = {"name": candidate.name, "float_layers": floats}
-            built = build_task(variant.model_copy(update=update), params, fp32_onnx, None, cache_dir / "build")
+            built = build_task(variant.model_copy(update=update), params, fp32_onnx, None, ctx.build_dir)
             return built, floats, None
         qdq = qdq_task(
             fp32_onnx,
@@ -98,27 +118,52 @@ def search_variant(
             candidate.algorithm,
             percentile,
             floats,
-            calibration_dir,
+            ctx.calibration_dir,
             facts.imgsz,
         )
-        update = {"name": candidate.name}
-        built = build_task(variant.model_copy(update=update), params, fp32_onnx, qdq.path, cache_dir / "build")
+        built = build_task(
+            variant.model_copy(update={"name": candidate.name}), params, fp32_onnx, qdq.path, ctx.build_dir
+        )
         return built, qdq.float_nodes, qdq.manifest_path
 
     def evaluate(candidate: Candidate) -> VariantResult:
         try:
             built, float_nodes, manifest = build(candidate)
         except EngineBuildError as exc:  # e.g. a TensorRT internal error on one mixed-precision layout
-            run_id = tracker.start_child(candidate.name, {"search.stage": candidate.stage})
-            tracker.set_tags(run_id, {"yoloq.kind": "candidate", "gate": "failed", "error": str(exc)})
+            run_id = tracker.start_child(candidate.name, {"search.stage": candidate.stage}, CANDIDATE_KIND)
+            tracker.set_tags(run_id, {"gate": "failed", "error": str(exc)})
             tracker.finish(run_id)
             raise CandidateFailed(str(exc)) from exc
-        score = validate_task(built, dataset, facts, params, measure_speed=timed)
-        result = variant_result(candidate.name, built, score, fp32)
-        evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest, per_class_table(score.map))
-        reasons = gate_reasons(result, fp32, fp16, params.gate)
-        _log_candidate(tracker, candidate, result, float_nodes, manifest, fp16, reasons)
+        score = round(scorer.score(detect_task(built, selection.images, facts, params)), 4)  # 0.01 points: no CPU noise
+        timing = Timing(0.0, 0.0, 0)
+        if timed and fp16 is not None:
+            timings = speed_task({"fp16": fp16[0], candidate.name: built}, dataset, facts, params)
+            timing, fp16_speed[candidate.name] = timings[candidate.name], timings["fp16"].throughput_ips
+        result = selection_result(candidate.name, built, score, scorer.reference_score, timing)
+        evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest)
+        reasons = judge(result)
+        _log_candidate(
+            tracker, candidate, result, float_nodes, manifest, fp16_speed.get(candidate.name), reasons, selection
+        )
         return result
+
+    def judge(result: VariantResult) -> list[str]:
+        reasons = []
+        shortfall = scorer.shortfall(result.map50_95)
+        if shortfall > allowed + 1e-12:
+            reasons.append(
+                f"{result.name}: {selection.config.metric} {result.map50_95:.4f} on the selection set is "
+                f"{shortfall * 100:.2f} points below FP32's {scorer.reference_score:.4f} (the search allows "
+                f"{allowed * 100:.2f})"
+            )
+        if fp16_speed.get(result.name, 0.0) > 0:
+            speedup = result.throughput_ips / fp16_speed[result.name]
+            if speedup < params.gate.min_speedup_vs_fp16:
+                reasons.append(
+                    f"{result.name}: {speedup:.2f}x the FP16 throughput at batch {result.throughput_batch} "
+                    f"(gate wants at least {params.gate.min_speedup_vs_fp16:.2f}x)"
+                )
+        return reasons
 
     def rank(algorithm: str, num_images: int) -> list[LayerSensitivity]:
         ranges = "minmax" if implicit else algorithm  # implicit: yoloq's minmax ranges stand in for TensorRT's
@@ -130,7 +175,7 @@ def search_variant(
             params.search.sensitivity_images,
             facts.imgsz,
             facts.head_format,
-            calibration_dir,
+            ctx.calibration_dir,
         )
         reports.append(report)
         return report.layers
@@ -158,7 +203,7 @@ def search_variant(
         sizes,
         params.search.float_steps,
         evaluate,
-        lambda result: gate_reasons(result, fp32, fp16, params.gate),
+        judge,
         rank,
         logger.info,
         keep_float=stem,
@@ -168,18 +213,18 @@ def search_variant(
     details = dict(chosen.built.details)
     if chosen.manifest:
         details["calibration_manifest"] = str(chosen.manifest)
+    details["selected_as"] = outcome.chosen.candidate.name
     built = dataclasses.replace(chosen.built, variant=variant, details=details)
-    result = dataclasses.replace(outcome.chosen.result, name=variant.name)
-    if not timed:
-        timing = timing_task(built, dataset, facts, params)
-        result = dataclasses.replace(
-            result,
-            latency_ms_b1=timing.latency_ms_b1,
-            throughput_ips=timing.throughput_ips,
-            throughput_batch=timing.throughput_batch,
-        )
+    report = validate_task(built, dataset, facts, params, measure_speed=False)  # the report set, seen only now
+    result = variant_result(variant.name, built, report, fp32)
     artifacts = _write_report(
-        variant.name, outcome, reports[-1], chosen.float_nodes, head, report_dir / f"search-{variant.name}"
+        variant.name,
+        outcome,
+        reports[-1],
+        chosen.float_nodes,
+        head,
+        ctx.report_dir / f"search-{variant.name}",
+        selection,
     )
     tracker.set_tags(
         tracker.parent_run_id,
@@ -187,6 +232,7 @@ def search_variant(
             f"{variant.name}.search.summary": outcome.summary,
             f"{variant.name}.search.chosen": outcome.chosen.candidate.name,
             f"{variant.name}.search.float_convs": ",".join(chosen.float_nodes),
+            f"{variant.name}.search.selected_on": selection.describe(),
         },
     )
     tracker.log_metrics(
@@ -194,9 +240,29 @@ def search_variant(
         {
             f"{variant.name}.search.candidates": len(outcome.evaluated),
             f"{variant.name}.search.float_convs": len(chosen.float_nodes),
+            f"{variant.name}.search.selection_score": outcome.chosen.result.map50_95 if outcome.chosen.result else 0.0,
         },
     )
-    return SearchedVariant(result, built, chosen.float_nodes, outcome, chosen.per_class, artifacts)
+    return SearchedVariant(result, built, chosen.float_nodes, outcome, per_class_table(report.map), artifacts)
+
+
+def selection_result(
+    name: str, built: BuiltModel, score: float, reference_score: float, timing: Timing
+) -> VariantResult:
+    """A candidate's result in the search: its selection score in place of mAP (never a report number)."""
+    return VariantResult(
+        name=name,
+        precision=built.variant.precision,
+        backend=built.variant.backend,
+        map50_95=score,
+        map50=0.0,
+        latency_ms_b1=timing.latency_ms_b1,
+        throughput_ips=timing.throughput_ips,
+        throughput_batch=timing.throughput_batch,
+        size_mb=built.size_mb,
+        model_path=built.path,
+        delta_map50_95=score - reference_score,
+    )
 
 
 def _log_candidate(
@@ -205,8 +271,9 @@ def _log_candidate(
     result: VariantResult,
     float_nodes: list[str],
     manifest: Path | None,
-    fp16: VariantResult | None,
+    fp16_ips: float | None,
     reasons: list[str],
+    selection: SelectionSet,
 ) -> None:
     run_id = tracker.start_child(
         candidate.name,
@@ -218,24 +285,21 @@ def _log_candidate(
             "float_convs.count": str(len(float_nodes)),
             "float_convs.why": candidate.why,
             "model": str(result.model_path),
+            "selection.metric": selection.config.metric,
+            "selection.images": f"{selection.config.images} ({len(selection.truths)} images)",
         },
+        CANDIDATE_KIND,
     )
-    tracker.set_tags(
-        run_id,
-        {"yoloq.kind": "candidate", "gate": "passed" if not reasons else "failed", "gate.reasons": "; ".join(reasons)},
-    )
+    tracker.set_tags(run_id, {"gate": "passed" if not reasons else "failed", "gate.reasons": "; ".join(reasons)})
     metrics = {
-        "map50_95": result.map50_95,
-        "map50": result.map50,
-        "delta_map50_95_vs_fp32": result.delta_map50_95,
+        "selection.score": result.map50_95,
+        "selection.delta_vs_fp32": result.delta_map50_95,
         "float_convs": len(float_nodes),
     }
     if result.throughput_ips > 0:
         metrics |= {"throughput_ips": result.throughput_ips, "latency_ms_b1": result.latency_ms_b1}
-    if fp16 is not None:
-        metrics["delta_map50_95_vs_fp16"] = result.map50_95 - fp16.map50_95
-        if result.throughput_ips > 0 and fp16.throughput_ips > 0:
-            metrics["speedup_vs_fp16"] = result.throughput_ips / fp16.throughput_ips
+        if fp16_ips:
+            metrics["speedup_vs_fp16"] = result.throughput_ips / fp16_ips
     tracker.log_metrics(run_id, metrics)
     if manifest:
         tracker.log_artifacts(run_id, [manifest])
@@ -249,6 +313,7 @@ def _write_report(
     float_nodes: list[str],
     head: HeadAnalysis,
     folder: Path,
+    selection: SelectionSet,
 ) -> list[Path]:
     """The candidates table, the sensitivity table and plot, and the convs kept in float with their reasons."""
     ranks = {layer.node: (index + 1, layer) for index, layer in enumerate(sensitivity.layers)}
@@ -264,7 +329,9 @@ def _write_report(
         lines.append(f"| {node} | {why} | {rank or ''} | {f'{layer.gain * 100:+.1f} %' if layer else ''} |")
     lines.append("\nAlso in float: the head's box-decoding tail (pixels and probabilities in one tensor).")
     report = (
-        f"# INT8 search for {name}\n\n{outcome.summary}\n\n## Candidates (in the order tried)\n\n"
+        f"# INT8 search for {name}\n\n{outcome.summary}\n\nCandidates were judged on the selection set, "
+        f"{selection.describe()}: scores are {selection.config.metric}, not report numbers (the validation set's "
+        "mAP of the chosen candidate is in the run's results table).\n\n## Candidates (in the order tried)\n\n"
         f"{candidates_table(outcome)}\n\n## Convs kept in float\n\n" + "\n".join(lines) + "\n\n"
         f"## Sensitivity ({sensitivity.algorithm} ranges, {sensitivity.num_images} calibration images)\n\n"
         f"{sensitivity_table(sensitivity.layers, float_nodes)}\n"
@@ -279,6 +346,12 @@ def _write_report(
                 "chosen": outcome.chosen.candidate.name,
                 "calibration": outcome.calibration.name,
                 "float_convs": float_nodes,
+                "selection": {
+                    "images": str(selection.config.images),
+                    "num_images": len(selection.truths),
+                    "metric": selection.config.metric,
+                    "images_sha256": selection.images_sha256,
+                },
                 "candidates": [
                     {
                         "name": r.candidate.name,
@@ -286,8 +359,8 @@ def _write_report(
                         "algorithm": r.candidate.algorithm,
                         "num_images": r.candidate.num_images,
                         "float_convs": r.candidate.num_float,
-                        "map50_95": r.result.map50_95 if r.result else None,
-                        "delta_map50_95_vs_fp32": r.result.delta_map50_95 if r.result else None,
+                        "selection_score": r.result.map50_95 if r.result else None,
+                        "selection_delta_vs_fp32": r.result.delta_map50_95 if r.result else None,
                         "throughput_ips": r.result.throughput_ips if r.result else None,
                         "passed": r.passed,
                         "reasons": r.reasons,

@@ -31,10 +31,12 @@ from prefect.deployments import arun_deployment
 from prefect.deployments.runner import EntrypointType
 from prefect.states import Cancelled, Cancelling
 
+from flows.outcome import FlowOutcome
 from flows.prepare import prepare_models
 from flows.registry import register_variants
 from flows.tracking import VARIANT_KIND, RunTracker
 from tasks.build import build_task
+from tasks.speed import speed_task
 from tasks.validate import validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json
 from yoloq.backends import resolve_variants
@@ -78,9 +80,11 @@ def build_validate_flow(
     dataset = load_validation_set(resolved.validation, len(facts.names))
     logger.info("target %s: %d variants, %d validation images", target, len(resolved.variants), len(dataset.truths))
     rows = []
+    builds = {}
     for variant in resolved.variants:
         built = build_task(variant, resolved, fp32, qdq, resolved.output_dir / "cache" / "build" / target)
-        score = validate_task(built, dataset, facts, resolved)
+        builds[variant.name] = built
+        score = validate_task(built, dataset, facts, resolved, measure_speed=False)
         rows.append(
             {
                 "name": variant.name,
@@ -88,15 +92,20 @@ def build_validate_flow(
                 "backend": variant.backend,
                 "map50_95": score.map.map50_95,
                 "map50": score.map.map50,
-                "latency_ms_b1": score.timing.latency_ms_b1,
-                "throughput_ips": score.timing.throughput_ips,
-                "throughput_batch": score.timing.throughput_batch,
                 "size_mb": built.size_mb,
                 "model_path": str(built.path),
                 "build_seconds": built.build_seconds,
                 "per_class_ap": per_class_table(score.map),
             }
         )
+    timings = speed_task(builds, dataset, facts, resolved)  # every variant timed interleaved, on this machine
+    for row in rows:
+        timing = timings[row["name"]]
+        row |= {
+            "latency_ms_b1": timing.latency_ms_b1,
+            "throughput_ips": timing.throughput_ips,
+            "throughput_batch": timing.throughput_batch,
+        }
     atomic_write_json(Path(result_path), {"target": target, "variants": rows})
     return rows
 
@@ -184,10 +193,8 @@ async def _run_all(jobs: list[tuple[TargetConfig, dict[str, Any], Path]]) -> lis
     return [o for o in outcomes if isinstance(o, TargetRun)]
 
 
-def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> Any:
+def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
     """Prepare the models here, build+validate on every target's pool, log and judge the results."""
-    from flows.quantize import FlowOutcome  # the parent flow's result type (imported late: quantize imports us)
-
     logger = get_run_logger()
     prepared = prepare_models(params, tracker, cache_dir)  # here, once for all targets
     fp32_onnx, num_images = prepared.fp32_onnx, len(prepared.dataset.truths)

@@ -25,6 +25,7 @@ _MAX_PARAM_LENGTH = 6000
 KIND_TAG = "yoloq.kind"
 """What a run holds: `variant` (a child run per variant), `candidate` (the INT8 search's), `comparison`."""
 VARIANT_KIND = "variant"
+CANDIDATE_KIND = "candidate"
 
 
 def resolve_tracking_uri(config: MlflowConfig, project_dir: Path) -> str:

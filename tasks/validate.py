@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from yoloq.backends import BuiltModel, closing_runner, get_backend
 from yoloq.config import Params
 from yoloq.export import ModelFacts
-from yoloq.validate import Timing, TimingFn, ValidationSet, VariantScore, measure_timing, score_variant
+from yoloq.heads import Detections
+from yoloq.validate import TimingFn, ValidationSet, VariantScore, detect, score_variant
 
 
 @task(name="validate", task_run_name="validate-{built.variant.name}", cache_policy=NO_CACHE)
@@ -51,12 +54,8 @@ def _timing_fn(built: BuiltModel, facts: ModelFacts, params: Params) -> TimingFn
     return device_timing_fn(facts.imgsz, params.tensorrt)
 
 
-@task(name="timing", task_run_name="timing-{built.variant.name}", cache_policy=NO_CACHE)
-def timing_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, params: Params) -> Timing:
-    """Latency at batch 1 and throughput of one built variant (no mAP)."""
-    images = [t.path for t in dataset.truths]
-    timing_fn = _timing_fn(built, facts, params)
+@task(name="detect", task_run_name="detect-{built.variant.name}", cache_policy=NO_CACHE)
+def detect_task(built: BuiltModel, images: list[Path], facts: ModelFacts, params: Params) -> list[Detections]:
+    """Detections of one built variant on `images` (the selection set): the validation settings, no scoring."""
     with closing_runner(get_backend(built.variant.backend, params).load(built)) as runner:
-        if timing_fn:
-            return timing_fn(runner, images)
-        return measure_timing(runner, images, facts.imgsz, params.validation.timing)
+        return detect(runner, images, facts.head_format, facts.imgsz, params.validation)

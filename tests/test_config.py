@@ -220,7 +220,15 @@ def test_ordinary_names_with_single_dots_are_accepted(tmp_path, name):
 
 # -- code defaults are the shipped params.yaml's --------------------------------------------------------------
 
-PATH_KEYS = ("model.path", "calibration.images", "validation.images", "validation.labels", "output_dir")
+PATH_KEYS = (
+    "model.path",
+    "calibration.images",
+    "validation.images",
+    "validation.labels",
+    "selection.images",
+    "selection.labels",
+    "output_dir",
+)
 
 
 def test_a_params_file_with_only_the_model_means_the_shipped_params(tmp_path):

@@ -177,7 +177,7 @@ def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tm
     builds = {name: BuiltModel(v, tmp_path / f"{name}.bin", 5.0, 0.0) for name, v in variants.items()}
     outcome = quantize.FlowOutcome(results, GateVerdict(True, []), "parent", "sqlite://", tmp_path / "report")
     tracker = FakeTracker()
-    quantize._log_results(params, tracker, outcome, dict.fromkeys(variants, "| ap |"), builds, None, 64)
+    quantize._log_results(params, tracker, outcome, dict.fromkeys(variants, "| ap |"), builds, None)
     assert profiled == [
         ("int8-qdq", tmp_path / "report" / "int8-qdq" / "profile"),
         ("int8-minmax", tmp_path / "report" / "int8-minmax" / "profile"),

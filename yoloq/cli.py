@@ -168,7 +168,11 @@ def _print_document(document: dict[str, Any]) -> None:
     print()
     print(results_table(rows))
     print()
+    for role, what in (document.get("data") or {}).items():
+        print(f"{role + ':':13}{what}")
     print(f"gate: {'passed' if document.get('gate_passed', True) else 'FAILED'}")
+    if document.get("ship"):
+        print(f"ship: {document['ship']['reason']}")
     print(f"MLflow run id: {document['mlflow_run_id']}")
     print(f"tracking URI:  {document['tracking_uri']}")
     print(f"MLflow UI:     mlflow ui --backend-store-uri {document['tracking_uri']}")

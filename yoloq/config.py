@@ -143,7 +143,8 @@ class TensorRTTimingConfig(Section):
     """Device-time measurement of an engine (CUDA events), at batch 1 and at the profile's max batch."""
 
     warmup: int = Field(20, ge=0)
-    iterations: int = Field(200, ge=1, description="timed executions per batch size (the issue asks for >= 200)")
+    iterations: int = Field(200, ge=1, description="timed executions per batch size, spread over the rounds")
+    rounds: int = Field(10, ge=1, description="variants are timed interleaved, one turn each per round")
 
 
 class TensorRTLayerProfileConfig(Section):
@@ -189,9 +190,12 @@ class TensorRTConfig(Section):
 
 
 class TimingConfig(Section):
+    """Wall-clock timing on the CPU (ONNX Runtime); variants are timed in one process, interleaved round by round."""
+
     warmup: int = Field(3, ge=0)
-    iterations: int = Field(20, ge=1)
+    iterations: int = Field(20, ge=1, description="timed inferences per batch size, spread over the rounds")
     batch_size: int = Field(8, ge=1, description="batch for the throughput measurement")
+    rounds: int = Field(5, ge=1, description="variants are timed interleaved, one turn each per round")
 
 
 class LabelledSet(Section):
@@ -212,6 +216,36 @@ class ValidationConfig(Section):
     iou_threshold: float = Field(0.6, gt=0.0, le=1.0)
     max_detections: int = Field(300, ge=1)
     timing: TimingConfig = TimingConfig()
+
+
+SelectionMetric = Literal["agreement", "map"]
+
+
+class SelectionConfig(Section):
+    """The selection set: the images the INT8 search judges its candidates on. The numbers a run reports and
+    gates on come from the validation set (the report set), which the search never sees; selection images must
+    be neither validation nor calibration images (checked by content)."""
+
+    images: Path = Field(Path("data/coco/select/images"), description="images the search judges candidates on")
+    labels: Path | None = Field(
+        Path("data/coco/select/labels"),
+        description="YOLO label folder or COCO json; read by metric map only (agreement needs no labels)",
+    )
+    num_images: int | None = Field(None, ge=1, description="first N images (sorted by name); null = all")
+    metric: SelectionMetric = Field(
+        "agreement",
+        description="agreement: mAP50-95 of a candidate's detections against FP32's confident ones (no labels); "
+        "map: mAP50-95 against the labels",
+    )
+    min_score: float = Field(
+        0.25, gt=0.0, lt=1.0, description="agreement: FP32 detections at least this confident are the pseudo labels"
+    )
+    max_disagreement: float = Field(
+        0.06,
+        ge=0.0,
+        le=1.0,
+        description="agreement: a candidate passes the search when its agreement with FP32 is at least 1 minus this",
+    )
 
 
 class GateConfig(Section):
@@ -286,6 +320,7 @@ class Params(Section):
     validation: ValidationConfig = ValidationConfig()
     gate: GateConfig = GateConfig()
     search: SearchConfig = SearchConfig()
+    selection: SelectionConfig = SelectionConfig()
     mlflow: MlflowConfig = MlflowConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
     output_dir: Path = Path("runs")
@@ -343,6 +378,11 @@ class Params(Section):
         """Any INT8 variant: the calibration stage runs (image checks, overlap with validation, Q/DQ model)."""
         return any(v.precision == "int8" for v in self.variants)
 
+    @property
+    def needs_selection(self) -> bool:
+        """The INT8 search runs (it judges candidates on the selection set)."""
+        return self.search.enabled and self.needs_calibration
+
     def resolved(self, base_dir: Path) -> Params:
         """A copy where every relative path is made absolute against `base_dir` (the params file's folder)."""
 
@@ -358,6 +398,9 @@ class Params(Section):
             LabelledSet(images=absolute(extra.images), labels=absolute(extra.labels))
             for extra in data.validation.extra_sets
         ]
+        data.selection.images = absolute(data.selection.images)
+        if data.selection.labels is not None:
+            data.selection.labels = absolute(data.selection.labels)
         data.output_dir = absolute(data.output_dir)
         if data.tensorrt.timing_cache is not None:
             data.tensorrt.timing_cache = absolute(data.tensorrt.timing_cache)

@@ -12,7 +12,7 @@ from yoloq.config import GateConfig
 
 if TYPE_CHECKING:
     from yoloq.backends.base import BuiltModel
-    from yoloq.validate import VariantScore
+    from yoloq.validate import Timing, VariantScore
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,16 @@ def variant_result(
     )
 
 
+def with_timing(result: VariantResult, timing: Timing) -> VariantResult:
+    """`result` with the speed measured by the speed stage (variants timed interleaved)."""
+    return replace(
+        result,
+        latency_ms_b1=timing.latency_ms_b1,
+        throughput_ips=timing.throughput_ips,
+        throughput_batch=timing.throughput_batch,
+    )
+
+
 def variant_metrics(result: VariantResult) -> dict[str, float]:
     """What an MLflow run of one variant logs as metrics."""
     return {
@@ -147,6 +157,44 @@ def check_gate(results: list[VariantResult], gate: GateConfig, reference_name: s
     return GateVerdict(passed=not reasons, reasons=reasons)
 
 
+@dataclass(frozen=True)
+class ShipDecision:
+    """Which variant a run ships: the fastest that passes every gate (FP16 when INT8 does not pay), and why."""
+
+    variant: str | None  # None: no variant passes (nothing ships)
+    reason: str
+
+    def as_json(self) -> dict[str, str | None]:
+        return {"variant": self.variant, "reason": self.reason}
+
+
+def ship_decision(results: list[VariantResult], gate: GateConfig, reference_name: str) -> ShipDecision:
+    """The fastest variant (throughput, timed interleaved) among those with no gate reason; the FP32 reference is
+    one of them, so an INT8 or FP16 model ships only where it is faster than FP32 too."""
+    fp32 = next(r for r in results if r.name == reference_name)
+    fp16 = next((r for r in results if r.precision == "fp16"), None)
+    refused = {r.name: gate_reasons(r, fp32, fp16, gate) for r in results}
+    passing = [r for r in results if not refused[r.name] and r.throughput_ips > 0]
+    if not passing:
+        return ShipDecision(
+            None, "no variant passes every gate: nothing ships (" + "; ".join(sum(refused.values(), [])) + ")"
+        )
+    best = max(passing, key=lambda r: r.throughput_ips)
+    reason = (
+        f"{best.name}: the fastest variant that passes every gate ({best.throughput_ips:,.1f} images/s at batch "
+        f"{best.throughput_batch}, {best.delta_map50_95 * 100:+.2f} points vs FP32)"
+    )
+    slower = [r for r in passing if r is not best and r.throughput_batch == best.throughput_batch]
+    if slower:
+        reason += "; also passing but slower: " + ", ".join(
+            f"{r.name} ({r.throughput_ips / best.throughput_ips:.2f}x)" for r in slower
+        )
+    failed = [reason for name, reasons in refused.items() for reason in reasons]
+    if failed:
+        reason += "; refused: " + "; ".join(failed)
+    return ShipDecision(best.name, reason)
+
+
 def results_table(results: list[VariantResult]) -> str:
     """A markdown table (readable in a terminal, in MLflow and in the Prefect UI)."""
     batch = results[0].throughput_batch if results else 8
@@ -163,13 +211,22 @@ def results_table(results: list[VariantResult]) -> str:
     return "\n".join(lines)
 
 
-def results_document(results: list[VariantResult], run_id: str, tracking_uri: str, gate: GateVerdict) -> dict[str, Any]:
+def results_document(
+    results: list[VariantResult],
+    run_id: str,
+    tracking_uri: str,
+    gate: GateVerdict,
+    ship: ShipDecision | None = None,
+    data: dict[str, str] | None = None,
+) -> dict[str, Any]:
     return {
         "variants": [r.as_json() for r in results],
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri,
         "gate_passed": gate.passed,
         "gate_reasons": gate.reasons,
+        "ship": ship.as_json() if ship else None,
+        "data": data or {},
     }
 
 

@@ -1,17 +1,18 @@
 """Automatic INT8 search: which calibration, and which convs stay in float, so that the gate passes.
 
     1. calibration stage: every (algorithm, calibration size) of `search`, each with the default float convs
-       (Q/DQ: stem + head convs; implicit: none), is evaluated; the best mAP50-95 picks the calibration.
+       (Q/DQ: stem + head convs; implicit: none), is evaluated; the best selection score picks the calibration.
     2. sensitivity: with that calibration, every quantizable conv is ranked by how much keeping it float helps
        the all-INT8 model (yoloq.sensitivity).
     3. precision stage: candidates keep the stem plus the k convs with the largest gain in float, for k in
        `search.float_steps` (ascending: the most INT8 first), until one passes the gate, or until the next
        candidate would keep at least as many convs in float as a passing candidate already found.
-    The chosen candidate is the passing one with the fewest convs in float (the most INT8; ties: higher mAP50-95).
-    If none passes, the best mAP50-95 is reported and the gate fails.
+    The chosen candidate is the passing one with the fewest convs in float (the most INT8; ties: the higher
+    selection score). If none passes, the best-scoring one is chosen and the gate fails.
 
-The candidates are judged on the validation set, as the gate is: the search is model selection on that set, over
-a handful of candidates. Calibration and the sensitivity ranking use calibration images only.
+The candidates are judged on the selection set (yoloq.selection), never on the validation set that the run
+reports and gates on: picking the best of a dozen candidates on the reported images would overfit them. Calibration
+and the sensitivity ranking use calibration images only.
 This module only decides; evaluating a candidate (write the Q/DQ model, build it, score it) is a callback, so
 the same search runs in the Prefect flow, in benchmarks and in tests.
 """
@@ -125,13 +126,13 @@ def precision_candidates(
 
 
 def pick_passing(results: Sequence[CandidateResult]) -> CandidateResult | None:
-    """The passing candidate with the fewest convs in float (the most INT8); ties: the higher mAP50-95."""
+    """The passing candidate with the fewest convs in float (the most INT8); ties: the higher selection score."""
     passing = [r for r in results if r.passed]
     return min(passing, key=lambda r: (len(r.candidate.float_nodes), -r.map50_95), default=None)
 
 
 def pick_calibration(results: Sequence[CandidateResult]) -> CandidateResult:
-    """Highest mAP50-95 (the first listed wins a tie); failed candidates only when all failed."""
+    """Highest selection score (the first listed wins a tie); failed candidates only when all failed."""
     return max(results, key=lambda r: r.map50_95)
 
 
@@ -163,7 +164,7 @@ def run_search(
             return outcome
         outcome = CandidateResult(candidate, result, judge(result))
         verdict = "passes" if outcome.passed else "fails: " + "; ".join(outcome.reasons)
-        say(f"search: {candidate.name}: mAP50-95 {result.map50_95:.4f} ({verdict})")
+        say(f"search: {candidate.name}: selection score {result.map50_95:.4f} ({verdict})")
         evaluated.append(outcome)
         return outcome
 
@@ -196,7 +197,7 @@ def run_search(
 def candidates_table(outcome: SearchOutcome) -> str:
     """Every evaluated candidate, in the order tried, as a markdown table."""
     lines = [
-        "| candidate | stage | calibration | images | convs in float | mAP50-95 | Δ vs FP32 | images/s | gate |",
+        "| candidate | stage | calibration | images | convs in float | selection score | Δ vs FP32 | images/s | gate |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in outcome.evaluated:

@@ -10,7 +10,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from yoloq.config import VariantConfig
+from yoloq.config import Params, VariantConfig
+from yoloq.speed import SpeedMeasures
 
 
 @dataclass(frozen=True)
@@ -54,4 +55,8 @@ class Backend(Protocol):
 
     def load(self, built: BuiltModel) -> Runner:
         """A runner for a built variant."""
+        ...
+
+    def speed_measures(self, runner: Runner, frames: np.ndarray, params: Params) -> SpeedMeasures:
+        """How this backend times a loaded runner on `frames` (preprocessed images): see yoloq.speed."""
         ...

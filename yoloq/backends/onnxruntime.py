@@ -18,9 +18,10 @@ import onnxruntime as ort
 
 from yoloq.artifacts import size_mb
 from yoloq.backends.base import BuiltModel
-from yoloq.config import VariantConfig
+from yoloq.config import Params, VariantConfig
 from yoloq.errors import InputError
 from yoloq.quant.graph import QDQ_OP_TYPES
+from yoloq.speed import SpeedMeasures, tile_batch, wall_clock_measure
 
 
 def has_qdq(model_path: Path) -> bool:
@@ -80,3 +81,17 @@ class OnnxRuntimeBackend:
 
     def load(self, built: BuiltModel) -> OnnxRuntimeRunner:
         return OnnxRuntimeRunner(built.path)
+
+    def speed_measures(self, runner: OnnxRuntimeRunner, frames: np.ndarray, params: Params) -> SpeedMeasures:
+        """Wall clock at validation.timing.batch_size and at batch 1, after warm-up."""
+        timing = params.validation.timing
+        batch = tile_batch(frames, timing.batch_size)
+        for _ in range(timing.warmup):
+            runner.infer(batch)
+            runner.infer(batch[:1])
+        per_round = max(1, timing.iterations // timing.rounds)
+        return SpeedMeasures(
+            timing.batch_size,
+            wall_clock_measure(runner.infer, batch, per_round),
+            wall_clock_measure(runner.infer, batch[:1], per_round),
+        )

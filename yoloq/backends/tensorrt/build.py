@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from yoloq.artifacts import atomic_path, atomic_write_bytes, atomic_write_json, content_key, file_sha256, read_json
@@ -36,6 +37,7 @@ from yoloq.backends.tensorrt.environment import TrtEnvironment, has_module, load
 from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
 from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
 from yoloq.backends.tensorrt.runner import TensorRTRunner
+from yoloq.backends.tensorrt.timing import time_device
 from yoloq.backends.tensorrt.versions import (
     CALIBRATOR_CLASSES,
     BuildPlan,
@@ -44,8 +46,9 @@ from yoloq.backends.tensorrt.versions import (
     plan_variant,
 )
 from yoloq.calibration_data import CalibrationDataLoader, select_calibration_images
-from yoloq.config import CalibrationConfig, TensorRTConfig, VariantConfig
+from yoloq.config import CalibrationConfig, Params, TensorRTConfig, VariantConfig
 from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
+from yoloq.speed import SpeedMeasures, tile_batch
 
 Progress = Callable[[str], None]
 
@@ -134,6 +137,19 @@ class TensorRTBackend:
 
     def load(self, built: BuiltModel) -> TensorRTRunner:
         return TensorRTRunner(built.path)
+
+    def speed_measures(self, runner: TensorRTRunner, frames: np.ndarray, params: Params) -> SpeedMeasures:
+        """Device time (CUDA events) at the profile's max batch and at batch 1, warm-up before every turn."""
+        timing = self.settings.timing
+        size = min(self.settings.profile.max_batch, runner.max_batch)
+        batch = tile_batch(frames, size)
+        single = batch[:1]
+        per_round = max(1, timing.iterations // timing.rounds)
+        return SpeedMeasures(
+            size,
+            lambda: time_device(runner, batch, per_round, timing.warmup).throughput_ms_per_batch,
+            lambda: time_device(runner, single, per_round, timing.warmup).latency_ms_median,
+        )
 
     # -- steps ---------------------------------------------------------------------------------------------------
 

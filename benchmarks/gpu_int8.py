@@ -1,0 +1,369 @@
+"""INT8 that pays on TensorRT: FP16, TensorRT implicit INT8, yoloq Q/DQ INT8 and NVIDIA ModelOpt Q/DQ, one table.
+
+Two steps (the GPU machine has TensorRT but no exporter; see ../shared/gpu/README.md for the kit):
+
+    # 1. here, on the CPU: FP32 ONNX + Q/DQ models of each model into DEST (speed-only models travel without
+    #    their weights, which step 2 refills with seeded random values: kernel choice does not depend on them)
+    python benchmarks/gpu_int8.py prepare --dest .trt-inputs \\
+        --model yolov5n=data/models/yolov5n.pt --model yolov8n=data/models/yolov8n.pt --model yolov8s=yolov8s.yaml \\
+        [--modelopt-python /path/to/modelopt-venv/bin/python]
+
+    # 2. on the GPU machine, from the project root, with the kit's Python
+    python benchmarks/gpu_int8.py run --inputs .trt-inputs --out $OUT --level 2 \\
+        --tactics EDGE_MASK_CONVOLUTIONS,JIT_CONVOLUTIONS --cache /tmp/trt-cache --budget-s 540
+
+Per model, `run` builds (or reuses, by content key) one engine per row at one builder optimization level, with
+one persisted timing cache, the same profile (batch 1/8/32) and FP16 fallback for every INT8 row; then times all
+of a model's engines in one process, interleaved round by round (yoloq.speed; CUDA events, batch 32 and batch 1),
+so the ratios are not the machine's load; profiles each engine per layer (yoloq profile); and, for models with
+real weights, scores COCO mAP on --val. Builds that would not finish inside --budget-s are skipped and listed.
+Outputs in OUT: table.md (printed), results.json, profiles.tar.gz (every profile's md/json/png) and the timing
+cache, so a later call (a fresh machine) starts warm.
+
+Rows: fp16 (FP16 flag), int8-implicit (TensorRT's MinMax calibrator on --calib images, FP16 fallback), qdq (yoloq's
+Q/DQ model: every placement rule), qdq-conv (only rule 1, conv inputs: yoloq's placement before the rules, for the
+ablation), modelopt (NVIDIA ModelOpt ONNX PTQ, INT8, default settings; made in a throwaway venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+
+MANIFEST = "manifest.json"
+ROWS = ("fp16", "int8-implicit", "qdq", "qdq-conv", "modelopt")
+STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
+
+
+# -- step 1: on the CPU ------------------------------------------------------------------------------------------
+
+
+def strip_weights(source: Path, dest: Path) -> int:
+    """Copy `source` to `dest` without its large initializers (their dims and types stay): returns bytes saved."""
+    model = onnx.load(str(source))
+    saved = 0
+    for init in model.graph.initializer:
+        size = len(init.raw_data)
+        if size > STRIP_BYTES:
+            saved += size
+            init.ClearField("raw_data")
+            init.doc_string = "yoloq:stripped"
+    onnx.save(model, str(dest))
+    return saved
+
+
+def refill_weights(source: Path, dest: Path, seed: int = 0) -> Path:
+    """`source` with every stripped initializer filled with seeded random values of its type (speed only)."""
+    model = onnx.load(str(source))
+    rng = np.random.default_rng(seed)
+    for index, init in enumerate(model.graph.initializer):
+        if init.doc_string != "yoloq:stripped":
+            continue
+        shape = tuple(init.dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        if np.issubdtype(dtype, np.integer):
+            values = rng.integers(-127, 128, shape).astype(dtype)
+        else:
+            values = (rng.standard_normal(shape) * 0.02).astype(dtype)
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(model, str(dest))
+    return dest
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from yoloq.calibrate import calibration_statistics, write_qdq_model
+    from yoloq.calibration_data import CalibrationDataLoader
+    from yoloq.config import CalibrationConfig, ExportConfig, ModelConfig, SimplifyConfig
+    from yoloq.export import export_model
+    from yoloq.preprocess import list_images
+    from yoloq.quant.graph import analyze_head, default_float_convs, prepare_model
+    from yoloq.quant.placement import place_qdq
+    from yoloq.quant.qdq import insert_qdq
+    from yoloq.quant.ranges import amax_for
+    from yoloq.simplify import simplify_model
+
+    dest: Path = args.dest
+    dest.mkdir(parents=True, exist_ok=True)
+    cache = args.cache
+    calib_images = list_images(args.calib)
+    calibration = CalibrationConfig(images=args.calib, num_images=args.calib_images)
+    overrides = dict(item.split("=", 1) for item in args.qdq)
+    models = []
+    for spec in args.model:
+        name, source = spec.split("=", 1)
+        real = not source.endswith((".yaml", ".yml"))
+        exported = export_model(ModelConfig(path=Path(source)), ExportConfig(), cache / name / "export")
+        simplified = simplify_model(
+            exported.onnx_path, calib_images[:4], exported.input_name, 640, SimplifyConfig(), cache / name / "simplify"
+        )
+        fp32 = simplified.onnx_path
+        stats = calibration_statistics(fp32, exported.input_name, 640, calibration, [], cache / name, args.calib_images)
+        files: dict[str, Path] = {"fp32": fp32}
+        if name in overrides:
+            files["qdq"] = Path(overrides[name])
+        else:
+            files["qdq"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, None, cache / name, 640).path
+        model = prepare_model(fp32)
+        head = analyze_head(model)
+        conv_only = place_qdq(model, head, default_float_convs(head), rules=["conv input"])
+        files["qdq-conv"] = cache / name / "qdq-conv.onnx"
+        onnx.save(insert_qdq(model, conv_only, amax_for(stats.stats, args.algorithm, 99.99)), str(files["qdq-conv"]))
+        if args.modelopt_python:
+            calib_npy = cache / name / "calib.npy"
+            loader = CalibrationDataLoader(calib_images[: args.calib_images], exported.input_name, 640, 8)
+            np.save(calib_npy, np.concatenate([batch[exported.input_name] for batch in loader]))
+            files["modelopt"] = cache / name / "modelopt.onnx"
+            subprocess.run(
+                [
+                    str(args.modelopt_python),
+                    str(PROJECT / "benchmarks" / "modelopt_ptq.py"),
+                    "--onnx",
+                    str(fp32),
+                    "--calib",
+                    str(calib_npy),
+                    "--out",
+                    str(files["modelopt"]),
+                    "--method",
+                    "max",
+                ],
+                check=True,
+            )
+        entry: dict[str, Any] = {"name": name, "source": source, "real_weights": real, "files": {}}
+        for row, path in files.items():
+            target = dest / name / f"{row}.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if real:
+                shutil.copyfile(path, target)
+            else:
+                strip_weights(path, target)
+            entry["files"][row] = str(target.relative_to(dest))
+        models.append(entry)
+        print(
+            f"{name}: {', '.join(f'{k} {(dest / v).stat().st_size / 1e6:.1f} MB' for k, v in entry['files'].items())}"
+        )
+    atomic_write_json(dest / MANIFEST, {"models": models, "algorithm": args.algorithm, "calib": str(args.calib)})
+    return 0
+
+
+# -- step 2: on the GPU ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from yoloq.backends.tensorrt.build import TensorRTBackend
+    from yoloq.backends.tensorrt.profile import profile_engine, profile_metrics, summarize
+    from yoloq.backends.tensorrt.profile_report import write_profile
+    from yoloq.backends.tensorrt.runner import TensorRTRunner
+    from yoloq.backends.tensorrt.timing import time_device
+    from yoloq.config import CalibrationConfig, TensorRTConfig, ValidationConfig, VariantConfig
+    from yoloq.export import read_facts
+    from yoloq.preprocess import list_images, load_preprocessed
+    from yoloq.speed import time_interleaved
+    from yoloq.validate import evaluate as score_map
+    from yoloq.validate import load_validation_set
+
+    started = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache: Path = args.cache
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = read_json(args.inputs / MANIFEST)
+    timing_cache = cache / "timing.cache"
+    if args.timing_cache and args.timing_cache.is_file() and not timing_cache.is_file():
+        shutil.copyfile(args.timing_cache, timing_cache)
+    settings = TensorRTConfig(
+        builder_optimization_level=args.level,
+        tactic_sources=args.tactics.split(",") if args.tactics else None,
+        timing_cache=timing_cache,
+    )
+    calibration = CalibrationConfig(images=args.calib, num_images=args.calib_images)
+    backend = TensorRTBackend(settings, calibration, progress=lambda m: print(m, flush=True))
+    variants = {
+        "fp16": VariantConfig(name="fp16", precision="fp16", backend="tensorrt"),
+        "int8-implicit": VariantConfig(
+            name="int8-implicit", precision="int8", quantization="implicit", backend="tensorrt"
+        ),
+        **{
+            row: VariantConfig(name=row, precision="int8", quantization="qdq", backend="tensorrt")
+            for row in ("qdq", "qdq-conv", "modelopt")
+        },
+    }
+    wanted = [row for row in args.rows.split(",") if row]
+    results_path = out / "results.json"
+    results: dict[str, Any] = read_json(results_path) if results_path.is_file() else {"models": {}}
+    results["settings"] = {
+        "builder_optimization_level": args.level,
+        "tactic_sources": args.tactics,
+        "profile": "1/8/32",
+        "timing": f"{args.rounds} interleaved rounds x {args.iterations} executions (CUDA events)",
+    }
+    profiles = out / "profiles"
+    skipped: list[str] = []
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - started)
+
+    for entry in manifest["models"]:
+        name = entry["name"]
+        if args.models and name not in args.models.split(","):
+            continue
+        folder = cache / name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for row, relative in entry["files"].items():
+            source = args.inputs / relative
+            files[row] = source if entry["real_weights"] else refill_weights(source, folder / source.name)
+        facts = read_facts(files["fp32"]) if entry["real_weights"] else None
+        built: dict[str, Any] = {}
+        model_results = results["models"].setdefault(name, {"real_weights": entry["real_weights"], "rows": {}})
+        for row in wanted:
+            if row not in files and row not in ("fp16", "int8-implicit"):
+                continue
+            if left() < args.min_build_s:
+                skipped.append(f"{name}/{row}: {left():.0f} s of the budget left")
+                continue
+            qdq = files.get(row) if row.startswith(("qdq", "modelopt")) else None
+            try:
+                built[row] = backend.build(variants[row], files["fp32"], qdq, folder / "engines")
+            except Exception as exc:  # record and go on: one failed build must not lose the others
+                model_results["rows"][row] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+                print(f"{name}/{row}: build FAILED: {exc}", flush=True)
+            if timing_cache.is_file():
+                shutil.copyfile(timing_cache, out / "timing.cache")
+        if not built:
+            continue
+        images = list_images(args.val / "images")
+        frames = [f[0] for p in images[:32] if (f := load_preprocessed(p, 640)) is not None]
+        batches = {size: np.stack((frames * (size // len(frames) + 1))[:size]) for size in (1, 32)}
+        runners = {row: TensorRTRunner(b.path) for row, b in built.items()}
+        try:
+            speeds = {}
+            for size, batch in batches.items():
+
+                def measure(runner: Any, batch: np.ndarray = batch) -> Any:
+                    return lambda: time_device(runner, batch, args.iterations, 5).throughput_ms_per_batch
+
+                speeds[size] = time_interleaved(
+                    {row: measure(r) for row, r in runners.items()}, size, args.rounds if size == 32 else 5
+                )
+            dataset = None
+            if facts is not None:
+                config = ValidationConfig(images=args.val / "images", labels=args.val / "labels", batch_size=32)
+                dataset = load_validation_set(config, len(facts.names))
+            for row, runner in runners.items():
+                b32, b1 = speeds[32][row], speeds[1][row]
+                record = {
+                    "images_per_s_b32": b32.images_per_s,
+                    "ms_b32": b32.median_ms,
+                    "ms_b1": b1.median_ms,
+                    "x_fp16_b32": b32.speedup_over(speeds[32]["fp16"]) if "fp16" in runners else None,
+                    "build_s": built[row].build_seconds,
+                    "engine_mb": built[row].size_mb,
+                    "reused": built[row].details.get("reused"),
+                }
+                if dataset is not None:
+                    record["map50_95_val"] = score_map(
+                        runner, dataset, facts.head_format, 640, facts.names, config
+                    ).map50_95
+                model_results["rows"][row] = record
+        finally:
+            for runner in runners.values():
+                runner.close()
+        for row, b in built.items():
+            try:
+                profile = profile_engine(b.path, 32, args.profile_iterations, 5)
+                write_profile(profile, profiles / f"{name}-{row}")
+                model_results["rows"][row]["profile"] = profile_metrics(summarize(profile))
+            except Exception as exc:
+                model_results["rows"][row]["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+        atomic_write_json(results_path, results)
+    results["skipped"] = skipped
+    atomic_write_json(results_path, results)
+    table_text = table(results)
+    atomic_write_text(out / "table.md", table_text + "\n")
+    if profiles.is_dir():
+        with tarfile.open(out / "profiles.tar.gz", "w:gz") as archive:
+            archive.add(profiles, arcname="profiles")
+        shutil.rmtree(profiles)
+    print(table_text)
+    print(f"skipped: {skipped or 'none'}; {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def table(results: dict[str, Any]) -> str:
+    settings = results.get("settings", {})
+    lines = [
+        f"Builder level {settings.get('builder_optimization_level')}, tactic sources {settings.get('tactic_sources')}, "
+        f"profile {settings.get('profile')}, {settings.get('timing')}.",
+        "",
+        "| model | row | images/s b32 | × FP16 | ms b1 | mAP50-95 val | build s | INT8/FP16/FP32 convs | reformat ms |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, model in results.get("models", {}).items():
+        for row, r in model["rows"].items():
+            if "error" in r:
+                lines.append(f"| {name} | {row} | failed: {r['error'][:120]} | | | | | | |")
+                continue
+            profile = r.get("profile", {})
+            counts = "/".join(f"{profile.get(f'profile.{p}_convs', 0):.0f}" for p in ("int8", "fp16", "fp32"))
+            x16 = f"{r['x_fp16_b32']:.2f}" if r.get("x_fp16_b32") else ""
+            ap = f"{r['map50_95_val']:.4f}" if "map50_95_val" in r else "random weights"
+            reformat = f"{profile['profile.reformat_ms']:.2f}" if "profile.reformat_ms" in profile else ""
+            lines.append(
+                f"| {name} | {row} | {r['images_per_s_b32']:,.0f} | {x16} | {r['ms_b1']:.3f} | {ap} | "
+                f"{r['build_s']:.0f} | {counts} | {reformat} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = parser.add_subparsers(dest="step", required=True)
+    p = steps.add_parser("prepare")
+    p.add_argument("--dest", type=Path, default=PROJECT / ".trt-inputs")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help=".pt/.onnx, or .yaml")
+    p.add_argument("--qdq", action="append", default=[], metavar="NAME=PATH", help="use this Q/DQ model as 'qdq'")
+    p.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
+    p.add_argument("--calib-images", type=int, default=128)
+    p.add_argument("--algorithm", default="mse")
+    p.add_argument("--cache", type=Path, default=PROJECT / "runs/gpu-int8-prepare")
+    p.add_argument("--modelopt-python", type=Path, help="python of a venv with nvidia-modelopt[onnx]")
+    r = steps.add_parser("run")
+    r.add_argument("--inputs", type=Path, default=PROJECT / ".trt-inputs")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--cache", type=Path, default=Path("/tmp/yoloq-gpu-int8"))
+    r.add_argument("--timing-cache", type=Path, help="a timing cache from an earlier call")
+    r.add_argument("--level", type=int, default=2)
+    r.add_argument("--tactics", default="")
+    r.add_argument("--rows", default=",".join(ROWS))
+    r.add_argument("--models", default="", help="comma-separated subset of the manifest's models, in its order")
+    r.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
+    r.add_argument("--calib-images", type=int, default=128)
+    r.add_argument("--val", type=Path, default=PROJECT / "data/coco/val")
+    r.add_argument("--rounds", type=int, default=15)
+    r.add_argument("--iterations", type=int, default=50)
+    r.add_argument("--profile-iterations", type=int, default=20)
+    r.add_argument("--budget-s", type=float, default=540)
+    r.add_argument("--min-build-s", type=float, default=60, help="skip a build when less budget than this is left")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return prepare(args) if args.step == "prepare" else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
