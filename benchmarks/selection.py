@@ -69,13 +69,13 @@ def save_detections(path: Path, detections: list[Detections]) -> None:
 
 
 def load_detections(path: Path) -> list[Detections]:
-    with np.load(path) as data:
-        ends = np.cumsum(data["counts"])
-        starts = ends - data["counts"]
-        return [
-            Detections(data["boxes"][a:b], data["scores"][a:b], data["classes"][a:b])
-            for a, b in zip(starts, ends, strict=True)
-        ]
+    with np.load(path) as data:  # each data[...] decompresses the whole array: read each once
+        counts, boxes, scores, classes = (data[key] for key in ("counts", "boxes", "scores", "classes"))
+    ends = np.cumsum(counts)
+    return [
+        Detections(boxes[a:b].copy(), scores[a:b].copy(), classes[a:b].copy())
+        for a, b in zip(ends - counts, ends, strict=True)
+    ]
 
 
 def spearman(a: list[float], b: list[float]) -> float:

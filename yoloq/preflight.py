@@ -17,6 +17,10 @@ def check_inputs(params: Params) -> None:
         problems.append(f"validation.images: folder {params.validation.images} not found")
     if not params.validation.labels.exists():
         problems.append(f"validation.labels: {params.validation.labels} not found (YOLO label folder or COCO json)")
+    if params.needs_selection and not params.selection.images.is_dir():
+        problems.append(
+            f"selection.images: folder {params.selection.images} not found (images the INT8 search judges on)"
+        )
     for index, extra in enumerate(params.validation.extra_sets):
         if not extra.images.is_dir():
             problems.append(f"validation.extra_sets.{index}.images: folder {extra.images} not found")
