@@ -8,7 +8,6 @@ VAL    ?= data/coco/val
 CRON   ?=
 WATCH  ?= checkpoints
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD ?= 1
 export YOLO_OFFLINE ?= 1
 
 .PHONY: install run test bench lint clean serve watch

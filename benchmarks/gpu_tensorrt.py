@@ -28,7 +28,6 @@ in output_dir/gpu_tensorrt_results.json, so a run split over several calls (--va
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -37,7 +36,6 @@ from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from yoloq.config import Params, VariantConfig, load_params  # noqa: E402

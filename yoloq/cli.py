@@ -19,7 +19,6 @@ def _quiet_prefect_defaults() -> None:
     """Offline-friendly defaults for Prefect's temporary server (the user's environment wins)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
