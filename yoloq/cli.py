@@ -96,7 +96,9 @@ def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     check_inputs(loaded if loaded.targets else resolve_variants(loaded))  # bad input: exit 2 before Prefect starts
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
+    from yoloq.logs import quiet_expected_errors
 
+    quiet_expected_errors()  # a YoloqError ends the run with our one-line message, not a Prefect traceback
     document = quantize_flow(params_path=str(params), overrides=overrides)
     _print_document(document)
     _write_json(json_path, document)
