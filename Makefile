@@ -33,7 +33,8 @@ bench: $(STAMP)
 
 # Operations (README): need PREFECT_API_URL pointing at `prefect server start --host 127.0.0.1 --port 4200`.
 serve: $(STAMP)
-	$(BIN)/python -m flows.deploy serve -p $(PARAMS) $(if $(CRON),--cron "$(CRON)")
+	mkdir -p $(WATCH)
+	$(BIN)/python -m flows.deploy serve -p $(PARAMS) --watch-root $(WATCH) $(if $(CRON),--cron "$(CRON)")
 
 watch: $(STAMP)
 	$(BIN)/yoloq watch $(WATCH)
