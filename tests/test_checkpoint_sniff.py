@@ -188,6 +188,8 @@ def test_safe_globals_are_model_classes_only(tmp_path):
         safe_globals_for(path, ("ultralytics.utils.checks.check_requirements",))  # a function: it could be called
     with pytest.raises(InputError, match="is not a model class"):
         safe_globals_for(path, ("ultralytics.nn.tasks.torch",))  # a module imported there
+    with pytest.raises(InputError, match="is not a model class"):
+        safe_globals_for(path, ("ultralytics.utils.JSONDict",))  # a class, but no model: it writes a file
     with pytest.raises(InputError, match="which the installed packages lack"):
         safe_globals_for(path, ("ultralytics.nn.tasks.NoSuchModel",))
 

@@ -83,8 +83,9 @@ _TORCH_DTYPES = frozenset(
 )
 # Imports that hold data, not models: a file that imports only these is a state_dict or a dict of tensors.
 _DATA_MODULES = frozenset(
-    {"builtins", "collections", "_codecs", "pathlib", "argparse", "types", "torch", "torch._utils", "torch._tensor"}
-) | {"torch.storage", "torch.nn.parameter"}
+    "builtins collections _codecs pathlib argparse types torch torch._utils torch._tensor torch.storage".split()
+    + ["torch.nn.parameter"]
+)
 
 # Classes of the model namespaces that hold plain data (training arguments): they may be called like data types.
 _DATA_CLASSES = frozenset(
@@ -385,8 +386,11 @@ def _checkpoint_kind(path: Path, imports: list[str]) -> ModelKind:
 def safe_globals_for(path: Path, imports: tuple[str, ...]) -> list[tuple[Any, str]]:
     """(object, name) pairs for `torch.serialization.safe_globals`: the allowlisted globals the checkpoint imports.
 
-    Names in the model namespaces must be classes defined there (an nn.Module, not a function that a pickle could
-    call); import them where they resolve to the right package (classic YOLOv5: inside `yolov5_imports`)."""
+    Names in the model namespaces must be nn.Module classes defined there (not a function a pickle could call, nor
+    a class such as a settings file that writes to disk); import them where they resolve to the right package
+    (classic YOLOv5: inside `yolov5_imports`). Needs torch."""
+    from torch.nn import Module
+
     pairs: list[tuple[Any, str]] = []
     for full_name in imports:
         if not is_allowed(full_name):
@@ -404,8 +408,9 @@ def safe_globals_for(path: Path, imports: tuple[str, ...]) -> list[tuple[Any, st
                 f"{path}: the checkpoint needs {full_name}, which the installed packages lack ({exc}): "
                 "install the model package version it was saved with"
             ) from exc
+        model_class = isinstance(obj, type) and (issubclass(obj, Module) or full_name in _DATA_CLASSES)
         if _in_namespace(module_name, MODEL_NAMESPACES) and not (
-            isinstance(obj, type) and _in_namespace(obj.__module__, MODEL_NAMESPACES)
+            model_class and _in_namespace(obj.__module__, MODEL_NAMESPACES)
         ):
             raise InputError(
                 f"{path}: the checkpoint imports {full_name}, which is not a model class; yoloq does not unpickle it"
