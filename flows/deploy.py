@@ -80,8 +80,7 @@ def confined_overrides(
     """`overrides`, checked against what the operator configured; InputError (exit 2) when a run asks for more.
 
     The params file must be the deployment's own (when it has one). A model other than that file's model.path
-    must lie inside `watch_root` once symlinks and `..` are resolved, and the run then uses that resolved path
-    (a symlink swapped in later cannot redirect it)."""
+    must lie inside `watch_root` once symlinks and `..` are resolved, and the run then uses that resolved path."""
     if deployment_params is not None and params_path.resolve() != deployment_params.resolve():
         raise InputError(
             f"params_path {params_path}: this deployment runs with {deployment_params}; leave params_path as it is"
