@@ -23,7 +23,7 @@ from typing import Any
 import onnx
 
 from yoloq.artifacts import atomic_path, content_key, file_sha256
-from yoloq.checkpoint_sniff import SniffedModel, check_onnx, safe_globals_for, sniff_model
+from yoloq.checkpoint_sniff import check_onnx, safe_globals_for, sniff_model
 from yoloq.config import ExportConfig, ModelConfig
 from yoloq.errors import InputError
 from yoloq.heads import HeadFormat, detect_head_format
@@ -73,7 +73,7 @@ def export_model(model: ModelConfig, config: ExportConfig, out_dir: Path) -> Exp
             shutil.copyfile(source, tmp)
             facts = _facts_from_onnx(tmp, model.imgsz, source_hash)
         elif kind == "yolov5":
-            facts = _export_yolov5(sniffed, tmp, model.imgsz, config, source_hash)
+            facts = _export_yolov5(source, tmp, model.imgsz, config, source_hash)
         else:
             facts = _export_ultralytics(source, tmp, model.imgsz, config, source_hash)
         _write_metadata(tmp, facts)
@@ -211,17 +211,17 @@ def _import_torch() -> Any:
     return torch
 
 
-def _export_yolov5(sniffed: SniffedModel, dest: Path, imgsz: int, config: ExportConfig, source_hash: str) -> ModelFacts:
+def _export_yolov5(source: Path, dest: Path, imgsz: int, config: ExportConfig, source_hash: str) -> ModelFacts:
     """Classic YOLOv5 checkpoint: unpickle with the `yolov5` package's model code, export with torch.onnx."""
     torch = _import_torch()
     spec = importlib.util.find_spec("yolov5")  # found, not imported: importing it appends its folder to sys.path
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"classic YOLOv5 checkpoints load with the yolov5 package: {EXPORT_EXTRA_HINT}")
     with yolov5_imports(Path(spec.submodule_search_locations[0])):
-        checkpoint = _load_checkpoint(torch, sniffed)
+        checkpoint = _load_checkpoint(torch, source)
         entry = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
         if entry is None:
-            raise InputError(f"model {sniffed.path}: the checkpoint has no 'model' or 'ema' entry holding the model")
+            raise InputError(f"model {source}: the checkpoint has no 'model' or 'ema' entry holding the model")
         model = entry.float().fuse().eval()
         detect = model.model[-1]
         detect.inplace = False
@@ -242,18 +242,23 @@ def _export_yolov5(sniffed: SniffedModel, dest: Path, imgsz: int, config: Export
     )
 
 
-def _load_checkpoint(torch: Any, sniffed: SniffedModel) -> Any:
-    """Unpickle with torch's weights-only loader, allowing only the allowlisted globals the sniffer found."""
-    allowed = safe_globals_for(sniffed.path, sniffed.imports)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(str(sniffed.path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, or a model class whose state no longer fits the installed code
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-        raise InputError(
-            f"model {sniffed.path}: torch's weights-only loader cannot load it ({type(exc).__name__}: {reason})"
-        ) from exc
+def _load_checkpoint(torch: Any, source: Path) -> Any:
+    """Unpickle with torch's weights-only loader, allowing only the allowlisted globals the sniffer found.
+
+    The file sniffed and the file loaded are one private copy, so the source cannot change in between."""
+    with tempfile.TemporaryDirectory(prefix="yoloq-load-") as work:
+        staged = Path(work) / source.name
+        shutil.copyfile(source, staged)
+        allowed = safe_globals_for(source, sniff_model(staged).imports)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(str(staged), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, or a model class whose state no longer fits the installed code
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+            raise InputError(
+                f"model {source}: torch's weights-only loader cannot load it ({type(exc).__name__}: {reason})"
+            ) from exc
 
 
 @contextmanager
