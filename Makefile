@@ -8,7 +8,6 @@ VAL    ?= data/coco/val
 CRON   ?=
 WATCH  ?= checkpoints
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD ?= 1
 export YOLO_OFFLINE ?= 1
 
 .PHONY: install run test bench lint clean serve watch
@@ -34,7 +33,8 @@ bench: $(STAMP)
 
 # Operations (README): need PREFECT_API_URL pointing at `prefect server start --host 127.0.0.1 --port 4200`.
 serve: $(STAMP)
-	$(BIN)/python -m flows.deploy serve -p $(PARAMS) $(if $(CRON),--cron "$(CRON)")
+	mkdir -p $(WATCH)
+	$(BIN)/python -m flows.deploy serve -p $(PARAMS) --watch-root $(WATCH) $(if $(CRON),--cron "$(CRON)")
 
 watch: $(STAMP)
 	$(BIN)/yoloq watch $(WATCH)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 from yoloq.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from yoloq.calibrate import calibrate  # noqa: E402

@@ -30,7 +30,6 @@ and per block, at the profile's max batch) goes to OUT/profile-<variant>/ and it
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -39,7 +38,6 @@ from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from yoloq.config import Params, VariantConfig, load_params  # noqa: E402

@@ -12,6 +12,11 @@ A `yoloq.checkpoint.created` event (sent by `yoloq watch`) starts a run with `mo
 `skip_if_done`: a run whose model content and parameters already have a finished MLflow run made by the same yoloq
 code (version and git commit) and TensorRT version returns that run instead of quantizing again. The deployment
 allows one run at a time (others wait), so duplicate events queue up and then find the finished run.
+
+Trust: run parameters come from whoever can post to the Prefect API (the trigger copies an event's payload), while
+params.yaml and the serve/deploy options are the operator's. So a run quantizes params.yaml's model.path, or a
+checkpoint inside the watched folder (`--watch-root`, required with the trigger; symlinks and `..` resolved), and
+uses the params file the deployment was created with; anything else fails with exit 2 before any MLflow run.
 """
 
 import argparse
@@ -29,11 +34,15 @@ from flows.quantize import quantize_flow
 from flows.tracking import code_versions, resolve_tracking_uri
 from flows.watch import CHECKPOINT_EVENT
 from yoloq.artifacts import content_key, file_sha256
+from yoloq.checkpoints import inside_folder
 from yoloq.config import Params, flatten, load_params
 from yoloq.errors import GateFailed, InputError
 
 DEPLOYMENT_NAME = "yoloq-quantize"
 RUN_KEY_TAG = "yoloq.run_key"
+# Set by serve (in the serving process, whose runs inherit it) and deploy (the work pool job's env), not by a run.
+WATCH_ROOT_ENV = "YOLOQ_WATCH_ROOT"
+PARAMS_ENV = "YOLOQ_PARAMS"
 
 
 def flat_overrides(
@@ -63,6 +72,34 @@ def flat_overrides(
         "output_dir": output_dir,
     }
     return [f"{key}={value}" for key, value in fields.items() if value is not None] + list(extra or [])
+
+
+def confined_overrides(
+    params_path: Path, overrides: list[str], watch_root: Path | None, deployment_params: Path | None = None
+) -> list[str]:
+    """`overrides`, checked against what the operator configured; InputError (exit 2) when a run asks for more.
+
+    The params file must be the deployment's own (when it has one). A model other than that file's model.path
+    must lie inside `watch_root` once symlinks and `..` are resolved, and the run then uses that resolved path."""
+    if deployment_params is not None and params_path.resolve() != deployment_params.resolve():
+        raise InputError(
+            f"params_path {params_path}: this deployment runs with {deployment_params}; leave params_path as it is"
+        )
+    trusted = load_params(params_path).model.path
+    chosen = load_params(params_path, overrides).model.path
+    if chosen == trusted:
+        return overrides
+    if watch_root is None:
+        raise InputError(
+            f"model {chosen}: this deployment quantizes only the model.path of {params_path} ({trusted}); "
+            "serve or deploy it with --watch-root FOLDER to accept checkpoints from that folder"
+        )
+    return [*overrides, f"model.path={inside_folder(chosen, watch_root)}"]
+
+
+def _configured_path(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value) if value else None
 
 
 def run_key(params: Params, versions: dict[str, str]) -> str:
@@ -124,6 +161,7 @@ def quantize_deployment(
     )
     logger.info("params %s with overrides: %s", params_path, " ".join(overrides) or "(none)")
     path = Path(params_path)
+    overrides = confined_overrides(path, overrides, _configured_path(WATCH_ROOT_ENV), _configured_path(PARAMS_ENV))
     params = load_params(path, overrides)
     if not params.model.path.is_file():
         raise InputError(f"model {params.model.path} not found: check model_path or model.path in {params_path}")
@@ -162,8 +200,20 @@ def deployment_parameters(params_path: Path) -> dict[str, Any]:
     return {"params_path": str(params_path.resolve())}
 
 
-def serve(params_path: Path, name: str, cron: str | None, with_trigger: bool = True) -> None:
-    """Serve the deployment from this process (runs execute here, one at a time)."""
+def deployment_env(params_path: Path, watch_root: Path | None) -> dict[str, str]:
+    """What the deployment's runs check their parameters against (`confined_overrides`)."""
+    env = {PARAMS_ENV: str(params_path.resolve())}
+    if watch_root is not None:
+        env[WATCH_ROOT_ENV] = str(watch_root.resolve())
+    return env
+
+
+def serve(
+    params_path: Path, name: str, cron: str | None, with_trigger: bool = True, watch_root: Path | None = None
+) -> None:
+    """Serve the deployment from this process (runs execute here, one at a time, and inherit its environment)."""
+    os.environ.pop(WATCH_ROOT_ENV, None)
+    os.environ.update(deployment_env(params_path, watch_root))
     quantize_deployment.serve(
         name=name,
         cron=cron,
@@ -175,8 +225,13 @@ def serve(params_path: Path, name: str, cron: str | None, with_trigger: bool = T
     )
 
 
-def deploy(params_path: Path, name: str, cron: str | None, pool: str, with_trigger: bool = True) -> Any:
-    """Register the deployment on a work pool; `prefect worker start --pool POOL` runs it (yoloq importable)."""
+def deploy(
+    params_path: Path, name: str, cron: str | None, pool: str, with_trigger: bool = True, watch_root: Path | None = None
+) -> Any:
+    """Register the deployment on a work pool; `prefect worker start --pool POOL` runs it (yoloq importable).
+
+    The watched folder and params file reach the runs as job environment variables (a run started through the
+    API with its own job_variables could replace them: on a shared Prefect server prefer `serve`)."""
     from prefect.deployments.runner import EntrypointType
 
     return quantize_deployment.deploy(
@@ -184,6 +239,7 @@ def deploy(params_path: Path, name: str, cron: str | None, pool: str, with_trigg
         work_pool_name=pool,
         cron=cron,
         parameters=deployment_parameters(params_path),
+        job_variables={"env": deployment_env(params_path, watch_root)},
         triggers=[checkpoint_trigger()] if with_trigger else None,
         concurrency_limit=1,
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -207,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (default: none)')
     parser.add_argument("--pool", help="work pool (deploy)")
     parser.add_argument("--no-trigger", action="store_true", help="no new-checkpoint trigger")
+    parser.add_argument(
+        "--watch-root",
+        type=Path,
+        help="the folder `yoloq watch` watches: runs may quantize checkpoints inside it (required with the trigger)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not prefect_api_url():
@@ -215,13 +276,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.params.is_file():
         print(f"params file {args.params} not found", file=sys.stderr)
         return 2
+    if args.watch_root is None and not args.no_trigger:
+        print(
+            "the new-checkpoint trigger needs --watch-root FOLDER (the folder `yoloq watch` watches; runs it starts "
+            "may quantize only checkpoints inside it), or pass --no-trigger",
+            file=sys.stderr,
+        )
+        return 2
+    if args.watch_root is not None and not args.watch_root.is_dir():
+        print(
+            f"--watch-root {args.watch_root} is not a folder: create it (the folder `yoloq watch` watches)",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "serve":
-        serve(args.params, args.name, args.cron, not args.no_trigger)
+        serve(args.params, args.name, args.cron, not args.no_trigger, args.watch_root)
         return 0
     if not args.pool:
         print("deploy needs --pool NAME (create it: prefect work-pool create NAME --type process)", file=sys.stderr)
         return 2
-    deployment_id = deploy(args.params, args.name, args.cron, args.pool, not args.no_trigger)
+    deployment_id = deploy(args.params, args.name, args.cron, args.pool, not args.no_trigger, args.watch_root)
     print(f"deployment {deployment_id}: start a worker with `prefect worker start --pool {args.pool}`")
     return 0
 

@@ -110,3 +110,57 @@ def test_search_and_fp16_gate_fields_become_overrides():
     assert overrides == ["gate.max_map_drop_vs_fp16=0.002", "gate.min_speedup_vs_fp16=1.2", "search.enabled=false"]
     params = load_params(PROJECT / "params.yaml", overrides)
     assert not params.search.enabled and params.gate.min_speedup_vs_fp16 == 1.2
+
+
+def test_a_run_may_only_pick_a_model_inside_the_watched_folder(tmp_path):
+    from flows.deploy import confined_overrides
+    from yoloq.errors import InputError
+
+    params = PROJECT / "params.yaml"
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    inside = watched / "retrained.pt"
+    outside = tmp_path / "elsewhere.pt"
+    for path in (inside, outside):
+        path.write_bytes(b"weights")
+    (watched / "link.pt").symlink_to(outside)
+    overrides = flat_overrides(model_path=str(watched / "sub" / ".." / "retrained.pt"))
+    assert confined_overrides(params, overrides, watched) == [*overrides, f"model.path={inside.resolve()}"]
+    for sneaky in (outside, watched / ".." / "elsewhere.pt", watched / "link.pt"):
+        with pytest.raises(InputError, match="is outside the watched folder"):
+            confined_overrides(params, flat_overrides(model_path=str(sneaky)), watched)
+    with pytest.raises(InputError, match="is outside the watched folder"):  # the same through extra_overrides
+        confined_overrides(params, flat_overrides(extra=[f"model.path={outside}"]), watched)
+    assert confined_overrides(params, ["calibration.num_images=64"], None) == ["calibration.num_images=64"]
+    with pytest.raises(InputError, match="--watch-root FOLDER"):  # no watched folder: params.yaml's model only
+        confined_overrides(params, flat_overrides(model_path=str(inside)), None)
+    with pytest.raises(InputError, match="this deployment runs with"):
+        confined_overrides(tmp_path / "mine.yaml", [], watched, deployment_params=params)
+
+
+def test_a_triggered_run_outside_the_watched_folder_fails_before_mlflow(tmp_path, monkeypatch):
+    from flows.deploy import PARAMS_ENV, WATCH_ROOT_ENV
+    from tests.conftest import shipped, write_params
+    from yoloq.errors import InputError
+
+    params = write_params(tmp_path, shipped())  # its MLflow store would be tmp_path/mlflow.db
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    monkeypatch.setenv(WATCH_ROOT_ENV, str(watched))
+    monkeypatch.setenv(PARAMS_ENV, str(params))
+    with pytest.raises(InputError, match="is outside the watched folder"):
+        quantize_deployment(params_path=str(params), model_path=str(PROJECT / "data/models/yolov5n.pt"))
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_serving_with_the_trigger_needs_a_watched_folder(tmp_path, monkeypatch, capsys):
+    import flows.deploy
+
+    monkeypatch.setattr(flows.deploy, "prefect_api_url", lambda: "http://127.0.0.1:4200/api")
+    params = str(PROJECT / "params.yaml")
+    assert flows.deploy.main(["serve", "-p", params]) == 2
+    assert "needs --watch-root FOLDER" in capsys.readouterr().err
+    assert flows.deploy.main(["serve", "-p", params, "--watch-root", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    env = flows.deploy.deployment_env(PROJECT / "params.yaml", tmp_path)
+    assert env == {"YOLOQ_PARAMS": str(PROJECT / "params.yaml"), "YOLOQ_WATCH_ROOT": str(tmp_path.resolve())}

@@ -75,3 +75,63 @@ def test_ultralytics_model_yaml_exports_with_its_head_format(tmp_path):
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     output = session.run(None, {result.input_name: np.zeros((2, 3, 320, 320), np.float32)})[0]
     assert output.shape == (2, 84, 2100)
+
+
+def test_checkpoints_load_with_the_weights_only_unpickler_and_leave_sys_path_as_it_was(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    path_before = list(sys.path)
+    result = export_model(ModelConfig(path=MODEL_PT, imgsz=320), ExportConfig(), tmp_path / "out")
+    assert result.facts.family == "yolov5" and not result.reused
+    assert sys.path == path_before
+    assert not [name for name in sys.modules if name.partition(".")[0] in ("models", "utils")]
+    yolov8n = MODEL_PT.parent / "yolov8n.pt"
+    if yolov8n.is_file():  # an Ultralytics checkpoint, loaded by Ultralytics in its weights-only mode
+        result = export_model(ModelConfig(path=yolov8n, imgsz=320), ExportConfig(), tmp_path / "out")
+        assert (result.facts.family, result.facts.head_format, len(result.facts.names)) == ("yolov8", "yolov8", 80)
+    assert loads and all(weights_only is True for weights_only in loads), loads
+
+
+def test_yolov5_imports_are_confined_to_the_block(tmp_path):
+    import sys
+    import types
+
+    from yoloq.export import yolov5_imports
+
+    package = tmp_path / "yolov5pkg"
+    (package / "models").mkdir(parents=True)
+    (package / "models" / "__init__.py").write_text("")
+    (package / "models" / "yolo.py").write_text("class Model:\n    pass\n")
+    own_models = types.ModuleType("models")  # a `models` package of the serving process itself
+    sys.modules["models"] = own_models
+    path_before = list(sys.path)
+    try:
+        with yolov5_imports(package):
+            import models.yolo
+
+            assert models.yolo.__file__.startswith(str(package))
+            sys.path.append("/appended/by/the/package")
+        assert sys.path == path_before
+        assert sys.modules["models"] is own_models and "models.yolo" not in sys.modules
+    finally:
+        sys.modules.pop("models", None)
+
+
+def test_export_never_unpickles_a_malicious_checkpoint(tmp_path):
+    from tests.test_checkpoint_sniff import malicious_checkpoint
+
+    marker = tmp_path / "PWNED"
+    model = malicious_checkpoint(tmp_path / "yolov5n.pt", marker)
+    with pytest.raises(InputError, match="yoloq does not unpickle it"):
+        export_model(ModelConfig(path=model), ExportConfig(), tmp_path / "out")
+    assert not marker.exists()

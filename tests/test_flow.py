@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,7 +103,7 @@ def test_cli_rerun_reuses_the_cached_qdq_model(first_run, project, capsys):
     assert len(list((project / "runs/cache/calibration").glob("*.int8-qdq.onnx"))) == 1
 
 
-def test_a_failed_gate_exits_3_and_tags_the_run(first_run, project, capsys):
+def test_a_failed_gate_exits_3_and_tags_the_run(first_run, project, capsys, caplog):
     # entropy calibration loses 2.2 points on these 64 images (measured), beyond the 1.5-point gate
     out = project / "gate.json"
     args = ["run", "-p", str(project / "params.yaml"), "--set", "calibration.algorithm=entropy", "--json", str(out)]
@@ -109,18 +112,27 @@ def test_a_failed_gate_exits_3_and_tags_the_run(first_run, project, capsys):
     document = json.loads(out.read_text())
     int8 = next(v for v in document["variants"] if v["name"] == "int8")
     assert int8["delta_map50_95_vs_fp32"] < -0.015 and not document["gate_passed"]
-    assert "accuracy gate failed: int8" in printed.err and "gate: FAILED" in printed.out
+    assert "accuracy gate failed: int8" in printed.err and "gate: FAILED" in printed.out and "| int8 |" in printed.out
+    # Prefect's log records, formatted as its console handler formats them: the error's line, no traceback
+    assert "Encountered exception during execution: GateFailed" in caplog.text and "Traceback" not in caplog.text
     run = MlflowClient(document["tracking_uri"]).get_run(document["mlflow_run_id"])
     assert run.data.tags["gate"] == "failed" and run.info.status == "FINISHED"
 
 
-def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, project, tmp_path, capsys):
+def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, project, tmp_path):
     labels = tmp_path / "labels"
     shutil.copytree(PROJECT / "data/coco/val/labels", labels)
     (labels / "000000000139.txt").write_text("58 0.38 0.41 0.03 0.16\n91 0.5 0.5 0.1 0.1\n")
-    code = main(["run", "-p", str(project / "params.yaml"), "--set", f"validation.labels={labels}"])
-    err = capsys.readouterr().err
-    assert code == 2 and "000000000139.txt:2" in err
+    small = ["calibration.num_images=8", "validation.num_images=8", "search.enabled=false"]
+    overrides = [a for o in [f"validation.labels={labels}", *small] for a in ("--set", o)]
+    # the real command in its own process: what a user sees on the terminal, Prefect's console output included
+    env = {**os.environ, "PYTHONPATH": str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "yoloq.cli", "run", "-p", str(project / "params.yaml"), *overrides]
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    err = done.stderr
+    assert done.returncode == 2 and "yoloq: error: " in err and "000000000139.txt:2" in err, err[-3000:]
+    assert "Encountered exception during execution: InputError" in err  # Prefect's line, kept
+    assert "Traceback" not in done.stdout + err
     client = MlflowClient(first_run["tracking_uri"])
     experiment = client.get_experiment_by_name("yoloq")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])

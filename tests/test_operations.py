@@ -166,12 +166,15 @@ def project(servers) -> Path:
 
 @pytest.fixture(scope="module")
 def served(servers, project) -> str:
-    """`python -m flows.deploy serve` in the background; returns the deployment name once it is registered."""
+    """`python -m flows.deploy serve` in the background; returns the deployment name once it is registered.
+
+    Its trigger accepts checkpoints from servers["root"]/drop, the folder the watcher test watches."""
     from prefect.client.orchestration import get_client
 
-    log = servers["processes"].start(
-        "serve", [sys.executable, "-m", "flows.deploy", "serve", "-p", str(project), "--name", "ops-test"]
-    )
+    drop = servers["root"] / "drop"
+    drop.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "flows.deploy", "serve", "-p", str(project), "--name", "ops-test"]
+    log = servers["processes"].start("serve", [*command, "--watch-root", str(drop)])
     with get_client(sync_client=True) as client:
         wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), 90, "served deployment", [log])
     return DEPLOYMENT
@@ -241,8 +244,7 @@ def test_a_new_checkpoint_starts_one_run_per_content(servers, project, served):
     from flows.watch import announce
     from yoloq.checkpoints import new_checkpoints
 
-    drop = servers["root"] / "drop"
-    drop.mkdir()
+    drop = servers["root"] / "drop"  # the served deployment's --watch-root
     shutil.copy(PROJECT / "data/models/yolov5n.pt", drop / "retrained.pt")
     shutil.copy(PROJECT / "data/models/yolov5n.pt", drop / "retrained-copy.pt")  # same content, other name
     before = len(parent_runs(servers["tracking_uri"]))

@@ -61,3 +61,18 @@ def new_checkpoints(folder: Path, seen: dict[str, str], settle_s: float = 5.0) -
         hashes.add(digest)
         found.append(Checkpoint(path.resolve(), digest, stat.st_size))
     return found
+
+
+def inside_folder(path: Path, folder: Path) -> Path:
+    """`path` with symlinks and `..` resolved, when it lies inside `folder` (resolved too); else InputError.
+
+    For paths that come from outside (an event payload, a deployment parameter): a checkpoint announced from the
+    watched folder resolves inside it; a path that leaves it, directly, through `..` or through a symlink, does not."""
+    resolved, root = path.resolve(), folder.resolve()
+    if not resolved.is_relative_to(root):
+        shown = str(path) if resolved == path else f"{path} (resolves to {resolved})"
+        raise InputError(
+            f"model {shown} is outside the watched folder {root}: this deployment quantizes only checkpoints in "
+            "that folder (or the model.path of its params.yaml)"
+        )
+    return resolved

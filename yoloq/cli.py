@@ -19,7 +19,6 @@ def _quiet_prefect_defaults() -> None:
     """Offline-friendly defaults for Prefect's temporary server (the user's environment wins)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
@@ -109,7 +108,9 @@ def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     check_inputs(loaded if loaded.targets else resolve_variants(loaded))  # bad input: exit 2 before Prefect starts
     _quiet_prefect_defaults()
     from flows.quantize import quantize_flow
+    from yoloq.logs import quiet_expected_errors
 
+    quiet_expected_errors()  # a YoloqError ends the run with our one-line message, not a Prefect traceback
     document = quantize_flow(params_path=str(params), overrides=overrides)
     _print_document(document)
     _write_json(json_path, document)

@@ -7,19 +7,23 @@ be exported: a user who starts from ONNX needs neither.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
-import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import onnx
 
 from yoloq.artifacts import atomic_path, content_key, file_sha256
+from yoloq.checkpoint_sniff import check_onnx, safe_globals_for, sniff_model
 from yoloq.config import ExportConfig, ModelConfig
 from yoloq.errors import InputError
 from yoloq.heads import HeadFormat, detect_head_format
@@ -27,6 +31,7 @@ from yoloq.labels import COCO80_NAMES
 
 EXPORT_EXTRA_HINT = "install the export extra: pip install '.[export]' (torch, yolov5, ultralytics)"
 _METADATA_KEYS = ("family", "head_format", "names", "stride", "imgsz", "source_sha256")
+_YOLOV5_TOP_MODULES = ("models", "utils")  # top-level names classic YOLOv5 pickles import
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,8 @@ def export_model(model: ModelConfig, config: ExportConfig, out_dir: Path) -> Exp
     source = model.path
     if not source.is_file():
         raise InputError(f"model {source} not found: set model.path in params.yaml to a .pt, .yaml or .onnx file")
-    kind = source_kind(source)
+    sniffed = sniff_model(source)  # what the file is, checked without unpickling it
+    kind = sniffed.kind
     source_hash = file_sha256(source)
     key = content_key("export-v1", kind, source_hash, model.imgsz, config.model_dump())
     final = out_dir / f"model-{key}.onnx"
@@ -64,7 +70,6 @@ def export_model(model: ModelConfig, config: ExportConfig, out_dir: Path) -> Exp
         return _result(final, reused=True)
     with atomic_path(final) as tmp:
         if kind == "onnx":
-            _check_onnx(source)
             shutil.copyfile(source, tmp)
             facts = _facts_from_onnx(tmp, model.imgsz, source_hash)
         elif kind == "yolov5":
@@ -77,28 +82,7 @@ def export_model(model: ModelConfig, config: ExportConfig, out_dir: Path) -> Exp
 
 def source_kind(path: Path) -> str:
     """'onnx', 'yolov5' (classic checkpoint, models.yolo) or 'ultralytics' (checkpoint or model yaml)."""
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in (".yaml", ".yml"):
-        return "ultralytics"
-    if suffix != ".pt":
-        raise InputError(f"model {path}: unsupported file type {suffix!r}; use a .pt checkpoint, model .yaml or .onnx")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickle_name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-            if pickle_name is None:
-                raise InputError(
-                    f"model {path}: not a PyTorch checkpoint (no data.pkl inside); re-save it with torch.save"
-                )
-            payload = archive.read(pickle_name)
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"model {path}: corrupt or truncated checkpoint ({exc}); download or copy it again") from exc
-    if b"ultralytics.nn" in payload:
-        return "ultralytics"
-    if b"models.yolo" in payload:
-        return "yolov5"
-    raise InputError(f"model {path}: checkpoint holds neither a classic YOLOv5 nor an Ultralytics model")
+    return sniff_model(path).kind
 
 
 def read_facts(onnx_path: Path) -> ModelFacts:
@@ -125,7 +109,7 @@ def facts_for_onnx(onnx_path: Path, imgsz: int) -> ModelFacts:
     try:
         return read_facts(onnx_path)
     except InputError:
-        _check_onnx(onnx_path)
+        check_onnx(onnx_path)
         return _facts_from_onnx(onnx_path, imgsz, file_sha256(onnx_path))
 
 
@@ -141,15 +125,6 @@ def io_names(onnx_path: Path) -> tuple[str, str]:
 def _result(path: Path, reused: bool) -> ExportResult:
     input_name, output_name = io_names(path)
     return ExportResult(path, read_facts(path), input_name, output_name, reused)
-
-
-def _check_onnx(path: Path) -> None:
-    try:
-        onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError) as exc:
-        raise InputError(f"model {path}: not a valid ONNX model ({exc}); re-export it") from exc
-    except Exception as exc:  # onnx raises DecodeError and friends for corrupt protobufs
-        raise InputError(f"model {path}: cannot be read as ONNX ({type(exc).__name__}: {exc}); re-export it") from exc
 
 
 def _facts_from_onnx(path: Path, imgsz: int, source_hash: str) -> ModelFacts:
@@ -239,27 +214,24 @@ def _import_torch() -> Any:
 def _export_yolov5(source: Path, dest: Path, imgsz: int, config: ExportConfig, source_hash: str) -> ModelFacts:
     """Classic YOLOv5 checkpoint: unpickle with the `yolov5` package's model code, export with torch.onnx."""
     torch = _import_torch()
-    try:
-        import yolov5
-    except ImportError as exc:
-        raise InputError(f"classic YOLOv5 checkpoints load with the yolov5 package: {EXPORT_EXTRA_HINT}") from exc
-    package_dir = str(Path(yolov5.__file__).parent)
-    if package_dir not in sys.path:
-        sys.path.insert(0, package_dir)  # the pickle names modules 'models.yolo', 'utils.*' of that package
-    try:
-        checkpoint = torch.load(str(source), map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InputError(f"model {source}: cannot be loaded as a YOLOv5 checkpoint ({exc})") from exc
-    model = (checkpoint.get("ema") or checkpoint["model"]).float().fuse().eval()
-    detect = model.model[-1]
-    detect.inplace = False
-    detect.export = True  # Detect returns one tensor (N, anchors, 5 + nc)
-    names = model.names if isinstance(model.names, list) else [model.names[k] for k in sorted(model.names)]
-    dummy = torch.zeros(1, 3, imgsz, imgsz)
-    with torch.no_grad():
-        output = model(dummy)
-        output = output[0] if isinstance(output, (tuple, list)) else output
-    _torch_onnx_export(torch, model, dummy, dest, config)
+    spec = importlib.util.find_spec("yolov5")  # found, not imported: importing it appends its folder to sys.path
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"classic YOLOv5 checkpoints load with the yolov5 package: {EXPORT_EXTRA_HINT}")
+    with yolov5_imports(Path(spec.submodule_search_locations[0])):
+        checkpoint = _load_checkpoint(torch, source)
+        entry = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+        if entry is None:
+            raise InputError(f"model {source}: the checkpoint has no 'model' or 'ema' entry holding the model")
+        model = entry.float().fuse().eval()
+        detect = model.model[-1]
+        detect.inplace = False
+        detect.export = True  # Detect returns one tensor (N, anchors, 5 + nc)
+        names = model.names if isinstance(model.names, list) else [model.names[k] for k in sorted(model.names)]
+        dummy = torch.zeros(1, 3, imgsz, imgsz)
+        with torch.no_grad():
+            output = model(dummy)
+            output = output[0] if isinstance(output, (tuple, list)) else output
+        _torch_onnx_export(torch, model, dummy, dest, config)
     return ModelFacts(
         family="yolov5",
         head_format=detect_head_format(tuple(output.shape), len(names)),
@@ -268,6 +240,56 @@ def _export_yolov5(source: Path, dest: Path, imgsz: int, config: ExportConfig, s
         imgsz=imgsz,
         source_sha256=source_hash,
     )
+
+
+def _load_checkpoint(torch: Any, source: Path) -> Any:
+    """Unpickle with torch's weights-only loader, allowing only the allowlisted globals the sniffer found.
+
+    The file sniffed and the file loaded are one private copy, so the source cannot change in between."""
+    with tempfile.TemporaryDirectory(prefix="yoloq-load-") as work:
+        staged = Path(work) / source.name
+        shutil.copyfile(source, staged)
+        allowed = safe_globals_for(source, sniff_model(staged).imports)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(str(staged), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, or a model class whose state no longer fits the installed code
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+            raise InputError(
+                f"model {source}: torch's weights-only loader cannot load it ({type(exc).__name__}: {reason})"
+            ) from exc
+
+
+@contextmanager
+def yolov5_imports(package_dir: Path) -> Iterator[None]:
+    """For this block only, `models.*` and `utils.*` (the names classic YOLOv5 pickles import) come from the yolov5
+    package folder. Afterwards sys.path is exactly as before (the yolov5 package and the pkg_resources it imports
+    append folders of their own), the `models`/`utils` modules imported from that folder are dropped from
+    sys.modules, and any `models`/`utils` modules the process had before are back in place."""
+    saved_path = list(sys.path)
+    hidden = {name: module for name, module in sys.modules.items() if _top_module(name) in _YOLOV5_TOP_MODULES}
+    for name in hidden:
+        del sys.modules[name]
+    sys.path.insert(0, str(package_dir))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if _top_module(n) in _YOLOV5_TOP_MODULES]:
+            if _imported_from(sys.modules[name], package_dir):
+                del sys.modules[name]
+        sys.modules.update(hidden)
+
+
+def _top_module(name: str) -> str:
+    return name.partition(".")[0]
+
+
+def _imported_from(module: ModuleType, folder: Path) -> bool:
+    locations = [getattr(module, "__file__", None), *getattr(module, "__path__", [])]
+    root = folder.resolve()
+    return any(location and Path(location).resolve().is_relative_to(root) for location in locations)
 
 
 def _torch_onnx_export(torch: Any, model: Any, dummy: Any, dest: Path, config: ExportConfig) -> None:
@@ -296,8 +318,11 @@ def _export_ultralytics(source: Path, dest: Path, imgsz: int, config: ExportConf
     with tempfile.TemporaryDirectory(prefix="yoloq-export-") as work:
         staged = Path(work) / source.name
         shutil.copyfile(source, staged)
+        sniffed = sniff_model(staged)  # the copy Ultralytics unpickles passes the checks (the source may have changed)
+        safe_globals_for(staged, sniffed.imports)  # every model-namespace import is a model class
         try:
-            model = YOLO(str(staged))
+            with _ultralytics_weights_only():
+                model = YOLO(str(staged))
             exported = model.export(
                 format="onnx", imgsz=imgsz, opset=config.opset, dynamic=config.dynamic_batch, simplify=False
             )
@@ -309,6 +334,23 @@ def _export_ultralytics(source: Path, dest: Path, imgsz: int, config: ExportConf
     family = _ultralytics_family(source.stem, facts.head_format)
     names = [str(names_dict[k]) for k in sorted(names_dict)]
     return ModelFacts(family, facts.head_format, names, facts.stride, imgsz, source_hash)
+
+
+@contextmanager
+def _ultralytics_weights_only() -> Iterator[None]:
+    """Ultralytics loads checkpoints with torch's weights-only unpickler and its allowlist of model classes while
+    this block runs (its opt-in ULTRALYTICS_SAFE_LOAD mode, read from a module global that is set here)."""
+    from ultralytics.nn import tasks
+
+    if not getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False) or not hasattr(tasks, "SAFE_LOAD"):
+        yield  # an Ultralytics without safe loading: the sniffer's checks of the staged copy guard the load
+        return
+    saved = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = True
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = saved
 
 
 def _ultralytics_family(stem: str, head_format: str) -> str:

@@ -1,20 +1,32 @@
-"""Checks of the files a run needs, made before any work starts (and before Prefect starts a server)."""
+"""Checks of the files a run needs, made before any work starts (and before Prefect starts a server).
+
+Cheap and static: the model file is classified without unpickling it (yoloq/checkpoint_sniff.py), and image folders
+are counted by reading each file's first bytes, so a bad input fails in about a second with exit 2.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from yoloq.checkpoint_sniff import sniff_model
 from yoloq.config import Params
 from yoloq.errors import InputError
+from yoloq.preprocess import IMAGE_SUFFIXES, list_images, looks_like_image
 
 
 def check_inputs(params: Params) -> None:
-    """Raise InputError naming every missing input of `params` and the key that points at it."""
+    """Raise InputError naming every unusable input of `params` and the key that points at it."""
     problems = []
-    if not params.model.path.is_file():
-        problems.append(f"model.path: {params.model.path} not found (a .pt, model .yaml or .onnx file)")
-    if params.needs_calibration and not params.calibration.images.is_dir():
-        problems.append(f"calibration.images: folder {params.calibration.images} not found (training images)")
-    if not params.validation.images.is_dir():
-        problems.append(f"validation.images: folder {params.validation.images} not found")
+    try:
+        sniff_model(params.model.path)
+    except InputError as exc:
+        problems.append(f"model.path: {exc}")
+    if params.needs_calibration:
+        calibration, key = params.calibration, "calibration.min_images"
+        problems += image_folder_problems(
+            "calibration.images", calibration.images, "training images", calibration.min_images, key
+        )
+    problems += image_folder_problems("validation.images", params.validation.images, "validation images")
     if not params.validation.labels.exists():
         problems.append(f"validation.labels: {params.validation.labels} not found (YOLO label folder or COCO json)")
     if params.needs_selection and not params.selection.images.is_dir():
@@ -22,9 +34,37 @@ def check_inputs(params: Params) -> None:
             f"selection.images: folder {params.selection.images} not found (images the INT8 search judges on)"
         )
     for index, extra in enumerate(params.validation.extra_sets):
-        if not extra.images.is_dir():
-            problems.append(f"validation.extra_sets.{index}.images: folder {extra.images} not found")
+        problems += image_folder_problems(f"validation.extra_sets.{index}.images", extra.images, "validation images")
         if not extra.labels.exists():
             problems.append(f"validation.extra_sets.{index}.labels: {extra.labels} not found")
     if problems:
-        raise InputError("missing inputs:\n  " + "\n  ".join(problems) + "\nfix params.yaml or pass --set KEY=PATH")
+        raise InputError(
+            "inputs that cannot be used:\n  " + "\n  ".join(problems) + "\nfix params.yaml or pass --set KEY=PATH"
+        )
+
+
+def count_images(folder: Path) -> tuple[int, list[Path]]:
+    """(readable images, files with an image suffix that are not images) of `folder`, by their first bytes."""
+    readable, unreadable = 0, []
+    for path in list_images(folder):
+        if looks_like_image(path):
+            readable += 1
+        else:
+            unreadable.append(path)
+    return readable, unreadable
+
+
+def image_folder_problems(key: str, folder: Path, what: str, minimum: int = 1, minimum_key: str = "") -> list[str]:
+    """What is wrong with an image folder: missing, no readable image, or fewer than `minimum` (`minimum_key`)."""
+    if not folder.is_dir():
+        return [f"{key}: folder {folder} not found ({what})"]
+    readable, unreadable = count_images(folder)
+    if readable >= max(minimum, 1):
+        return []
+    bad = f"; {len(unreadable)} files are not images, e.g. {unreadable[0].name}" if unreadable else ""
+    if readable == 0:
+        return [f"{key}: folder {folder} holds no readable images ({' '.join(IMAGE_SUFFIXES)}){bad}: add {what}"]
+    return [
+        f"{key}: folder {folder} holds only {readable} readable images{bad}, fewer than {minimum_key}={minimum}: "
+        f"add {what} or lower {minimum_key}"
+    ]

@@ -10,6 +10,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PAD_VALUE = 114
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")  # JPEG, PNG, BMP (WebP: RIFF....WEBP)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,16 @@ class Letterbox:
 def list_images(folder: Path) -> list[Path]:
     """Image files in `folder`, sorted by name (the order every stage uses)."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def looks_like_image(path: Path) -> bool:
+    """Whether the file starts like a JPEG, PNG, BMP or WebP image: a cheap check that reads 12 bytes, not the image."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def read_image(path: Path) -> np.ndarray | None:
