@@ -48,7 +48,8 @@ from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # n
 
 MANIFEST = "manifest.json"
 ROWS = ("fp16", "int8-implicit", "qdq", "qdq-conv", "modelopt")
-STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
+STRIP_BYTES = 4096
+TENSORRT_86_MAX_OPSET = 17  # speed-only models travel without initializers larger than this
 
 
 # -- step 1: on the CPU ------------------------------------------------------------------------------------------
@@ -84,6 +85,25 @@ def refill_weights(source: Path, dest: Path, seed: int = 0) -> Path:
         model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values, init.name))
     onnx.save(model, str(dest))
     return dest
+
+
+def relabel_opset(path: Path, target: int = TENSORRT_86_MAX_OPSET) -> None:
+    """Relabel a newer-opset model (ModelOpt writes opset 19) as `target` when every node is valid there: the same
+    op with no attribute that `target` lacks (TensorRT 8.6's ONNX parser reads opsets up to 17)."""
+    model = onnx.load(str(path))
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current <= target:
+        return
+    for node in model.graph.node:
+        schema = onnx.defs.get_schema(node.op_type, target, node.domain)
+        unknown = {a.name for a in node.attribute} - set(schema.attributes)
+        if unknown:
+            raise ValueError(f"{path}: {node.op_type} {node.name} has attributes {unknown} that opset {target} lacks")
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = target
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -144,6 +164,7 @@ def prepare(args: argparse.Namespace) -> int:
                 ],
                 check=True,
             )
+            relabel_opset(files["modelopt"])
         entry: dict[str, Any] = {"name": name, "source": source, "real_weights": real, "files": {}}
         for row, path in files.items():
             target = dest / name / f"{row}.onnx"
@@ -165,12 +186,12 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from yoloq.backends.tensorrt.build import TensorRTBackend
     from yoloq.backends.tensorrt.profile import profile_engine, profile_metrics, summarize
     from yoloq.backends.tensorrt.profile_report import write_profile
     from yoloq.backends.tensorrt.runner import TensorRTRunner
     from yoloq.backends.tensorrt.timing import time_device
-    from yoloq.config import CalibrationConfig, TensorRTConfig, ValidationConfig, VariantConfig
+    from yoloq.build import build_variant_with_deadline
+    from yoloq.config import ValidationConfig, VariantConfig, load_params
     from yoloq.export import read_facts
     from yoloq.preprocess import list_images, load_preprocessed
     from yoloq.speed import time_interleaved
@@ -186,13 +207,16 @@ def run(args: argparse.Namespace) -> int:
     timing_cache = cache / "timing.cache"
     if args.timing_cache and args.timing_cache.is_file() and not timing_cache.is_file():
         shutil.copyfile(args.timing_cache, timing_cache)
-    settings = TensorRTConfig(
-        builder_optimization_level=args.level,
-        tactic_sources=args.tactics.split(",") if args.tactics else None,
-        timing_cache=timing_cache,
-    )
-    calibration = CalibrationConfig(images=args.calib, num_images=args.calib_images)
-    backend = TensorRTBackend(settings, calibration, progress=lambda m: print(m, flush=True))
+    overrides = [
+        f"tensorrt.builder_optimization_level={args.level}",
+        f"tensorrt.timing_cache={timing_cache}",
+        f"calibration.images={args.calib}",
+        f"calibration.num_images={args.calib_images}",
+        f"output_dir={cache}",
+    ]
+    if args.tactics:
+        overrides.append(f"tensorrt.tactic_sources=[{args.tactics}]")
+    params = load_params(PROJECT / "params.yaml", overrides)
     variants = {
         "fp16": VariantConfig(name="fp16", precision="fp16", backend="tensorrt"),
         "int8-implicit": VariantConfig(
@@ -204,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     wanted = [row for row in args.rows.split(",") if row]
+    if set(wanted) - set(ROWS):
+        raise SystemExit(f"--rows: unknown {sorted(set(wanted) - set(ROWS))}; choose from {', '.join(ROWS)}")
     results_path = out / "results.json"
     results: dict[str, Any] = read_json(results_path) if results_path.is_file() else {"models": {}}
     results["settings"] = {
@@ -234,12 +260,17 @@ def run(args: argparse.Namespace) -> int:
         for row in wanted:
             if row not in files and row not in ("fp16", "int8-implicit"):
                 continue
-            if left() < args.min_build_s:
+            deadline = left() - args.reserve_s  # what is left after measuring the engines built so far
+            if deadline < args.min_build_s:
                 skipped.append(f"{name}/{row}: {left():.0f} s of the budget left")
                 continue
             qdq = files.get(row) if row.startswith(("qdq", "modelopt")) else None
+            limited = params.model_copy(deep=True)
+            limited.build.timeout_s = deadline  # a build that would overrun the call is killed, the rest is kept
             try:
-                built[row] = backend.build(variants[row], files["fp32"], qdq, folder / "engines")
+                built[row] = build_variant_with_deadline(
+                    variants[row], limited, files["fp32"], qdq, folder / "engines", lambda m: print(m, flush=True)
+                )
             except Exception as exc:  # record and go on: one failed build must not lose the others
                 model_results["rows"][row] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
                 print(f"{name}/{row}: build FAILED: {exc}", flush=True)
@@ -350,7 +381,7 @@ def main() -> int:
     r.add_argument("--timing-cache", type=Path, help="a timing cache from an earlier call")
     r.add_argument("--level", type=int, default=2)
     r.add_argument("--tactics", default="")
-    r.add_argument("--rows", default=",".join(ROWS))
+    r.add_argument("--rows", default="fp16,qdq,int8-implicit,modelopt,qdq-conv", help="in the order to build")
     r.add_argument("--models", default="", help="comma-separated subset of the manifest's models, in its order")
     r.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
     r.add_argument("--calib-images", type=int, default=128)
@@ -360,6 +391,7 @@ def main() -> int:
     r.add_argument("--profile-iterations", type=int, default=20)
     r.add_argument("--budget-s", type=float, default=540)
     r.add_argument("--min-build-s", type=float, default=60, help="skip a build when less budget than this is left")
+    r.add_argument("--reserve-s", type=float, default=60, help="kept for timing, profiling and mAP of a model")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return prepare(args) if args.step == "prepare" else run(args)

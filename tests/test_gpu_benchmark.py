@@ -1,0 +1,46 @@
+"""The GPU benchmark's CPU-side helpers: speed-only models travel without weights; ModelOpt's opset relabelled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from benchmarks.gpu_int8 import refill_weights, relabel_opset, strip_weights, table
+from tests.test_quantize import yolov5_like
+
+
+def test_stripped_weights_are_refilled_with_the_same_shapes_and_types(tmp_path: Path) -> None:
+    source = tmp_path / "model.onnx"
+    onnx.save(yolov5_like(), source)
+    stripped = tmp_path / "stripped.onnx"
+    strip_weights(source, stripped)
+    assert stripped.stat().st_size < source.stat().st_size
+    refilled = refill_weights(stripped, tmp_path / "refilled.onnx")
+    onnx.checker.check_model(onnx.load(str(refilled)))
+    before = {i.name: (tuple(i.dims), i.data_type) for i in onnx.load(str(source)).graph.initializer}
+    after = {i.name: (tuple(i.dims), i.data_type) for i in onnx.load(str(refilled)).graph.initializer}
+    assert before == after
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert ort.InferenceSession(str(refilled), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+
+
+def test_a_newer_opset_is_relabelled_only_when_every_node_exists_there(tmp_path: Path) -> None:
+    model = yolov5_like()
+    model.opset_import[0].version = 19
+    path = tmp_path / "m19.onnx"
+    onnx.save(model, path)
+    relabel_opset(path, 17)
+    assert onnx.load(str(path)).opset_import[0].version == 17
+
+
+def test_the_table_marks_failed_builds_and_random_weights() -> None:
+    row = {"images_per_s_b32": 9000.0, "x_fp16_b32": 1.3, "ms_b1": 0.5, "build_s": 120.0, "profile": {}}
+    results = {
+        "settings": {"builder_optimization_level": 2, "tactic_sources": "JIT", "profile": "1/8/32", "timing": "x"},
+        "models": {"yolov8s": {"rows": {"qdq": row, "modelopt": {"error": "EngineBuildError: boom"}}}},
+    }
+    text = table(results)
+    assert "| yolov8s | qdq | 9,000 | 1.30 | 0.500 | random weights |" in text and "failed: EngineBuildError" in text
