@@ -244,10 +244,10 @@ def run(args: argparse.Namespace) -> int:
     def left() -> float:
         return args.budget_s - (time.perf_counter() - started)
 
-    for entry in manifest["models"]:
-        name = entry["name"]
-        if args.models and name not in args.models.split(","):
-            continue
+    order = args.models.split(",") if args.models else [entry["name"] for entry in manifest["models"]]
+    entries = {entry["name"]: entry for entry in manifest["models"]}
+    for name in order:
+        entry = entries[name]
         folder = cache / name
         folder.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -382,7 +382,7 @@ def main() -> int:
     r.add_argument("--level", type=int, default=2)
     r.add_argument("--tactics", default="")
     r.add_argument("--rows", default="fp16,qdq,int8-implicit,modelopt,qdq-conv", help="in the order to build")
-    r.add_argument("--models", default="", help="comma-separated subset of the manifest's models, in its order")
+    r.add_argument("--models", default="", help="comma-separated models of the manifest, in the order to run them")
     r.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
     r.add_argument("--calib-images", type=int, default=128)
     r.add_argument("--val", type=Path, default=PROJECT / "data/coco/val")

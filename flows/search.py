@@ -32,7 +32,15 @@ from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
 from yoloq.quant.graph import HeadAnalysis, analyze_head, default_float_convs, prepare_model
 from yoloq.report import VariantResult, variant_result
-from yoloq.search import Candidate, CandidateFailed, SearchOutcome, candidates_table, effective_sizes, run_search
+from yoloq.search import (
+    Candidate,
+    CandidateFailed,
+    CandidateResult,
+    SearchOutcome,
+    candidates_table,
+    effective_sizes,
+    run_search,
+)
 from yoloq.selection import SelectionScorer, SelectionSet
 from yoloq.sensitivity import LayerSensitivity, SensitivityReport, sensitivity_plot, sensitivity_table
 from yoloq.validate import Timing
@@ -85,12 +93,13 @@ def search_variant(
     evaluated: dict[str, _Evaluated] = {}
     reports: list[SensitivityReport] = []
     scorer = SelectionScorer(selection, detect_task(fp32_built, selection.images, facts, params), facts.names)
-    allowed = scorer.allowed_shortfall(params.gate.max_map_drop)
+    tolerance = selection.config.tolerance
     logger.info(
-        "search: candidates judged on %s; FP32 scores %.4f there; a candidate passes at most %.2f points below",
+        "search: candidates judged on %s (FP32 scores %.4f there); fewer convs in float pass at most %.2f points "
+        "below the best calibration",
         selection.describe(),
         scorer.reference_score,
-        allowed * 100,
+        tolerance * 100,
     )
 
     def stats(num_images: int) -> CalibrationStats:
@@ -130,9 +139,6 @@ def search_variant(
         try:
             built, float_nodes, manifest = build(candidate)
         except EngineBuildError as exc:  # e.g. a TensorRT internal error on one mixed-precision layout
-            run_id = tracker.start_child(candidate.name, {"search.stage": candidate.stage}, CANDIDATE_KIND)
-            tracker.set_tags(run_id, {"gate": "failed", "error": str(exc)})
-            tracker.finish(run_id)
             raise CandidateFailed(str(exc)) from exc
         score = round(scorer.score(detect_task(built, selection.images, facts, params)), 4)  # 0.01 points: no CPU noise
         timing = Timing(0.0, 0.0, 0)
@@ -141,20 +147,16 @@ def search_variant(
             timing, fp16_speed[candidate.name] = timings[candidate.name], timings["fp16"].throughput_ips
         result = selection_result(candidate.name, built, score, scorer.reference_score, timing)
         evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest)
-        reasons = judge(result)
-        _log_candidate(
-            tracker, candidate, result, float_nodes, manifest, fp16_speed.get(candidate.name), reasons, selection
-        )
         return result
 
-    def judge(result: VariantResult) -> list[str]:
+    def judge(result: VariantResult, best: VariantResult) -> list[str]:
         reasons = []
-        shortfall = scorer.shortfall(result.map50_95)
-        if shortfall > allowed + 1e-12:
+        below = best.map50_95 - result.map50_95
+        if below > tolerance + 1e-12:
             reasons.append(
                 f"{result.name}: {selection.config.metric} {result.map50_95:.4f} on the selection set is "
-                f"{shortfall * 100:.2f} points below FP32's {scorer.reference_score:.4f} (the search allows "
-                f"{allowed * 100:.2f})"
+                f"{below * 100:.2f} points below the best calibration's {best.map50_95:.4f} (the search allows "
+                f"{tolerance * 100:.2f})"
             )
         if fp16_speed.get(result.name, 0.0) > 0:
             speedup = result.throughput_ips / fp16_speed[result.name]
@@ -196,7 +198,6 @@ def search_variant(
                 sizes,
             )
     head = analyze_head(prepare_model(fp32_onnx))
-    stem = head.stem_convs  # reads 3 channels; INT8 there made the TensorRT 8.6 engine 27 % slower (measured)
     outcome = run_search(
         variant.name,
         algorithms,
@@ -206,9 +207,18 @@ def search_variant(
         judge,
         rank,
         logger.info,
-        keep_float=stem,
         default_float=[] if implicit else default_float_convs(head),
     )
+    for tried in outcome.evaluated:  # every candidate is an MLflow child run, judged as the search judged it
+        kept = evaluated.get(tried.candidate.name)
+        _log_candidate(
+            tracker,
+            tried,
+            kept.float_nodes if kept else list(tried.candidate.float_nodes),
+            kept.manifest if kept else None,
+            fp16_speed.get(tried.candidate.name),
+            selection,
+        )
     chosen = evaluated[outcome.chosen.candidate.name]
     details = dict(chosen.built.details)
     if chosen.manifest:
@@ -267,40 +277,41 @@ def selection_result(
 
 def _log_candidate(
     tracker: RunTracker,
-    candidate: Candidate,
-    result: VariantResult,
+    tried: CandidateResult,
     float_nodes: list[str],
     manifest: Path | None,
     fp16_ips: float | None,
-    reasons: list[str],
     selection: SelectionSet,
 ) -> None:
-    run_id = tracker.start_child(
-        candidate.name,
-        {
-            "search.stage": candidate.stage,
-            "calibration.algorithm": candidate.algorithm,
-            "calibration.num_images": str(candidate.num_images),
-            "float_convs": ",".join(float_nodes),
-            "float_convs.count": str(len(float_nodes)),
-            "float_convs.why": candidate.why,
-            "model": str(result.model_path),
-            "selection.metric": selection.config.metric,
-            "selection.images": f"{selection.config.images} ({len(selection.truths)} images)",
-        },
-        CANDIDATE_KIND,
-    )
-    tracker.set_tags(run_id, {"gate": "passed" if not reasons else "failed", "gate.reasons": "; ".join(reasons)})
-    metrics = {
-        "selection.score": result.map50_95,
-        "selection.delta_vs_fp32": result.delta_map50_95,
-        "float_convs": len(float_nodes),
+    candidate, result = tried.candidate, tried.result
+    params = {
+        "search.stage": candidate.stage,
+        "calibration.algorithm": candidate.algorithm,
+        "calibration.num_images": str(candidate.num_images),
+        "float_convs": ",".join(float_nodes),
+        "float_convs.count": str(len(float_nodes)),
+        "float_convs.why": candidate.why,
+        "selection.metric": selection.config.metric,
+        "selection.images": f"{selection.config.images} ({len(selection.truths)} images)",
     }
-    if result.throughput_ips > 0:
-        metrics |= {"throughput_ips": result.throughput_ips, "latency_ms_b1": result.latency_ms_b1}
-        if fp16_ips:
-            metrics["speedup_vs_fp16"] = result.throughput_ips / fp16_ips
-    tracker.log_metrics(run_id, metrics)
+    if result is not None:
+        params["model"] = str(result.model_path)
+    run_id = tracker.start_child(candidate.name, params, CANDIDATE_KIND)
+    tags = {"gate": "passed" if tried.passed else "failed", "gate.reasons": "; ".join(tried.reasons)}
+    if result is None:
+        tags["error"] = "; ".join(tried.reasons)
+    tracker.set_tags(run_id, tags)
+    if result is not None:
+        metrics = {
+            "selection.score": result.map50_95,
+            "selection.delta_vs_fp32": result.delta_map50_95,
+            "float_convs": len(float_nodes),
+        }
+        if result.throughput_ips > 0:
+            metrics |= {"throughput_ips": result.throughput_ips, "latency_ms_b1": result.latency_ms_b1}
+            if fp16_ips:
+                metrics["speedup_vs_fp16"] = result.throughput_ips / fp16_ips
+        tracker.log_metrics(run_id, metrics)
     if manifest:
         tracker.log_artifacts(run_id, [manifest])
     tracker.finish(run_id)
@@ -320,10 +331,12 @@ def _write_report(
     lines = ["| conv kept in float | why | sensitivity rank | gain (share of all-INT8 error) |", "|---|---|---:|---:|"]
     for node in float_nodes:
         rank, layer = ranks.get(node, (0, None))
-        if node in head.stem_convs:
-            why = "the stem: reads the 3-channel image; INT8 there made the TensorRT 8.6 engine 27 % slower"
-        elif outcome.chosen.candidate.stage == "calibration":
-            why = "default: a head prediction conv (raw boxes and scores)"
+        if outcome.chosen.candidate.stage == "calibration":
+            why = "default: " + (
+                "the stem (reads the image)"
+                if node in head.stem_convs
+                else "a head prediction conv (raw boxes, scores)"
+            )
         else:
             why = f"sensitivity rank {rank}: keeping it float removes {layer.gain * 100:.1f} % of the all-INT8 error"
         lines.append(f"| {node} | {why} | {rank or ''} | {f'{layer.gain * 100:+.1f} %' if layer else ''} |")

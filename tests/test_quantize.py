@@ -229,9 +229,10 @@ def test_quantize_fixture_end_to_end(tmp_path: Path) -> None:
     assert written.placement.excluded == (*head_tail_nodes(yolov5_like()), "stem", "head")
     quantized = onnx.load(str(written.path))
     _check_qdq(quantized, written.placement.excluded)
-    # the block conv, and the residual Add's shortcut (the stem's output), which the float head conv reads as float
+    # the block conv and the residual Add: conv -> SiLU -> Add, so both Add inputs are quantized; the float head
+    # conv reads the float Add output
     assert written.quantized_nodes == 2
-    assert written.placement.rule_counts() == {"conv input": 1, "residual add": 1, "concat input": 0, "pass-through": 0}
+    assert written.placement.rule_counts() == {"conv input": 1, "residual add": 2, "concat input": 0, "pass-through": 0}
     head_conv = next(n for n in quantized.graph.node if n.name == "head")
     assert head_conv.input[0] == "block/add_out0"  # the float head conv reads the float Add output
     x = next(iter(_calibration_loader(CALIB_IMAGES, 2)))["images"]
@@ -320,9 +321,9 @@ def test_placement_rules_on_c3_sppf_c2f_and_fpn_blocks(neck: tuple[Path, Written
         node.name: [dq.get(name, name) if name in dq else None for name in node.input] for node in model.graph.node
     }
     reads_dq = {node.name: [name in dq for name in node.input] for node in model.graph.node}
-    # rule 2: the residual Add reads its shortcut quantized and the conv branch in float (TensorRT fuses it)
-    assert reads_dq["c3/m/add"] == [True, False] and inputs["c3/m/add"][0] == "c3/cv1/act/mul_out0"
-    assert reads_dq["c2f/m/add"] == [True, False]
+    # rule 2: conv -> SiLU -> Add: the residual Add reads its shortcut and its branch quantized
+    assert reads_dq["c3/m/add"] == [True, True] and inputs["c3/m/add"][0] == "c3/cv1/act/mul_out0"
+    assert reads_dq["c2f/m/add"] == [True, True]
     # rule 3: every Concat input quantized, all with the Concat output's scale
     for concat, count in (("c3/cat", 2), ("sppf/cat", 4), ("c2f/cat", 3), ("fpn/cat", 2)):
         assert reads_dq[concat] == [True] * count, concat
@@ -337,6 +338,19 @@ def test_placement_rules_on_c3_sppf_c2f_and_fpn_blocks(neck: tuple[Path, Written
     x = next(iter(_calibration_loader(CALIB_IMAGES, 2)))["images"]
     ref, got = _run(fp32, x), _run(written.path, x)
     assert np.abs(got - ref).max() < 0.15 * np.abs(ref).max()
+
+
+def test_a_resnet_order_residual_keeps_its_conv_branch_float() -> None:
+    """conv -> Add -> activation (ResNet): TensorRT fuses conv + Add when only the shortcut is quantized."""
+    g = _Graph()
+    x = g.silu("stem/act", g.conv("stem", "images", 3, 8, 3, 2))
+    y = g.node("Add", "block/add", [x, g.conv("block", x, 8, 8, 3)])[0]
+    out = g.conv("head", g.node("Relu", "block/relu", [y])[0], 8, 7)
+    model = onnx.shape_inference.infer_shapes(g.model(out, ["N", 7, SIZE // 2, SIZE // 2]))
+    placement = place_qdq(model, analyze_head(model), ["stem", "head"])
+    assert [(q.tensor, q.rules) for q in placement.activations if "block/add" in q.readers] == [
+        ("stem/act/mul_out0", ("conv input", "residual add"))
+    ]
 
 
 def test_a_float_reader_keeps_concat_and_pass_through_in_float() -> None:

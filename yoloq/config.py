@@ -240,11 +240,12 @@ class SelectionConfig(Section):
     min_score: float = Field(
         0.25, gt=0.0, lt=1.0, description="agreement: FP32 detections at least this confident are the pseudo labels"
     )
-    max_disagreement: float = Field(
-        0.06,
+    tolerance: float = Field(
+        0.005,
         ge=0.0,
         le=1.0,
-        description="agreement: a candidate passes the search when its agreement with FP32 is at least 1 minus this",
+        description="a candidate with fewer convs in float passes the search when its selection score is at most "
+        "this below the best calibration's (0.005 = 0.5 points)",
     )
 
 

@@ -1,14 +1,17 @@
-"""Automatic INT8 search: which calibration, and which convs stay in float, so that the gate passes.
+"""Automatic INT8 search: which calibration, and which convs stay in float.
 
     1. calibration stage: every (algorithm, calibration size) of `search`, each with the default float convs
-       (Q/DQ: stem + head convs; implicit: none), is evaluated; the best selection score picks the calibration.
+       (Q/DQ: stem + head convs; implicit: none), is scored; the best selection score picks the calibration.
     2. sensitivity: with that calibration, every quantizable conv is ranked by how much keeping it float helps
        the all-INT8 model (yoloq.sensitivity).
-    3. precision stage: candidates keep the stem plus the k convs with the largest gain in float, for k in
-       `search.float_steps` (ascending: the most INT8 first), until one passes the gate, or until the next
-       candidate would keep at least as many convs in float as a passing candidate already found.
-    The chosen candidate is the passing one with the fewest convs in float (the most INT8; ties: the higher
-    selection score). If none passes, the best-scoring one is chosen and the gate fails.
+    3. precision stage: candidates keep the k convs with the largest gain in float, for k in `search.float_steps`
+       (ascending: the most INT8 first), until one passes, or until the next candidate would keep at least as
+       many convs in float as a passing candidate already found.
+    A candidate passes when its selection score is at most `selection.tolerance` below the best calibration's
+    (and, with an FP16 variant and a speed gate, when it is fast enough). The chosen candidate is the passing one
+    with the fewest convs in float (the most INT8; ties: the higher selection score). The best calibration
+    always passes on accuracy, so the search ends with a model as faithful as the safe default, or with fewer
+    convs in float at (nearly) the same score; the gate then judges it on the report set.
 
 The candidates are judged on the selection set (yoloq.selection), never on the validation set that the run
 reports and gates on: picking the best of a dozen candidates on the reported images would overfit them. Calibration
@@ -74,7 +77,7 @@ class SearchOutcome:
 
 
 Evaluate = Callable[[Candidate], VariantResult]
-Judge = Callable[[VariantResult], list[str]]
+Judge = Callable[[VariantResult, VariantResult], list[str]]
 Rank = Callable[[str, int], list[LayerSensitivity]]
 
 
@@ -131,11 +134,6 @@ def pick_passing(results: Sequence[CandidateResult]) -> CandidateResult | None:
     return min(passing, key=lambda r: (len(r.candidate.float_nodes), -r.map50_95), default=None)
 
 
-def pick_calibration(results: Sequence[CandidateResult]) -> CandidateResult:
-    """Highest selection score (the first listed wins a tie); failed candidates only when all failed."""
-    return max(results, key=lambda r: r.map50_95)
-
-
 def run_search(
     prefix: str,
     algorithms: Sequence[str],
@@ -150,48 +148,57 @@ def run_search(
 ) -> SearchOutcome:
     """The three stages above; `prefix` names the candidates (the variant's name). `algorithms` are calibration
     algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones). Precision candidates keep
-    `keep_float` (the stem) in float besides their top-k convs; calibration candidates keep `default_float`."""
+    `keep_float` in float besides their top-k convs; calibration candidates keep `default_float`.
+
+    `judge(result, best)` says why a candidate may not be chosen, given the best calibration candidate's result
+    (every candidate is judged against it: a candidate with fewer convs in float must score nearly as well)."""
     say = progress or (lambda _: None)
     evaluated: list[CandidateResult] = []
 
-    def score(candidate: Candidate) -> CandidateResult:
+    def attempt(candidate: Candidate) -> VariantResult | None:
         try:
-            result = evaluate(candidate)
+            return evaluate(candidate)
         except CandidateFailed as exc:
-            outcome = CandidateResult(candidate, None, [f"{candidate.name}: failed: {exc}"])
+            evaluated.append(CandidateResult(candidate, None, [f"{candidate.name}: failed: {exc}"]))
             say(f"search: {candidate.name}: FAILED ({exc}); going on with the next candidate")
-            evaluated.append(outcome)
-            return outcome
-        outcome = CandidateResult(candidate, result, judge(result))
+            return None
+
+    def record(candidate: Candidate, result: VariantResult, best: VariantResult) -> CandidateResult:
+        outcome = CandidateResult(candidate, result, judge(result, best))
         verdict = "passes" if outcome.passed else "fails: " + "; ".join(outcome.reasons)
         say(f"search: {candidate.name}: selection score {result.map50_95:.4f} ({verdict})")
         evaluated.append(outcome)
         return outcome
 
-    calibration_results = [score(c) for c in calibration_candidates(prefix, algorithms, sizes, default_float)]
-    best = pick_calibration(calibration_results)
-    say(f"search: best calibration {best.candidate.algorithm} on {best.candidate.num_images} images")
-    ranking = rank(best.candidate.algorithm, best.candidate.num_images)
-    winner = best.candidate
+    scored = [(c, attempt(c)) for c in calibration_candidates(prefix, algorithms, sizes, default_float)]
+    ok = [(c, r) for c, r in scored if r is not None]
+    if not ok:
+        raise CandidateFailed(
+            "every calibration candidate failed: " + "; ".join(x for r in evaluated for x in r.reasons)
+        )
+    best_candidate, best_result = max(ok, key=lambda item: item[1].map50_95)  # the first listed wins a tie
+    for candidate, result in ok:
+        record(candidate, result, best_result)
+    say(f"search: best calibration {best_candidate.algorithm} on {best_candidate.num_images} images")
+    ranking = rank(best_candidate.algorithm, best_candidate.num_images)
     for candidate in precision_candidates(
-        prefix, winner.algorithm, winner.num_images, ranking, float_steps, keep_float
+        prefix, best_candidate.algorithm, best_candidate.num_images, ranking, float_steps, keep_float
     ):
         found = pick_passing(evaluated)
         if found is not None and len(candidate.float_nodes) >= len(found.candidate.float_nodes):
             say(f"search: {found.candidate.name} passes with {found.candidate.num_float} convs in float: stop")
             break
-        if score(candidate).passed:
+        result = attempt(candidate)
+        if result is not None and record(candidate, result, best_result).passed:
             break
     chosen = pick_passing(evaluated)
     if chosen is not None:
-        summary = f"{chosen.candidate.name} passes the gate with {chosen.candidate.num_float} convs in float"
+        summary = f"{chosen.candidate.name} passes the search with {chosen.candidate.num_float} convs in float"
     else:
         chosen = max(evaluated, key=lambda r: r.map50_95)
-        if chosen.result is None:
-            raise CandidateFailed("every candidate of the search failed: " + "; ".join(chosen.reasons))
-        summary = f"no candidate passes the gate; the best was {chosen.candidate.name}: " + "; ".join(chosen.reasons)
+        summary = f"no candidate passes the search; the best was {chosen.candidate.name}: " + "; ".join(chosen.reasons)
     say("search: " + summary)
-    return SearchOutcome(evaluated, best.candidate, ranking, chosen, chosen.passed, summary)
+    return SearchOutcome(evaluated, best_candidate, ranking, chosen, chosen.passed, summary)
 
 
 def candidates_table(outcome: SearchOutcome) -> str:

@@ -7,8 +7,11 @@ and the calibration images, must not share an image (compared by content).
 
 Two metrics (`selection.metric`):
 - agreement (default): label-free; a candidate's detections scored against FP32's confident detections on the same
-  images (yoloq.agreement). 1.0 = it finds what FP32 finds. The search's bar: at least 1 - max_disagreement.
-- map: mAP50-95 against the selection set's labels; the bar is the gate's max_map_drop below FP32 on those images.
+  images (yoloq.agreement). 1.0 = it finds what FP32 finds.
+- map: mAP50-95 against the selection set's labels.
+Measured on yolov5n (benchmarks/selection.py: 12 candidates, 512 selection images, report = the 525 images of
+val + val-extra): agreement ranks the candidates closer to their report-set mAP than labelled mAP does on 64 to
+256 images (Spearman 0.77-0.81 against 0.61-0.70), and equally on 512 (0.73 / 0.72).
 """
 
 from __future__ import annotations
@@ -104,8 +107,3 @@ class SelectionScorer:
     def shortfall(self, score: float) -> float:
         """How far `score` is below FP32's own (0: as good as FP32)."""
         return self.reference_score - score
-
-    def allowed_shortfall(self, max_map_drop: float) -> float:
-        """The search's bar: max_disagreement for agreement, the gate's max_map_drop for mAP."""
-        config = self.selection.config
-        return config.max_disagreement if config.metric == "agreement" else max_map_drop

@@ -119,7 +119,7 @@ class ProfileSummary:
 def parse_engine_information(text: str) -> tuple[list[InspectedLayer], bool]:
     """The layers of the inspector's JSON, and whether it had details (DETAILED) or names only."""
     try:
-        document = json.loads(text)
+        document = json.loads(text, strict=False)  # TensorRT 8.6 writes raw control characters in strings
     except ValueError as exc:
         raise InputError(f"the engine inspector returned no JSON ({exc}): {text[:200]!r}") from exc
     items = document.get("Layers", []) if isinstance(document, dict) else []
