@@ -10,7 +10,7 @@ WATCH  ?= checkpoints
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export YOLO_OFFLINE ?= 1
 
-.PHONY: install run test bench lint clean serve watch
+.PHONY: install run test test-fast bench lint clean serve watch
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check yoloq flows tasks tests benchmarks
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)     # the unit tests: everything but the real flows and servers (-m "not slow")
+	$(BIN)/ruff check yoloq flows tasks tests benchmarks
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_int8.py $(foreach v,$(VAL),--val $(v))

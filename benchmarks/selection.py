@@ -38,6 +38,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 from yoloq.agreement import agreement  # noqa: E402
 from yoloq.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from yoloq.cache import load_detections, save_detections  # noqa: E402
 from yoloq.calibrate import calibration_statistics, write_qdq_model  # noqa: E402
 from yoloq.config import CalibrationConfig, ExportConfig, ModelConfig, SimplifyConfig, ValidationConfig  # noqa: E402
 from yoloq.export import export_model  # noqa: E402
@@ -55,27 +56,6 @@ from yoloq.validate import detect  # noqa: E402
 class Candidate:
     name: str
     path: Path
-
-
-def save_detections(path: Path, detections: list[Detections]) -> None:
-    counts = np.array([len(d.scores) for d in detections])
-    np.savez_compressed(
-        path,
-        counts=counts,
-        boxes=np.concatenate([d.boxes_xyxy for d in detections]).reshape(-1, 4),
-        scores=np.concatenate([d.scores for d in detections]),
-        classes=np.concatenate([d.classes for d in detections]),
-    )
-
-
-def load_detections(path: Path) -> list[Detections]:
-    with np.load(path) as data:  # each data[...] decompresses the whole array: read each once
-        counts, boxes, scores, classes = (data[key] for key in ("counts", "boxes", "scores", "classes"))
-    ends = np.cumsum(counts)
-    return [
-        Detections(boxes[a:b].copy(), scores[a:b].copy(), classes[a:b].copy())
-        for a, b in zip(ends - counts, ends, strict=True)
-    ]
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -130,7 +130,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
         qdq_onnx = calibration.qdq_path if calibration else None
         built = build_task(variant, params, fp32_onnx, qdq_onnx, ctx.build_dir)
         builds[variant.name] = built
-        score = validate_task(built, dataset, facts, params, measure_speed=False)
+        score = validate_task(built, dataset, facts, params)
         by_name[variant.name] = variant_result(variant.name, built, score)
         per_class[variant.name] = per_class_table(score.map)
 

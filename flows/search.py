@@ -225,7 +225,7 @@ def search_variant(
         details["calibration_manifest"] = str(chosen.manifest)
     details["selected_as"] = outcome.chosen.candidate.name
     built = dataclasses.replace(chosen.built, variant=variant, details=details)
-    report = validate_task(built, dataset, facts, params, measure_speed=False)  # the report set, seen only now
+    report = validate_task(built, dataset, facts, params)  # the report set, seen only now
     result = variant_result(variant.name, built, report, fp32)
     artifacts = _write_report(
         variant.name,

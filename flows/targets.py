@@ -84,7 +84,7 @@ def build_validate_flow(
     for variant in resolved.variants:
         built = build_task(variant, resolved, fp32, qdq, resolved.output_dir / "cache" / "build" / target)
         builds[variant.name] = built
-        score = validate_task(built, dataset, facts, resolved, measure_speed=False)
+        score = validate_task(built, dataset, facts, resolved)
         rows.append(
             {
                 "name": variant.name,

@@ -45,6 +45,25 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+"""CPU features that change which ONNX Runtime kernels run (the numbers yoloq reports do not depend on them: Q/DQ
+models run as written, see yoloq.backends.onnxruntime; recorded so that a difference can be traced)."""
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """`host.cpu` (model name) and `host.isa` (which of ISA_FLAGS this CPU has) for the MLflow run."""
+    try:
+        first = cpuinfo.read_text().split("\n\n", 1)[0]  # the first processor's block
+    except OSError:
+        return {"host.cpu": platform.processor() or "unknown", "host.isa": "unknown"}
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "host.cpu": fields.get("model name") or platform.processor() or "unknown",
+        "host.isa": " ".join(flag for flag in ISA_FLAGS if flag in flags) or "none of " + ",".join(ISA_FLAGS),
+    }
+
+
 def git_commit(project_dir: Path) -> str:
     try:
         out = subprocess.run(
@@ -99,6 +118,7 @@ class RunTracker:
             "host": platform.node(),
             "host.platform": platform.platform(),
             "host.cpu_count": str(os.cpu_count()),
+            **cpu_description(),
             "python": platform.python_version(),
             **{f"version.{k}": v for k, v in package_versions().items()},
             **{f"data.{k}": v for k, v in data_hashes.items()},

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import PROJECT
 from yoloq.cli import main
 
+pytestmark = pytest.mark.slow  # the real flow: minutes (`make test-fast` leaves these out)
+
 REFERENCE_FP32_MAP = 0.3367  # data/README.md: yolov5n on coco/val (64 images)
 CALIBRATION_IMAGES = 64  # fewer than the default 128 to keep CI short
 

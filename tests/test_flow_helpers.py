@@ -186,3 +186,14 @@ def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tm
     assert tracker.metrics["run-int8-qdq"]["profile.total_ms"] == 2.5
     assert "profile.total_ms" not in tracker.metrics["run-fp32"]
     assert tracker.tags["run-int8-minmax"] == {"profile.error": "RuntimeError: TensorRT reported no layer times"}
+
+
+def test_the_cpu_and_its_instruction_set_are_recorded(tmp_path):
+    from flows.tracking import cpu_description
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse4_2 avx avx2 fma\n\nprocessor\t: 1\n"
+    )
+    assert cpu_description(cpuinfo) == {"host.cpu": "Some CPU @ 2.0GHz", "host.isa": "sse4_2 avx avx2 fma"}
+    assert cpu_description(tmp_path / "missing")["host.isa"] == "unknown"

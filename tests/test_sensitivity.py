@@ -125,3 +125,18 @@ def test_candidates_from_one_set_of_statistics(tmp_path: Path) -> None:
     assert analyze_sensitivity(fp32, stats, "minmax", 99.9, 2, SIZE, "yolov5", tmp_path / "cal").reused
     plot = sensitivity_plot(report.layers, tmp_path / "s.png", "test", ["head"])
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_runs_in_fresh_folders_write_identical_qdq_models(tmp_path: Path) -> None:
+    """Same model, images and settings: the same statistics, scales and Q/DQ bytes, wherever they are written."""
+    fp32 = tmp_path / "v5.onnx"
+    onnx.save(yolov5_like(), fp32)
+    config = CalibrationConfig(images=CALIB_IMAGES, num_images=4, min_images=2, batch_size=2)
+    written = []
+    for run in ("first", "second"):
+        stats = calibration_statistics(fp32, "images", SIZE, config, [], tmp_path / run, num_images=4)
+        assert not stats.reused
+        written.append(write_qdq_model(fp32, stats, "mse", 99.99, [], tmp_path / run, SIZE))
+    assert written[0].path.name == written[1].path.name
+    assert written[0].path.read_bytes() == written[1].path.read_bytes()
+    assert written[0].manifest_path.read_bytes() == written[1].manifest_path.read_bytes()
