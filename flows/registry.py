@@ -67,15 +67,7 @@ def register_variants(
         alias = CHALLENGER if reason else CHAMPION
         name = registered_model_name(params, result.name, target)
         _ensure_registered_model(client, name, params)
-        tags = {
-            "variant": result.name,
-            "precision": result.precision,
-            "backend": result.backend,
-            "target": target or "local",
-            "gate": "failed" if reason else "passed",
-            "map50_95": f"{result.map50_95:.4f}",
-            "delta_map50_95_vs_fp32": f"{result.delta_map50_95:+.4f}",
-        }
+        tags = {**_version_tags(result, target), "gate": "failed" if reason else "passed"}
         version = client.create_model_version(
             name, source=f"runs:/{run_id}/{result.model_path.name}", run_id=run_id, tags=tags
         )
@@ -108,12 +100,7 @@ def register_champion(
     name = registered_model_name(params, "", target)
     _ensure_registered_model(client, name, params)
     tags = {
-        "variant": result.name,
-        "precision": result.precision,
-        "backend": result.backend,
-        "target": target or "local",
-        "map50_95": f"{result.map50_95:.4f}",
-        "delta_map50_95_vs_fp32": f"{result.delta_map50_95:+.4f}",
+        **_version_tags(result, target),
         "throughput_ips": f"{result.throughput_ips:.1f}",
         "why": ship.reason[:5000],
     }
@@ -122,6 +109,18 @@ def register_champion(
     )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return RegisteredVariant(name, str(version.version), CHAMPION, run_id, "")
+
+
+def _version_tags(result: VariantResult, target: str | None) -> dict[str, str]:
+    """What a registered version says about the variant it holds."""
+    return {
+        "variant": result.name,
+        "precision": result.precision,
+        "backend": result.backend,
+        "target": target or "local",
+        "map50_95": f"{result.map50_95:.4f}",
+        "delta_map50_95_vs_fp32": f"{result.delta_map50_95:+.4f}",
+    }
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, params: Params) -> None:
