@@ -2,8 +2,9 @@
 # On the lent GPU machine (kit staged, see benchmarks/kit.sh): the real quantize flow with backend tensorrt.
 #   MODEL=/tmp/inputs/yolov5n/fp32.onnx DATA=/tmp/data OUT=$OUT bash benchmarks/gpu_flow.sh
 # DATA holds calib/, val/ and select/ (images + labels); the FP32 reference runs on ONNX Runtime (saves an FP32
-# engine build); fp16, the searched Q/DQ int8 and the implicit int8 are TensorRT engines at builder level 2, with
-# the timing cache of benchmarks/gpu_int8.py when one is there. Results, profiles and the MLflow store go to $OUT.
+# engine build); fp16 and the searched Q/DQ int8 are TensorRT engines at builder level 2 (the search limited to
+# ALGORITHMS x 128 images and FLOAT_STEPS to fit one call), with the timing cache of benchmarks/gpu_int8.py.
+# Results, profiles and the MLflow store (engines and ONNX models left out) go to $OUT.
 set -eo pipefail
 : "${MODEL:?}" "${DATA:?}" "${OUT:?}"
 WORK=${WORK:-/tmp/flow}
@@ -11,14 +12,14 @@ mkdir -p "$WORK"
 status=0
 bash benchmarks/kit.sh -m yoloq.cli run -p params.yaml --json "$OUT/results.json" \
   --set model.path="$MODEL" --set backend=tensorrt \
-  --set "variants=[{name: fp32, precision: fp32, backend: onnxruntime}, {name: fp16, precision: fp16}, {name: int8, precision: int8, quantization: qdq}, {name: int8-implicit, precision: int8, quantization: implicit}]" \
+  --set "variants=[{name: fp32, precision: fp32, backend: onnxruntime}, {name: fp16, precision: fp16}, {name: int8, precision: int8, quantization: qdq}]" \
   --set calibration.images="$DATA/calib/images" --set validation.images="$DATA/val/images" \
   --set validation.labels="$DATA/val/labels" --set selection.images="$DATA/select/images" \
-  --set selection.labels="$DATA/select/labels" --set "search.algorithms=[mse, percentile]" \
+  --set selection.labels="$DATA/select/labels" --set "search.algorithms=[${ALGORITHMS:-mse}]" \
   --set "search.calibration_sizes=[128]" --set "search.float_steps=[${FLOAT_STEPS:-0}]" \
   --set tensorrt.builder_optimization_level=${LEVEL:-2} \
   --set "tensorrt.tactic_sources=[EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS]" \
   --set tensorrt.timing_cache=${TIMING_CACHE:-/tmp/yoloq-gpu-int8/timing.cache} \
   --set output_dir="$WORK" --set mlflow.tracking_uri="sqlite:///$WORK/mlflow.db" || status=$?
-tar czf "$OUT/flow.tar.gz" --exclude='*.engine' -C "$WORK" . -C "$PWD" mlartifacts 2>/dev/null || true
+tar czf "$OUT/flow.tar.gz" --exclude='*.engine' --exclude='*.onnx' -C "$WORK" . -C "$PWD" mlartifacts 2>/dev/null || true
 echo "yoloq run exited $status"

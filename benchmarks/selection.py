@@ -115,7 +115,7 @@ def main() -> int:
     ).layers
     stem = analyze_head(prepare_model(fp32)).stem_convs
     order = [layer.node for layer in ranking if layer.node not in stem]
-    for k in (int(s) for s in args.float_steps.split(",")):
+    for k in (int(s) for s in args.float_steps.split(",") if s):
         floats = [*stem, *order[:k]]
         model = write_qdq_model(fp32, stats[size], args.ranking, args.percentile, floats, out, facts.imgsz)
         candidates.append(Candidate(f"{args.ranking}-{size}.top{k}", model.path))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -75,6 +76,9 @@ def test_ultralytics_model_yaml_exports_with_its_head_format(tmp_path):
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     output = session.run(None, {result.input_name: np.zeros((2, 3, 320, 320), np.float32)})[0]
     assert output.shape == (2, 84, 2100)
+    # TensorRT needs a fixed C, H, W: only the batch stays dynamic
+    dims = onnx.load(str(result.onnx_path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims][1:] == [3, 320, 320] and dims[0].dim_param
 
 
 def test_checkpoints_load_with_the_weights_only_unpickler_and_leave_sys_path_as_it_was(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ def export_model(model: ModelConfig, config: ExportConfig, out_dir: Path) -> Exp
     sniffed = sniff_model(source)  # what the file is, checked without unpickling it
     kind = sniffed.kind
     source_hash = file_sha256(source)
-    key = content_key("export-v1", kind, source_hash, model.imgsz, config.model_dump())
+    key = content_key("export-v2", kind, source_hash, model.imgsz, config.model_dump())
     final = out_dir / f"model-{key}.onnx"
     if final.is_file():
         return _result(final, reused=True)
@@ -330,10 +330,25 @@ def _export_ultralytics(source: Path, dest: Path, imgsz: int, config: ExportConf
             raise InputError(f"model {source}: Ultralytics export failed ({type(exc).__name__}: {exc})") from exc
         shutil.move(exported, dest)  # Ultralytics writes next to the working directory for model yamls
         names_dict = model.names
+    fix_spatial_size(dest, imgsz)
     facts = _facts_from_onnx(dest, imgsz, source_hash)
     family = _ultralytics_family(source.stem, facts.head_format)
     names = [str(names_dict[k]) for k in sorted(names_dict)]
     return ModelFacts(family, facts.head_format, names, facts.stride, imgsz, source_hash)
+
+
+def fix_spatial_size(path: Path, imgsz: int) -> None:
+    """Make the image input's height and width `imgsz` (the batch stays as exported): Ultralytics' `dynamic=True`
+    leaves every dimension dynamic, and TensorRT builds need fixed C, H, W (seen on the GPU: "input 'images' has
+    shape [None, 3, None, None]")."""
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or all(d.HasField("dim_value") for d in dims[2:]):
+        return
+    for dim in dims[2:]:
+        dim.ClearField("dim_param")
+        dim.dim_value = imgsz
+    onnx.save(model, str(path))
 
 
 @contextmanager
