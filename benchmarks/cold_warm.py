@@ -28,7 +28,7 @@ STAGES = {  # stage: (log pattern of a reuse, log pattern of fresh work)
 
 
 def run_once(params: Path, overrides: list[str], env: dict[str, str]) -> tuple[float, str, int]:
-    command = [sys.executable, "-m", "yoloq.cli", "run", "-p", str(params)]
+    command = [sys.executable, "-m", "flows.cli", "run", "-p", str(params)]
     for item in overrides:
         command += ["--set", item]
     start = time.perf_counter()

@@ -10,7 +10,7 @@ set -eo pipefail
 WORK=${WORK:-/tmp/flow}
 mkdir -p "$WORK"
 status=0
-bash benchmarks/kit.sh -m yoloq.cli run -p params.yaml --json "$OUT/results.json" \
+bash benchmarks/kit.sh -m flows.cli run -p params.yaml --json "$OUT/results.json" \
   --set model.path="$MODEL" --set backend=tensorrt \
   --set "variants=[{name: fp32, precision: fp32, backend: onnxruntime}, {name: fp16, precision: fp16}, {name: int8, precision: int8, quantization: qdq}]" \
   --set calibration.images="$DATA/calib/images" --set validation.images="$DATA/val/images" \

@@ -46,7 +46,7 @@ def test_bad_folder_and_state_are_clear_errors(tmp_path):
 def test_watch_without_a_prefect_server_says_what_to_set(tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from yoloq.cli import main
+    from flows.cli import main
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["watch", str(tmp_path), "--once"]) == 2

@@ -4,8 +4,8 @@ import json
 
 import yaml
 
+from flows.cli import main
 from tests.conftest import PROJECT, VAL_IMAGES, VAL_LABELS
-from yoloq.cli import main
 
 
 def test_params_typo_exits_2_with_the_valid_keys(tmp_path, capsys):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flows.cli import main
 from flows.compare import compare_runs, latest_parent_runs
-from yoloq.cli import main
 from yoloq.errors import InputError
 
 VARIANTS = {  # name: (precision, backend, map50_95, delta vs fp32, latency ms, images/s)

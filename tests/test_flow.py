@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from flows.cli import main
 from tests.conftest import PROJECT
-from yoloq.cli import main
 
 pytestmark = pytest.mark.slow  # the real flow: minutes (`make test-fast` leaves these out)
 
@@ -129,7 +129,7 @@ def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, pr
     overrides = [a for o in [f"validation.labels={labels}", *small] for a in ("--set", o)]
     # the real command in its own process: what a user sees on the terminal, Prefect's console output included
     env = {**os.environ, "PYTHONPATH": str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    command = [sys.executable, "-m", "yoloq.cli", "run", "-p", str(project / "params.yaml"), *overrides]
+    command = [sys.executable, "-m", "flows.cli", "run", "-p", str(project / "params.yaml"), *overrides]
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     err = done.stderr
     assert done.returncode == 2 and "yoloq: error: " in err and "000000000139.txt:2" in err, err[-3000:]

@@ -216,7 +216,7 @@ def test_deployment_run_through_the_api_with_one_changed_parameter(servers, proj
         "champion" if parent.data.tags["gate"] == "passed" else "challenger"
     )
 
-    from yoloq.cli import main
+    from flows.cli import main
 
     assert (
         main(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from tests.conftest import CALIB_IMAGES, MODEL_PT, PROJECT
 from tests.test_checkpoint_sniff import instance_of, malicious_checkpoint, zipped_pickle
-from yoloq.cli import main
 from yoloq.config import load_params
 from yoloq.preflight import check_inputs, count_images
 

@@ -287,14 +287,14 @@ def test_an_engine_whose_profiler_reports_nothing_is_an_error(monkeypatch, engin
 
 
 def test_yoloq_profile_without_an_engine_file_exits_2(tmp_path, capsys):
-    from yoloq.cli import main
+    from flows.cli import main
 
     assert main(["profile", str(tmp_path / "missing.engine")]) == 2
     assert "missing.engine not found" in capsys.readouterr().err
 
 
 def test_yoloq_profile_without_tensorrt_exits_2_with_the_reason(monkeypatch, engine, capsys):
-    from yoloq.cli import main
+    from flows.cli import main
 
     monkeypatch.setattr(environment_module, "cuda_devices", lambda: [])  # no GPU, whatever this machine has
     assert main(["profile", str(engine)]) == 2
@@ -308,7 +308,7 @@ def fake_gpu(monkeypatch) -> None:
 
 
 def test_yoloq_profile_prints_the_markdown_and_writes_the_files(monkeypatch, engine, tmp_path, capsys):
-    from yoloq.cli import main
+    from flows.cli import main
 
     install(monkeypatch, FakeDevice(layers=list(TIMES.items()), inspector_json=QDQ_ENGINE))
     fake_gpu(monkeypatch)
@@ -321,7 +321,7 @@ def test_yoloq_profile_prints_the_markdown_and_writes_the_files(monkeypatch, eng
 
 
 def test_yoloq_profile_of_a_file_tensorrt_cannot_load_exits_2(monkeypatch, tmp_path, capsys):
-    from yoloq.cli import main
+    from flows.cli import main
 
     install(monkeypatch)
     fake_gpu(monkeypatch)

@@ -92,15 +92,15 @@ class FailingRunner:
 def test_yoloq_validate_on_an_engine_closes_its_runner_when_validation_fails(monkeypatch, tmp_path):
     import types
 
-    import yoloq.cli
+    import flows.cli
     from tests.conftest import VAL_IMAGES, VAL_LABELS
 
     runner = FailingRunner()
     facts = types.SimpleNamespace(names=[f"c{i}" for i in range(80)], head_format="yolov5", imgsz=640)
-    monkeypatch.setattr(yoloq.cli, "_engine_runner", lambda engine, imgsz: (runner, facts, None))
+    monkeypatch.setattr(flows.cli, "_engine_runner", lambda engine, imgsz: (runner, facts, None))
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"engine bytes")
     args = ["validate", "--model", str(engine), "--images", str(VAL_IMAGES), "--labels", str(VAL_LABELS)]
     with pytest.raises(RuntimeError, match="execute_async_v3"):
-        yoloq.cli.main([*args, "--num-images", "2"])
+        flows.cli.main([*args, "--num-images", "2"])
     assert runner.closed
