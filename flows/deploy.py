@@ -35,7 +35,7 @@ from flows.tracking import code_versions, resolve_tracking_uri
 from flows.watch import CHECKPOINT_EVENT
 from yoloq.artifacts import content_key, file_sha256
 from yoloq.checkpoints import inside_folder
-from yoloq.config import Params, flatten, load_params
+from yoloq.config import BackendName, Params, flatten, load_params
 from yoloq.errors import GateFailed, InputError
 
 DEPLOYMENT_NAME = "yoloq-quantize"
@@ -124,7 +124,7 @@ def finished_run_with_key(tracking_uri: str, experiment: str, key: str) -> str |
 def quantize_deployment(
     params_path: str = "params.yaml",
     model_path: Annotated[str | None, Field(description="checkpoint (.pt/.onnx); empty = model.path of params")] = None,
-    backend: Annotated[Literal["auto", "onnxruntime", "tensorrt"] | None, Field(description="empty = params")] = None,
+    backend: Annotated[BackendName | None, Field(description="empty = params")] = None,
     calibration_algorithm: Annotated[
         Literal["minmax", "entropy", "percentile", "mse"] | None,
         Field(description="INT8 calibration when the search is off; empty = params"),

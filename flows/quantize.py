@@ -34,6 +34,7 @@ from yoloq.artifacts import (
     file_sha256,
     remove_stale_temps,
 )
+from yoloq.backend_registry import backend_spec
 from yoloq.backends import BuiltModel, resolve_variants
 from yoloq.calibrate import CalibrationResult
 from yoloq.config import Params, load_params
@@ -203,7 +204,7 @@ def _log_results(
         if calibration and built.variant.quantization == "qdq" and "calibration_manifest" not in built.details:
             artifacts.append(calibration.manifest_path)
         tracker.log_artifacts(child, artifacts)
-        if built.variant.backend == "tensorrt":  # why the engine is as fast as it is: per-layer time and precision
+        if backend_spec(built.variant.backend).profiled:  # why the engine is as fast as it is: per-layer profile
             profiled = profile_task(built, params, variant_dir / "profile")
             tracker.log_artifacts(child, profiled.files, "profile")
             tracker.log_metrics(child, profiled.metrics)

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from yoloq.backend_registry import backend_spec
 from yoloq.backends import BuiltModel
 from yoloq.config import Params
 from yoloq.errors import YoloqError
@@ -30,7 +31,7 @@ def profile_task(built: BuiltModel, params: Params, out_dir: Path) -> ProfileOut
     results stand, the failure is logged as a warning and returned as `error`."""
     logger = get_run_logger()
     name, settings = built.variant.name, params.tensorrt.layer_profile
-    if built.variant.backend != "tensorrt" or not settings.enabled:
+    if not backend_spec(built.variant.backend).profiled or not settings.enabled:
         return ProfileOutcome()
     from yoloq.backends.tensorrt.environment import load_environment
     from yoloq.backends.tensorrt.profile import profile_engine

@@ -8,6 +8,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from yoloq.backend_registry import backend_spec
 from yoloq.backends import BuiltModel, closing_runner, get_backend
 from yoloq.config import Params
 from yoloq.errors import InputError
@@ -29,7 +30,6 @@ def speed_task(
     if not frames:
         raise InputError("timing needs at least one readable validation image")
     sample = np.stack(frames)
-    rounds = {"tensorrt": params.tensorrt.timing.rounds}.get
     with ExitStack() as stack:
         measures: dict[str, SpeedMeasures] = {}
         round_counts: set[int] = set()
@@ -37,7 +37,7 @@ def speed_task(
             backend = get_backend(built.variant.backend, params)
             runner = stack.enter_context(closing_runner(backend.load(built)))
             measures[name] = backend.speed_measures(runner, sample, params)
-            round_counts.add(rounds(built.variant.backend, params.validation.timing.rounds))
+            round_counts.add(backend_spec(built.variant.backend).timing_rounds(params))
         speeds = compare_speeds(measures, max(round_counts))
     timings = {}
     for name, (throughput, latency) in speeds.items():

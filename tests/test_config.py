@@ -75,9 +75,9 @@ def test_override_parsing():
         ({"name": "q", "precision": "fp32", "quantization": "qdq"}, "needs precision int8"),
         (
             {"name": "q", "precision": "int8", "quantization": "implicit", "backend": "onnxruntime"},
-            "exists only on backend 'tensorrt'",
+            "backend 'onnxruntime' builds fp32, int8 \\(qdq\\), not int8 \\(implicit\\): use backend 'tensorrt'",
         ),
-        ({"name": "h", "precision": "fp16", "backend": "onnxruntime"}, "fp16 is built by backend 'tensorrt' only"),
+        ({"name": "h", "precision": "fp16", "backend": "onnxruntime"}, "not fp16: use backend 'tensorrt'"),
     ],
 )
 def test_inconsistent_variants_are_rejected(tmp_path, variant, message):
@@ -242,3 +242,12 @@ def test_a_params_file_with_only_the_model_means_the_shipped_params(tmp_path):
     assert set(defaults) == set(reference)
     differing = {key: (defaults[key], reference[key]) for key in reference if defaults[key] != reference[key]}
     assert differing == {}, "code default vs params.yaml"
+
+
+def test_what_a_backend_builds_comes_from_the_registry():
+    from yoloq.backend_registry import BACKENDS, backends_that_build
+
+    assert backends_that_build("fp16", "none") == ["tensorrt"]
+    assert backends_that_build("int8", "qdq") == ["onnxruntime", "tensorrt"]
+    assert all(spec.backend_class.count(":") == 1 for spec in BACKENDS.values())
+    assert BACKENDS["tensorrt"].isolated_builds and not BACKENDS["onnxruntime"].isolated_builds

@@ -62,21 +62,30 @@ def test_auto_falls_back_to_onnxruntime_here():
     assert get_backend("auto").name == "onnxruntime"
 
 
+def machine(tensorrt: Availability):
+    """A machine where ONNX Runtime runs and TensorRT is as given (the probe takes the backend's name)."""
+    return lambda name: tensorrt if name == "tensorrt" else Availability(())
+
+
 def test_auto_resolves_per_machine_and_per_variant():
     fp32_auto = VariantConfig(name="a", backend="auto")
     fp16_auto = VariantConfig(name="h", precision="fp16", backend="auto")
-    assert resolve_backend(fp32_auto, lambda: AVAILABLE) == "tensorrt"
-    assert resolve_backend(fp32_auto, lambda: MISSING) == "onnxruntime"
-    assert resolve_backend(fp16_auto, lambda: AVAILABLE) == "tensorrt"
-    with pytest.raises(BackendUnavailable, match=r"variant 'h' \(fp16.*needs TensorRT.*pip install '.\[tensorrt\]'"):
-        resolve_backend(fp16_auto, lambda: MISSING)
+    assert resolve_backend(fp32_auto, machine(AVAILABLE)) == "tensorrt"
+    assert resolve_backend(fp32_auto, machine(MISSING)) == "onnxruntime"
+    assert resolve_backend(fp16_auto, machine(AVAILABLE)) == "tensorrt"
+    with pytest.raises(
+        BackendUnavailable, match=r"variant 'h' \(fp16.*built by tensorrt only.*pip install '.\[tensorrt\]'"
+    ):
+        resolve_backend(fp16_auto, machine(MISSING))
     with pytest.raises(BackendUnavailable, match="not installed"):
-        resolve_backend(VariantConfig(name="t", backend="tensorrt"), lambda: MISSING)
+        resolve_backend(VariantConfig(name="t", backend="tensorrt"), machine(MISSING))
 
 
 def test_onnxruntime_variants_never_probe_tensorrt():
-    def probe() -> Availability:
-        raise AssertionError("probed")
+    def probe(name: str) -> Availability:
+        if name == "tensorrt":
+            raise AssertionError("probed")
+        return Availability(())
 
     assert resolve_backend(VariantConfig(name="o", backend="onnxruntime"), probe) == "onnxruntime"
 
@@ -88,14 +97,14 @@ def test_resolve_variants_probes_once_and_returns_concrete_backends(tmp_path):
     assert [v.backend for v in params.variants] == ["auto", "auto"]
     calls = []
 
-    def probe() -> Availability:
-        calls.append(1)
+    def probe(name: str) -> Availability:
+        calls.append(name)
         return AVAILABLE
 
     resolved = resolve_variants(params, probe)
-    assert [v.backend for v in resolved.variants] == ["tensorrt", "tensorrt"] and len(calls) == 1
+    assert [v.backend for v in resolved.variants] == ["tensorrt", "tensorrt"] and calls == ["tensorrt"]
     assert [v.backend for v in params.variants] == ["auto", "auto"]  # the original is left alone
-    assert [v.backend for v in resolve_variants(params, lambda: MISSING).variants] == ["onnxruntime", "onnxruntime"]
+    assert [v.backend for v in resolve_variants(params, machine(MISSING)).variants] == ["onnxruntime", "onnxruntime"]
 
 
 # -- keys and caches ------------------------------------------------------------------------------------------------

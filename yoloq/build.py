@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from yoloq.backend_registry import backend_spec
 from yoloq.backends import BuiltModel, get_backend
 from yoloq.config import Params, VariantConfig
 from yoloq.deadline import call_with_deadline
@@ -43,7 +44,7 @@ def build_variant_with_deadline(
 
     ONNX Runtime "builds" only pick a file and run here. A reused engine costs the child's start (a few seconds).
     """
-    if variant.backend != "tensorrt":
+    if not backend_spec(variant.backend).isolated_builds:
         return build_variant(variant, params, fp32_onnx, qdq_onnx, out_dir, progress)
     progress(f"build {variant.name}: TensorRT build in a child process, deadline {params.build.timeout_s:g} s")
     return call_with_deadline(

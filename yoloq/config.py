@@ -9,13 +9,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from yoloq.backend_registry import BACKENDS, backends_that_build
 from yoloq.errors import ConfigError
 
 Precision = Literal["fp32", "fp16", "int8"]
 Quantization = Literal["none", "qdq", "implicit"]
-BackendName = Literal["auto", "onnxruntime", "tensorrt"]
+BackendName = Literal[("auto", *BACKENDS)]  # type: ignore[valid-type]
 """What params.yaml may ask for; `auto` = TensorRT when it imports and a CUDA GPU exists, else ONNX Runtime."""
-ResolvedBackendName = Literal["onnxruntime", "tensorrt"]
+ResolvedBackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 """A concrete backend, after `auto` is resolved on this machine (yoloq.backends.resolve_backend)."""
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
@@ -92,15 +93,12 @@ class VariantConfig(Section):
             raise ValueError(f"variant {self.name!r}: precision int8 needs quantization 'qdq' or 'implicit'")
         if self.precision != "int8" and self.quantization != "none":
             raise ValueError(f"variant {self.name!r}: quantization {self.quantization!r} needs precision int8")
-        if self.quantization == "implicit" and self.backend == "onnxruntime":
+        if self.backend != "auto" and not BACKENDS[self.backend].can_build(self.precision, self.quantization):
+            what = self.precision if self.quantization == "none" else f"{self.precision} ({self.quantization})"
+            builders = " or ".join(repr(b) for b in backends_that_build(self.precision, self.quantization))
             raise ValueError(
-                f"variant {self.name!r}: implicit INT8 calibration exists only on backend 'tensorrt' "
-                "(or 'auto' on a machine with TensorRT); use quantization qdq for onnxruntime"
-            )
-        if self.precision == "fp16" and self.backend == "onnxruntime":
-            raise ValueError(
-                f"variant {self.name!r}: fp16 is built by backend 'tensorrt' only "
-                "(or 'auto' on a machine with TensorRT)"
+                f"variant {self.name!r}: backend {self.backend!r} builds {BACKENDS[self.backend].describe_builds()}, "
+                f"not {what}: use backend {builders} (or 'auto' on a machine that has it)"
             )
         if self.float_layers and self.quantization != "implicit":
             raise ValueError(
@@ -352,7 +350,7 @@ class Params(Section):
             data = {**data, "variants": [dict(v) for v in DEFAULT_VARIANTS]}
         if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
             return data
-        if data.get("backend") not in ("auto", "onnxruntime", "tensorrt"):
+        if data.get("backend") not in ("auto", *BACKENDS):
             return data  # absent (variants keep their default), or invalid (reported once, at `backend`)
         variants = [
             {**v, "backend": data["backend"]} if isinstance(v, dict) and "backend" not in v else v

@@ -49,6 +49,11 @@ def closing_runner(runner: R) -> Iterator[R]:
 class Backend(Protocol):
     name: str
 
+    @classmethod
+    def from_params(cls, params: Params | None) -> Backend:
+        """The backend with its settings from `params` (its defaults without)."""
+        ...
+
     def build(self, variant: VariantConfig, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path) -> BuiltModel:
         """Make the variant from the FP32 ONNX (or the Q/DQ ONNX for explicit INT8)."""
         ...

@@ -65,6 +65,10 @@ class OnnxRuntimeRunner:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
+    @classmethod
+    def from_params(cls, params: Params | None) -> OnnxRuntimeBackend:
+        return cls()
+
     def build(self, variant: VariantConfig, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path) -> BuiltModel:
         if variant.precision == "fp32":
             path = fp32_onnx

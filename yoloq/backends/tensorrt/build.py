@@ -76,6 +76,10 @@ class TensorRTBackend:
         self.calibration = calibration
         self.progress = progress or (lambda message: None)
 
+    @classmethod
+    def from_params(cls, params: Params | None) -> TensorRTBackend:
+        return cls() if params is None else cls(params.tensorrt, params.calibration)
+
     # -- the Backend protocol ------------------------------------------------------------------------------------
 
     def build(self, variant: VariantConfig, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path) -> BuiltModel:
