@@ -41,6 +41,7 @@ from yoloq.config import Params, load_params
 from yoloq.errors import GateFailed
 from yoloq.metrics import per_class_table
 from yoloq.preflight import check_inputs
+from yoloq.quant.formats import FORMATS
 from yoloq.report import (
     VariantResult,
     check_gate,
@@ -121,7 +122,7 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     facts, dataset, fp32_onnx = prepared.facts, prepared.dataset, prepared.fp32_onnx
     calibration = prepared.calibration
 
-    searched = {v.name for v in params.variants if params.search.enabled and v.precision == "int8"}
+    searched = {v.name for v in params.variants if params.search.enabled and v.quantized}
     by_name: dict[str, VariantResult] = {}
     per_class: dict[str, str] = {}
     builds: dict[str, BuiltModel] = {}
@@ -240,7 +241,7 @@ def fp16_vs_int8(results: list[VariantResult]) -> dict[str, float]:
         return {}
     metrics: dict[str, float] = {}
     for r in results:
-        if r.precision == "int8":
+        if r.precision in FORMATS:
             metrics[f"{r.name}.delta_map50_95_vs_fp16"] = r.map50_95 - fp16.map50_95
             metrics[f"{r.name}.speedup_vs_fp16"] = r.throughput_ips / fp16.throughput_ips
             metrics[f"{r.name}.latency_ratio_vs_fp16"] = r.latency_ms_b1 / fp16.latency_ms_b1

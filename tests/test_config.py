@@ -72,7 +72,7 @@ def test_override_parsing():
     ("variant", "message"),
     [
         ({"name": "q", "precision": "int8"}, "precision int8 needs quantization"),
-        ({"name": "q", "precision": "fp32", "quantization": "qdq"}, "needs precision int8"),
+        ({"name": "q", "precision": "fp32", "quantization": "qdq"}, "needs a quantized precision \\(int8\\)"),
         (
             {"name": "q", "precision": "int8", "quantization": "implicit", "backend": "onnxruntime"},
             "backend 'onnxruntime' builds fp32, int8 \\(qdq\\), not int8 \\(implicit\\): use backend 'tensorrt'",

@@ -11,8 +11,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from yoloq.backend_registry import BACKENDS, backends_that_build
 from yoloq.errors import ConfigError
+from yoloq.quant.formats import FORMATS
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal[("fp32", "fp16", *FORMATS)]  # type: ignore[valid-type]  # the float ones and the quantized formats
 Quantization = Literal["none", "qdq", "implicit"]
 BackendName = Literal[("auto", *BACKENDS)]  # type: ignore[valid-type]
 """What params.yaml may ask for; `auto` = TensorRT when it imports and a CUDA GPU exists, else ONNX Runtime."""
@@ -89,10 +90,15 @@ class VariantConfig(Section):
 
     @model_validator(mode="after")
     def _quantization_matches_precision(self) -> VariantConfig:
-        if self.precision == "int8" and self.quantization == "none":
-            raise ValueError(f"variant {self.name!r}: precision int8 needs quantization 'qdq' or 'implicit'")
-        if self.precision != "int8" and self.quantization != "none":
-            raise ValueError(f"variant {self.name!r}: quantization {self.quantization!r} needs precision int8")
+        if self.quantized and self.quantization == "none":
+            raise ValueError(
+                f"variant {self.name!r}: precision {self.precision} needs quantization 'qdq' or 'implicit'"
+            )
+        if not self.quantized and self.quantization != "none":
+            raise ValueError(
+                f"variant {self.name!r}: quantization {self.quantization!r} needs a quantized precision "
+                f"({', '.join(FORMATS)})"
+            )
         if self.backend != "auto" and not BACKENDS[self.backend].can_build(self.precision, self.quantization):
             what = self.precision if self.quantization == "none" else f"{self.precision} ({self.quantization})"
             builders = " or ".join(repr(b) for b in backends_that_build(self.precision, self.quantization))
@@ -111,6 +117,11 @@ class VariantConfig(Section):
                 f"(TensorRT calibration); remove it, or set quantization: implicit"
             )
         return self
+
+    @property
+    def quantized(self) -> bool:
+        """Its precision is a quantized format (yoloq.quant.formats: int8 today)."""
+        return self.precision in FORMATS
 
     @property
     def trt_calibrator(self) -> TrtCalibrator:
@@ -378,7 +389,7 @@ class Params(Section):
     @property
     def needs_calibration(self) -> bool:
         """Any INT8 variant: the calibration stage runs (image checks, overlap with validation, Q/DQ model)."""
-        return any(v.precision == "int8" for v in self.variants)
+        return any(v.quantized for v in self.variants)
 
     @property
     def needs_selection(self) -> bool:

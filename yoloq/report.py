@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from yoloq.artifacts import atomic_path
 from yoloq.config import GateConfig
+from yoloq.quant.formats import FORMATS
 
 if TYPE_CHECKING:
     from yoloq.backends.base import BuiltModel
@@ -132,7 +133,7 @@ def gate_reasons(result: VariantResult, fp32: VariantResult, fp16: VariantResult
             f"{result.name}: mAP50-95 {result.map50_95:.4f} is {drop * 100:.2f} points below FP32 "
             f"(gate allows {gate.max_map_drop * 100:.2f})"
         )
-    if fp16 is None or result.precision != "int8":
+    if fp16 is None or result.precision not in FORMATS:
         return reasons
     drop16 = fp16.map50_95 - result.map50_95
     if drop16 > gate.max_map_drop_vs_fp16 + 1e-12:
