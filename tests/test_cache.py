@@ -17,10 +17,11 @@ def test_get_or_create_produces_once_per_key(tmp_path: Path) -> None:
         calls.append(path)
         path.write_text("made")
 
-    first, reused = get_or_create(tmp_path, "thing", ["a", 1], ".txt", produce, Path.read_text)
-    again, reused_again = get_or_create(tmp_path, "thing", ["a", 1], ".txt", produce, Path.read_text)
-    other, _ = get_or_create(tmp_path, "thing", ["a", 2], ".txt", produce, Path.read_text)
-    assert (first, again, other) == ("made", "made", "made") and (reused, reused_again) == (False, True)
+    first = get_or_create(tmp_path, "thing", ["a", 1], ".txt", produce, Path.read_text)
+    again = get_or_create(tmp_path, "thing", ["a", 1], ".txt", produce, Path.read_text)
+    other = get_or_create(tmp_path, "thing", ["a", 2], ".txt", produce, Path.read_text)
+    assert (first.value, again.value, other.value) == ("made", "made", "made")
+    assert (first.reused, again.reused) == (False, True) and first.path == again.path != other.path
     assert len(calls) == 2 and cache_path(tmp_path, "thing", ["a", 1], ".txt").name.startswith("thing-")
 
 

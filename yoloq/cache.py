@@ -1,18 +1,20 @@
-"""Content-keyed outputs: `get_or_create(folder, kind, key_parts, produce, load)` names an output by what went into
-it, salted with the yoloq version (whose code decides what the output holds), and reuses it when it exists.
+"""Content-keyed outputs: `get_or_create(folder, kind, key_parts, suffix, produce, load)` names an output by what
+went into it, salted with the yoloq version (whose code decides what the output holds), and reuses it when it
+exists. Writers write through `atomic_path`, so an interrupted run leaves no half-written output to reuse.
 
-Writers write through `atomic_path`, so an interrupted run leaves no half-written output to reuse.
-Today this serves the detections of a model on a set of images (`cached_detections`): a re-run with nothing
-changed scores every INT8 search candidate from its cached detections in seconds. (Exports, statistics, Q/DQ
-models, sensitivity rankings and engines still do their own content-keyed reuse checks, each salted with its own
-format version.)
+It serves the calibration statistics, the Q/DQ models (yoloq.calibrate), the sensitivity rankings
+(yoloq.sensitivity) and the detections of a model on a set of images (`cached_detections`: a re-run with nothing
+changed scores every INT8 search candidate in seconds). Exports, simplified models and TensorRT engines and
+calibration caches keep reuse checks of their own (an engine is complete only with its build record; a calibration
+cache must match the TensorRT version), each keyed by content and a format version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -28,6 +30,13 @@ def cache_path(folder: Path, kind: str, key_parts: Sequence[Any], suffix: str) -
     return folder / f"{kind}-{content_key(kind, __version__, list(key_parts))}{suffix}"
 
 
+@dataclass(frozen=True)
+class Cached(Generic[T]):
+    value: T
+    path: Path
+    reused: bool
+
+
 def get_or_create(
     folder: Path,
     kind: str,
@@ -35,14 +44,14 @@ def get_or_create(
     suffix: str,
     produce: Callable[[Path], None],
     load: Callable[[Path], T],
-) -> tuple[T, bool]:
+) -> Cached[T]:
     """`load(path)` of the cached output, producing it first with `produce(path)` (which must write `path`
-    atomically) when there is none. Returns (value, whether it was reused)."""
+    atomically, last of everything it writes) when there is none."""
     path = cache_path(folder, kind, key_parts, suffix)
     reused = path.is_file()
     if not reused:
         produce(path)
-    return load(path), reused
+    return Cached(load(path), path, reused)
 
 
 def save_detections(path: Path, detections: list[Detections]) -> None:
@@ -74,6 +83,7 @@ def cached_detections(
 ) -> tuple[list[Detections], bool]:
     """The detections `detect()` gives, cached under `folder` by `key_parts` (model content, image contents,
     decoding settings)."""
-    return get_or_create(
+    cached = get_or_create(
         folder, "detections", key_parts, ".npz", lambda path: save_detections(path, detect()), load_detections
     )
+    return cached.value, cached.reused

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from yoloq.artifacts import atomic_write_json, content_key, file_sha256, read_json
+from yoloq.artifacts import atomic_write_json, file_sha256, read_json
+from yoloq.cache import cache_path, get_or_create
 from yoloq.calibration_data import (
     PREPROCESSING_ID,
     CalibrationDataLoader,
@@ -19,7 +20,7 @@ from yoloq.config import CalibrationConfig
 from yoloq.errors import InputError
 from yoloq.quant.graph import analyze_head, default_float_convs, prepare_model
 from yoloq.quant.placement import calibration_tensors
-from yoloq.quant.qdq import write_qdq
+from yoloq.quant.qdq import WrittenQdq, write_qdq
 from yoloq.quant.ranges import amax_for, check_algorithm
 from yoloq.quant.statistics import TensorStats, collect_stats
 
@@ -100,19 +101,20 @@ def calibration_statistics(
     if progress and overlap:
         progress(f"WARNING: {overlap} calibration images are also validation images (within the allowed share)")
     fp32_sha = file_sha256(fp32_onnx)
-    key = content_key(STATS_VERSION, fp32_sha, selected.content_hash, PREPROCESSING_ID, imgsz)
-    path = out_dir / f"stats-{key}.npz"
-    if path.is_file():
-        return CalibrationStats(path, key, TensorStats.load(path), fp32_sha, selected, overlap, 0.0, reused=True)
-    model = prepare_model(fp32_onnx)
-    head = analyze_head(model)
-    loader = CalibrationDataLoader(selected.images, input_name, imgsz, config.batch_size)
-    if progress:
-        progress(f"calibrating on {len(selected.images)} images ({len(loader)} batches, two passes)")
     start = time.perf_counter()
-    stats = collect_stats(model, calibration_tensors(model, head), loader, input_name)
-    stats.save(path)
-    return CalibrationStats(path, key, stats, fp32_sha, selected, overlap, time.perf_counter() - start, reused=False)
+
+    def produce(path: Path) -> None:
+        model = prepare_model(fp32_onnx)
+        loader = CalibrationDataLoader(selected.images, input_name, imgsz, config.batch_size)
+        if progress:
+            progress(f"calibrating on {len(selected.images)} images ({len(loader)} batches, two passes)")
+        collect_stats(model, calibration_tensors(model, analyze_head(model)), loader, input_name).save(path)
+
+    key_parts = [STATS_VERSION, fp32_sha, selected.content_hash, PREPROCESSING_ID, imgsz]
+    cached = get_or_create(out_dir, "stats", key_parts, ".npz", produce, TensorStats.load)
+    seconds = 0.0 if cached.reused else time.perf_counter() - start
+    key = cached.path.stem.removeprefix("stats-")
+    return CalibrationStats(cached.path, key, cached.value, fp32_sha, selected, overlap, seconds, cached.reused)
 
 
 def write_qdq_model(
@@ -129,43 +131,49 @@ def write_qdq_model(
     model = prepare_model(fp32_onnx)
     head = analyze_head(model)
     chosen = default_float_convs(head) if float_nodes is None else list(float_nodes)
-    key = content_key(
-        QDQ_VERSION,
-        statistics.key,
-        algorithm,
-        percentile if algorithm == "percentile" else None,
-        sorted(chosen),
-    )
-    path, manifest_path = out_dir / f"model-{key}.int8-qdq.onnx", out_dir / f"model-{key}.calibration.json"
-    if path.is_file() and manifest_path.is_file():
-        manifest = read_json(manifest_path)
-        return QdqModel(path, manifest_path, algorithm, chosen, manifest["excluded_nodes"], reused=True)
-    amax = amax_for(statistics.stats, algorithm, percentile)
-    written = write_qdq(model, head, amax, chosen, path)
+    key_parts = [QDQ_VERSION, statistics.key, algorithm, percentile if algorithm == "percentile" else None]
+    key_parts.append(sorted(chosen))
+    path = cache_path(out_dir, "model", key_parts, ".int8-qdq.onnx")
+    if not path.is_file():  # the manifest, written last, says the model is complete; a model alone is not
+        cache_path(out_dir, "model", key_parts, ".calibration.json").unlink(missing_ok=True)
+
+    def produce(manifest_path: Path) -> None:
+        amax = amax_for(statistics.stats, algorithm, percentile)
+        written = write_qdq(model, head, amax, chosen, path)
+        atomic_write_json(manifest_path, _manifest(statistics, algorithm, percentile, imgsz, chosen, written, amax))
+
+    cached = get_or_create(out_dir, "model", key_parts, ".calibration.json", produce, read_json)
+    return QdqModel(path, cached.path, algorithm, chosen, cached.value["excluded_nodes"], cached.reused)
+
+
+def _manifest(
+    statistics: CalibrationStats,
+    algorithm: str,
+    percentile: float,
+    imgsz: int,
+    chosen: list[str],
+    written: WrittenQdq,
+    amax: dict[str, float],
+) -> dict[str, object]:
+    """What a Q/DQ model was made from and of: model, images, algorithm, the convs kept in float, every range."""
     excluded = list(written.placement.excluded)
     ranges = written.placement.group_amax(amax)
     selected = statistics.images
-    atomic_write_json(
-        manifest_path,
-        {
-            "model_sha256": statistics.fp32_sha256,
-            "algorithm": algorithm,
-            "percentile": percentile if algorithm == "percentile" else None,
-            "preprocessing": PREPROCESSING_ID,
-            "imgsz": imgsz,
-            "images": [
-                {"name": p.name, "sha256": h} for p, h in zip(selected.images, selected.image_hashes, strict=True)
-            ],
-            "skipped_unreadable": [p.name for p in selected.skipped],
-            "validation_overlap": statistics.validation_overlap,
-            "float_nodes": chosen,
-            "excluded_nodes": excluded,
-            "quantized_nodes": written.quantized_nodes,
-            "placement": written.placement.rule_counts(),
-            "amax": {name: ranges[name] for name in sorted(ranges)},
-        },
-    )
-    return QdqModel(path, manifest_path, algorithm, chosen, excluded, reused=False)
+    return {
+        "model_sha256": statistics.fp32_sha256,
+        "algorithm": algorithm,
+        "percentile": percentile if algorithm == "percentile" else None,
+        "preprocessing": PREPROCESSING_ID,
+        "imgsz": imgsz,
+        "images": [{"name": p.name, "sha256": h} for p, h in zip(selected.images, selected.image_hashes, strict=True)],
+        "skipped_unreadable": [p.name for p in selected.skipped],
+        "validation_overlap": statistics.validation_overlap,
+        "float_nodes": chosen,
+        "excluded_nodes": excluded,
+        "quantized_nodes": written.quantized_nodes,
+        "placement": written.placement.rule_counts(),
+        "amax": {name: ranges[name] for name in sorted(ranges)},
+    }
 
 
 def calibrate(

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from yoloq.artifacts import atomic_path, atomic_write_json, content_key, read_json
+from yoloq.artifacts import atomic_path, atomic_write_json, read_json
+from yoloq.cache import get_or_create
 from yoloq.errors import InputError
 from yoloq.preprocess import load_preprocessed
 
@@ -241,25 +242,26 @@ def analyze_sensitivity(
     from yoloq.quant.ranges import amax_for
 
     images = statistics.images.images[:num_images]
-    key = content_key(
+    key_parts = [
         METRIC_VERSION,
         statistics.key,
         algorithm,
         percentile if algorithm == "percentile" else None,
         statistics.images.image_hashes[:num_images],
         head_format,
-    )
-    path = out_dir / f"sensitivity-{key}.json"
-    if path.is_file():
-        return SensitivityReport(load_sensitivity(path), path, algorithm, len(images), 0.0, reused=True)
-    model = prepare_model(fp32_onnx)
-    head = analyze_head(model)
-    batch = np.stack([frame[0] for p in images if (frame := load_preprocessed(p, imgsz)) is not None])
-    if progress:
-        convs = len(quantizable_convs(model, head))
-        progress(f"sensitivity: all-INT8 model with each of {convs} convs left float in turn, {len(batch)} images")
+    ]
     started = time.perf_counter()
-    amax = amax_for(statistics.stats, algorithm, percentile)
-    layers = layer_sensitivity(model, head, amax, batch, image_input(model), head_format, progress)
-    save_sensitivity(layers, path)
-    return SensitivityReport(layers, path, algorithm, len(batch), time.perf_counter() - started, reused=False)
+
+    def produce(path: Path) -> None:
+        model = prepare_model(fp32_onnx)
+        head = analyze_head(model)
+        batch = np.stack([frame[0] for p in images if (frame := load_preprocessed(p, imgsz)) is not None])
+        if progress:
+            convs = len(quantizable_convs(model, head))
+            progress(f"sensitivity: all-INT8 model with each of {convs} convs left float in turn, {len(batch)} images")
+        amax = amax_for(statistics.stats, algorithm, percentile)
+        save_sensitivity(layer_sensitivity(model, head, amax, batch, image_input(model), head_format, progress), path)
+
+    cached = get_or_create(out_dir, "sensitivity", key_parts, ".json", produce, load_sensitivity)
+    seconds = 0.0 if cached.reused else time.perf_counter() - started
+    return SensitivityReport(cached.value, cached.path, algorithm, len(images), seconds, cached.reused)
