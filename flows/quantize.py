@@ -14,23 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from flows.context import RunContext
 from flows.outcome import FlowOutcome
 from flows.prepare import PreparedModels, prepare_models
 from flows.registry import register_champion, register_variants
+from flows.results import log_run_summary, log_variant_run
 from flows.search import search_variant
 from flows.targets import run_targets
-from flows.tracking import VARIANT_KIND, RunTracker
+from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.profile import profile_task
 from tasks.speed import speed_task
 from tasks.validate import validate_task
 from yoloq.artifacts import (
-    atomic_write_json,
-    atomic_write_text,
-    content_key,
     file_sha256,
     remove_stale_temps,
 )
@@ -45,10 +42,7 @@ from yoloq.quant.formats import FORMATS
 from yoloq.report import (
     VariantResult,
     check_gate,
-    comparison_plot,
-    results_table,
     ship_decision,
-    variant_metrics,
     variant_result,
     with_deltas,
     with_timing,
@@ -180,10 +174,9 @@ def _log_results(
     calibration: CalibrationResult | None,
 ) -> None:
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
-    table = results_table(outcome.results)
-    dataset_note = "; ".join(f"{role}: {what}" for role, what in outcome.data.items())
+    note = "; ".join(f"{role}: {what}" for role, what in outcome.data.items())
     if outcome.ship is not None:
-        dataset_note += f"\n\nship: {outcome.ship.reason}"
+        note += f"\n\nship: {outcome.ship.reason}"
     child_runs: dict[str, str] = {}
     for result in outcome.results:
         built = builds[result.name]
@@ -192,19 +185,21 @@ def _log_results(
             "model": str(result.model_path),
             **{f"build.{k}": v for k, v in built.details.items()},
         }
-        child = tracker.start_child(result.name, {k: str(v) for k, v in variant_params.items()}, VARIANT_KIND)
-        child_runs[result.name] = child
-        metrics = variant_metrics(result)
-        tracker.log_metrics(child, metrics)
-        tracker.log_metrics(parent, {f"{result.name}.{k}": v for k, v in metrics.items()})
-        if built.build_seconds:
-            tracker.log_metrics(child, {"build_seconds": built.build_seconds})
-        variant_dir = report_dir / result.name
-        per_class_path = atomic_write_text(variant_dir / "per_class_ap.md", per_class[result.name] + "\n")
-        artifacts = [per_class_path, result.model_path, *_build_artifacts(built)]
+        artifacts = _build_artifacts(built)
         if calibration and built.variant.quantization == "qdq" and "calibration_manifest" not in built.details:
             artifacts.append(calibration.manifest_path)
-        tracker.log_artifacts(child, artifacts)
+        variant_dir = report_dir / result.name
+        child = log_variant_run(
+            tracker,
+            result.name,
+            {k: str(v) for k, v in variant_params.items()},
+            result,
+            per_class[result.name],
+            variant_dir,
+            artifacts,
+            {"build_seconds": built.build_seconds} if built.build_seconds else None,
+        )
+        child_runs[result.name] = child
         if backend_spec(built.variant.backend).profiled:  # why the engine is as fast as it is: per-layer profile
             profiled = profile_task(built, params, variant_dir / "profile")
             tracker.log_artifacts(child, profiled.files, "profile")
@@ -214,23 +209,13 @@ def _log_results(
         tracker.finish(child)
 
     tracker.log_metrics(parent, fp16_vs_int8(outcome.results))
-    plot = comparison_plot(outcome.results, report_dir / "comparison.png", f"{params.model.path.name}: mAP vs speed")
-    results_md = atomic_write_text(report_dir / "results.md", f"{table}\n\n{dataset_note}\n")
-    results_json = atomic_write_json(report_dir / "results.json", outcome.document())
-    tracker.log_artifacts(parent, [plot, results_md, results_json])
-    tracker.set_tags(
-        parent, {"gate": "passed" if outcome.gate.passed else "failed", "gate.reasons": "; ".join(outcome.gate.reasons)}
-    )
+    ship_tags = {}
+    if outcome.ship is not None:
+        ship_tags = {"ship.variant": outcome.ship.variant or "none", "ship.reason": outcome.ship.reason}
+    log_run_summary(params, tracker, outcome, note, ship_tags)
     register_variants(tracker.client, params, outcome.results, outcome.gate, child_runs)
     if outcome.ship is not None:
-        tracker.set_tags(parent, {"ship.variant": outcome.ship.variant or "none", "ship.reason": outcome.ship.reason})
         register_champion(tracker.client, params, outcome.ship, outcome.results, child_runs)
-    gate_line = "gate: passed" if outcome.gate.passed else "gate: FAILED: " + "; ".join(outcome.gate.reasons)
-    create_markdown_artifact(
-        key=f"results-{content_key(parent, length=8)}",
-        markdown=f"# yoloq results\n\n{table}\n\n{dataset_note}\n\n{gate_line}\n\nMLflow run `{parent}`",
-        description="yoloq: per-variant mAP and speed",
-    )
     tracker.finish(parent)  # the run completed; its `gate` tag says whether the variants may ship
 
 

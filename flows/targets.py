@@ -33,26 +33,19 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.outcome import FlowOutcome
 from flows.prepare import prepare_models
-from flows.registry import register_variants
-from flows.tracking import VARIANT_KIND, RunTracker
+from flows.registry import register_champion, register_variants
+from flows.results import log_run_summary, log_variant_run
+from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.speed import speed_task
 from tasks.validate import validate_task
-from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json
+from yoloq.artifacts import atomic_write_json, read_json
 from yoloq.backends import resolve_variants
 from yoloq.config import Params, TargetConfig
 from yoloq.errors import YoloqError
 from yoloq.export import facts_for_onnx
 from yoloq.metrics import per_class_table
-from yoloq.report import (
-    GateVerdict,
-    VariantResult,
-    check_gate,
-    comparison_plot,
-    results_table,
-    variant_metrics,
-    with_deltas,
-)
+from yoloq.report import GateVerdict, ShipDecision, VariantResult, check_gate, ship_decision, with_deltas
 from yoloq.validate import load_validation_set
 
 FLOW_NAME = "yoloq-build-validate"
@@ -219,28 +212,21 @@ def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
 
     all_results: list[VariantResult] = []
     reasons: list[str] = []
+    ship_tags: dict[str, str] = {"targets": ",".join(t.name for t in params.targets)}
     for run in runs:
-        results, gate = _log_target(params, tracker, run, report_dir)
+        results, gate, ship = _log_target(params, tracker, run, report_dir)
         all_results += [_prefixed(r, run.target.name) for r in results]
         reasons += [f"{run.target.name}/{reason}" for reason in gate.reasons]
+        ship_tags |= {
+            f"ship.{run.target.name}.variant": ship.variant or "none",
+            f"ship.{run.target.name}.reason": ship.reason,
+        }
     gate = GateVerdict(passed=not reasons, reasons=reasons)
     outcome = FlowOutcome(all_results, gate, tracker.parent_run_id, tracker.tracking_uri, report_dir)
-    table = results_table(all_results)
     note = f"validation: {params.validation.images} ({num_images} images); targets: " + ", ".join(
         f"{r.target.name} (pool {r.target.work_pool}, flow run {r.flow_run_id})" for r in runs
     )
-    plot = comparison_plot(all_results, report_dir / "comparison.png", f"{params.model.path.name}: mAP vs speed")
-    results_md = atomic_write_text(report_dir / "results.md", f"{table}\n\n{note}\n")
-    results_json = atomic_write_json(report_dir / "results.json", outcome.document())
-    tracker.log_artifacts(tracker.parent_run_id, [plot, results_md, results_json])
-    tracker.set_tags(
-        tracker.parent_run_id,
-        {
-            "gate": "passed" if gate.passed else "failed",
-            "gate.reasons": "; ".join(gate.reasons),
-            "targets": ",".join(t.name for t in params.targets),
-        },
-    )
+    table = log_run_summary(params, tracker, outcome, note, ship_tags)
     logger.info("targets:\n%s", table)
     tracker.finish(tracker.parent_run_id)
     return outcome
@@ -248,36 +234,33 @@ def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
 
 def _log_target(
     params: Params, tracker: RunTracker, run: TargetRun, report_dir: Path
-) -> tuple[list[VariantResult], GateVerdict]:
+) -> tuple[list[VariantResult], GateVerdict, ShipDecision]:
     raw = [VariantResult.from_json(row) for row in run.rows]
-    results = with_deltas(raw, params.reference_variant.name)
-    gate = check_gate(results, params.gate, params.reference_variant.name)
+    reference = params.reference_variant.name
+    results = with_deltas(raw, reference)
+    gate = check_gate(results, params.gate, reference)
     children: dict[str, str] = {}
     for result, row in zip(results, run.rows, strict=True):
+        run_params = {
+            "variant": result.name,
+            "precision": result.precision,
+            "backend": result.backend,
+            "target": run.target.name,
+            "work_pool": run.target.work_pool,
+            "prefect.flow_run_id": run.flow_run_id,
+            "model": str(result.model_path),
+        }
+        folder = report_dir / run.target.name / result.name
         name = f"{run.target.name}/{result.name}"
-        child = tracker.start_child(
-            name,
-            {
-                "variant": result.name,
-                "precision": result.precision,
-                "backend": result.backend,
-                "target": run.target.name,
-                "work_pool": run.target.work_pool,
-                "prefect.flow_run_id": run.flow_run_id,
-                "model": str(result.model_path),
-            },
-            VARIANT_KIND,
+        child = log_variant_run(
+            tracker, name, run_params, result, row["per_class_ap"], folder, [], {"build_seconds": row["build_seconds"]}
         )
         children[result.name] = child
-        metrics = {**variant_metrics(result), "build_seconds": row["build_seconds"]}
-        tracker.log_metrics(child, metrics)
-        tracker.log_metrics(tracker.parent_run_id, {f"{name}.{k}": v for k, v in metrics.items()})
-        per_class_path = report_dir / run.target.name / result.name / "per_class_ap.md"
-        per_class = atomic_write_text(per_class_path, row["per_class_ap"])
-        tracker.log_artifacts(child, [per_class, result.model_path])
         tracker.finish(child)
     register_variants(tracker.client, params, results, gate, children, target=run.target.name)
-    return results, gate
+    ship = ship_decision(results, params.gate, reference)  # per target: each GPU type ships its own fastest
+    register_champion(tracker.client, params, ship, results, children, target=run.target.name)
+    return results, gate, ship
 
 
 def _prefixed(result: VariantResult, target: str) -> VariantResult:

@@ -163,7 +163,9 @@ def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tm
 
     monkeypatch.setattr(quantize, "profile_task", fake_profile)
     monkeypatch.setattr(quantize, "register_variants", lambda *args: None)
-    monkeypatch.setattr(quantize, "create_markdown_artifact", lambda **kwargs: None)
+    import flows.results
+
+    monkeypatch.setattr(flows.results, "create_markdown_artifact", lambda **kwargs: None)
     params = load_params(PROJECT / "params.yaml")
     variants = {
         "fp32": VariantConfig(name="fp32", backend="onnxruntime"),

@@ -1,0 +1,56 @@
+"""One path for logging results, for local runs (flows/quantize.py) and build targets (flows/targets.py): a child
+run per variant, the run's summary files, gate tags, the Prefect markdown artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact
+
+from flows.outcome import FlowOutcome
+from flows.tracking import VARIANT_KIND, RunTracker
+from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key
+from yoloq.config import Params
+from yoloq.report import VariantResult, comparison_plot, results_table, variant_metrics
+
+
+def log_variant_run(
+    tracker: RunTracker,
+    run_name: str,
+    run_params: dict[str, str],
+    result: VariantResult,
+    per_class: str,
+    folder: Path,
+    artifacts: list[Path],
+    extra_metrics: dict[str, float] | None = None,
+) -> str:
+    """A child run for one variant (named `run_name`; its metrics also on the parent as `<run_name>.<metric>`),
+    with its per-class AP table, its model file and `artifacts`. Returns the run id; the caller finishes it."""
+    child = tracker.start_child(run_name, run_params, VARIANT_KIND)
+    metrics = {**variant_metrics(result), **(extra_metrics or {})}
+    tracker.log_metrics(child, metrics)
+    tracker.log_metrics(tracker.parent_run_id, {f"{run_name}.{k}": v for k, v in metrics.items()})
+    per_class_path = atomic_write_text(folder / "per_class_ap.md", per_class.rstrip("\n") + "\n")
+    tracker.log_artifacts(child, [per_class_path, result.model_path, *artifacts])
+    return child
+
+
+def log_run_summary(params: Params, tracker: RunTracker, outcome: FlowOutcome, note: str, tags: dict[str, str]) -> str:
+    """The run's table, plot and results.json on the parent run, its gate (and `tags`), and the Prefect markdown
+    artifact; returns the table."""
+    parent, report_dir = tracker.parent_run_id, outcome.report_dir
+    table = results_table(outcome.results)
+    plot = comparison_plot(outcome.results, report_dir / "comparison.png", f"{params.model.path.name}: mAP vs speed")
+    results_md = atomic_write_text(report_dir / "results.md", f"{table}\n\n{note}\n")
+    results_json = atomic_write_json(report_dir / "results.json", outcome.document())
+    tracker.log_artifacts(parent, [plot, results_md, results_json])
+    gate = outcome.gate
+    tracker.set_tags(parent, {"gate": "passed" if gate.passed else "failed", "gate.reasons": "; ".join(gate.reasons)})
+    tracker.set_tags(parent, tags)
+    gate_line = "gate: passed" if gate.passed else "gate: FAILED: " + "; ".join(gate.reasons)
+    create_markdown_artifact(
+        key=f"results-{content_key(parent, length=8)}",
+        markdown=f"# yoloq results\n\n{table}\n\n{note}\n\n{gate_line}\n\nMLflow run `{parent}`",
+        description="yoloq: per-variant mAP and speed",
+    )
+    return table
