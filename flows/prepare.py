@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from flows.tracking import RunTracker
+from flows.context import RunContext
 from tasks.calibrate import calibrate_task
 from tasks.export import export_task
 from tasks.simplify import simplify_task
@@ -32,9 +32,10 @@ class PreparedModels:
         return self.exported.facts
 
 
-def prepare_models(params: Params, tracker: RunTracker, cache_dir: Path) -> PreparedModels:
+def prepare_models(ctx: RunContext) -> PreparedModels:
     """Export, load the validation set, simplify and (for INT8) calibrate; facts and metrics go to the parent run."""
     logger = get_run_logger()
+    params, tracker, cache_dir = ctx.params, ctx.tracker, ctx.cache_dir
     parent = tracker.parent_run_id
     exported = export_task(params.model, params.export, cache_dir / "export")
     facts = exported.facts

@@ -78,6 +78,7 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
     run_name = report_dir.name
     tracker = RunTracker.start(params, project_dir, run_name, data_hashes)
     logger.info("MLflow run %s at %s", tracker.parent_run_id, tracker.tracking_uri)
+    ctx = RunContext(params, tracker, cache_dir, report_dir)
     try:
         if params.targets:  # build+validate on each target's Prefect work pool (flows/targets.py)
             if params.search.enabled:
@@ -85,9 +86,9 @@ def run_pipeline(params: Params, project_dir: Path) -> FlowOutcome:
                     "targets: the INT8 search is not run per target; INT8 variants use calibration.algorithm with "
                     "the stem and head convs in float (set search.enabled: false to silence this)"
                 )
-            outcome = run_targets(params, tracker, cache_dir, report_dir)
+            outcome = run_targets(ctx)
         else:
-            outcome = _run_stages(params, tracker, cache_dir, report_dir)
+            outcome = _run_stages(ctx)
     except BaseException as exc:
         tracker.fail_all(exc)
         raise
@@ -109,10 +110,9 @@ def new_run_folder(output_dir: Path, stem: str, now: time.struct_time | None = N
             count += 1
 
 
-def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
-    ctx = RunContext(params, tracker, cache_dir, report_dir)
-    parent = tracker.parent_run_id
-    prepared = prepare_models(params, tracker, cache_dir)
+def _run_stages(ctx: RunContext) -> FlowOutcome:
+    params, tracker = ctx.params, ctx.tracker
+    prepared = prepare_models(ctx)
     facts, dataset, fp32_onnx = prepared.facts, prepared.dataset, prepared.fp32_onnx
     calibration = prepared.calibration
 
@@ -149,8 +149,9 @@ def _run_stages(params: Params, tracker: RunTracker, cache_dir: Path, report_dir
     results = with_deltas(raw_results, reference)
     gate = check_gate(results, params.gate, reference)
     ship = ship_decision(results, params.gate, reference)
-    outcome = FlowOutcome(results, gate, parent, tracker.tracking_uri, report_dir, ship, data_roles(params, prepared))
-    _log_results(params, tracker, outcome, per_class, builds, calibration)
+    data = data_roles(params, prepared)
+    outcome = FlowOutcome(results, gate, tracker.parent_run_id, tracker.tracking_uri, ctx.report_dir, ship, data)
+    _log_results(ctx, outcome, per_class, builds, calibration)
     return outcome
 
 
@@ -166,13 +167,13 @@ def data_roles(params: Params, prepared: PreparedModels) -> dict[str, str]:
 
 
 def _log_results(
-    params: Params,
-    tracker: RunTracker,
+    ctx: RunContext,
     outcome: FlowOutcome,
     per_class: dict[str, str],
     builds: dict[str, BuiltModel],
     calibration: CalibrationResult | None,
 ) -> None:
+    params, tracker = ctx.params, ctx.tracker
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     note = "; ".join(f"{role}: {what}" for role, what in outcome.data.items())
     if outcome.ship is not None:

@@ -31,6 +31,7 @@ from prefect.deployments import arun_deployment
 from prefect.deployments.runner import EntrypointType
 from prefect.states import Cancelled, Cancelling
 
+from flows.context import RunContext
 from flows.outcome import FlowOutcome
 from flows.prepare import prepare_models
 from flows.registry import register_champion, register_variants
@@ -186,10 +187,11 @@ async def _run_all(jobs: list[tuple[TargetConfig, dict[str, Any], Path]]) -> lis
     return [o for o in outcomes if isinstance(o, TargetRun)]
 
 
-def run_targets(params: Params, tracker: RunTracker, cache_dir: Path, report_dir: Path) -> FlowOutcome:
+def run_targets(ctx: RunContext) -> FlowOutcome:
     """Prepare the models here, build+validate on every target's pool, log and judge the results."""
     logger = get_run_logger()
-    prepared = prepare_models(params, tracker, cache_dir)  # here, once for all targets
+    params, tracker, report_dir = ctx.params, ctx.tracker, ctx.report_dir
+    prepared = prepare_models(ctx)  # here, once for all targets
     fp32_onnx, num_images = prepared.fp32_onnx, len(prepared.dataset.truths)
     qdq_onnx = prepared.calibration.qdq_path if prepared.calibration else None
     if prepared.calibration:

@@ -179,7 +179,10 @@ def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tm
     builds = {name: BuiltModel(v, tmp_path / f"{name}.bin", 5.0, 0.0) for name, v in variants.items()}
     outcome = quantize.FlowOutcome(results, GateVerdict(True, []), "parent", "sqlite://", tmp_path / "report")
     tracker = FakeTracker()
-    quantize._log_results(params, tracker, outcome, dict.fromkeys(variants, "| ap |"), builds, None)
+    from flows.context import RunContext
+
+    ctx = RunContext(params, tracker, tmp_path / "cache", tmp_path / "report")
+    quantize._log_results(ctx, outcome, dict.fromkeys(variants, "| ap |"), builds, None)
     assert profiled == [
         ("int8-qdq", tmp_path / "report" / "int8-qdq" / "profile"),
         ("int8-minmax", tmp_path / "report" / "int8-minmax" / "profile"),
