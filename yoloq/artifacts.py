@@ -111,6 +111,17 @@ def atomic_write_json(final: Path, data: Any) -> Path:
     return atomic_write_text(final, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def save_figure(figure: Any, path: Path) -> Path:
+    """A matplotlib figure as a PNG at `path` (laid out tight, written atomically), then closed."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return path
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 

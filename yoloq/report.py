@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yoloq.artifacts import atomic_path
+from yoloq.artifacts import save_figure
 from yoloq.config import GateConfig
 from yoloq.quant.formats import FORMATS
 
@@ -267,8 +267,4 @@ def speed_accuracy_plot(points: list[PlotPoint], path: Path, title: str, xlabel:
     axes.margins(x=0.15, y=0.1)  # room for the labels
     if any(p.group for p in points):
         axes.legend(fontsize=7)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from yoloq.artifacts import atomic_path, atomic_write_json, read_json
+from yoloq.artifacts import atomic_write_json, read_json, save_figure
 from yoloq.cache import get_or_create
 from yoloq.errors import InputError
 from yoloq.preprocess import load_preprocessed
@@ -208,11 +208,7 @@ def sensitivity_plot(results: list[LayerSensitivity], path: Path, title: str, fl
     axes.set_ylabel("% of the all-INT8 error removed\nby keeping this conv float")
     axes.set_title(title + ("  (red: kept in float)" if kept else ""))
     axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 @dataclass(frozen=True)

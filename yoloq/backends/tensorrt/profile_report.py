@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloq.artifacts import atomic_path, atomic_write_json, atomic_write_text
+from yoloq.artifacts import atomic_write_json, atomic_write_text, save_figure
 from yoloq.backends.tensorrt.profile import (
     PRECISIONS,
     UNKNOWN,
@@ -170,8 +170,4 @@ def profile_plot(summary: ProfileSummary, path: Path, title: str) -> Path:
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
