@@ -109,20 +109,18 @@ def precision_candidates(
     num_images: int,
     ranking: Sequence[LayerSensitivity],
     steps: Sequence[int],
-    keep_float: Sequence[str] = (),
 ) -> list[Candidate]:
-    """One candidate per step k: `keep_float` plus the k convs of `ranking` with the largest gain, in float."""
-    names = [layer.node for layer in ranking if layer.node not in set(keep_float)]
+    """One candidate per step k: the k convs of `ranking` with the largest gain in float."""
+    names = [layer.node for layer in ranking]
     ks = list(dict.fromkeys(min(k, len(names)) for k in steps))
-    always = f" + {len(keep_float)} always float (stem)" if keep_float else ""
     return [
         Candidate(
             f"{prefix}.{algorithm}-{num_images}.top{k}",
             "precision",
             algorithm,
             num_images,
-            (*keep_float, *names[:k]),
-            f"the {k} convs with the largest sensitivity gain{always}",
+            tuple(names[:k]),
+            f"the {k} convs with the largest sensitivity gain",
         )
         for k in ks
     ]
@@ -143,12 +141,11 @@ def run_search(
     judge: Judge,
     rank: Rank,
     progress: Progress | None = None,
-    keep_float: Sequence[str] = (),
     default_float: Sequence[str] = (),
 ) -> SearchOutcome:
     """The three stages above; `prefix` names the candidates (the variant's name). `algorithms` are calibration
-    algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones). Precision candidates keep
-    `keep_float` in float besides their top-k convs; calibration candidates keep `default_float`.
+    algorithms (yoloq's for Q/DQ variants, the TensorRT calibrator for implicit ones). Calibration candidates keep
+    `default_float` in float, precision candidates their top-k convs.
 
     `judge(result, best)` says why a candidate may not be chosen, given the best calibration candidate's result
     (every candidate is judged against it: a candidate with fewer convs in float must score nearly as well)."""
@@ -182,7 +179,7 @@ def run_search(
     say(f"search: best calibration {best_candidate.algorithm} on {best_candidate.num_images} images")
     ranking = rank(best_candidate.algorithm, best_candidate.num_images)
     for candidate in precision_candidates(
-        prefix, best_candidate.algorithm, best_candidate.num_images, ranking, float_steps, keep_float
+        prefix, best_candidate.algorithm, best_candidate.num_images, ranking, float_steps
     ):
         found = pick_passing(evaluated)
         if found is not None and len(candidate.float_nodes) >= len(found.candidate.float_nodes):

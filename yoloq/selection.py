@@ -103,7 +103,3 @@ class SelectionScorer:
                 self.selection.truths, self.reference, detections, self.class_names, config.min_score
             ).map50_95
         return coco_map(self.selection.truths, detections, self.class_names).map50_95
-
-    def shortfall(self, score: float) -> float:
-        """How far `score` is below FP32's own (0: as good as FP32)."""
-        return self.reference_score - score
