@@ -2,11 +2,12 @@
 went into it, salted with the yoloq version (whose code decides what the output holds), and reuses it when it
 exists. Writers write through `atomic_path`, so an interrupted run leaves no half-written output to reuse.
 
-It serves the calibration statistics, the Q/DQ models (yoloq.calibrate), the sensitivity rankings
-(yoloq.sensitivity) and the detections of a model on a set of images (`cached_detections`: a re-run with nothing
-changed scores every INT8 search candidate in seconds). Exports, simplified models and TensorRT engines and
-calibration caches keep reuse checks of their own (an engine is complete only with its build record; a calibration
-cache must match the TensorRT version), each keyed by content and a format version.
+It serves the exports (yoloq.export), simplified models (yoloq.simplify, keyed to their record), calibration
+statistics and Q/DQ models (yoloq.calibrate, keyed to the manifest written last), sensitivity rankings
+(yoloq.sensitivity), FP16-typed ONNX for TensorRT 11, and the detections of a model on a set of images
+(`cached_detections`: a re-run with nothing changed scores every INT8 search candidate in seconds). TensorRT
+engines and calibration caches keep checks of their own: an engine is complete only with its build record, and a
+calibration cache is set aside when its header names another TensorRT version or algorithm.
 """
 
 from __future__ import annotations

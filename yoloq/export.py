@@ -22,7 +22,8 @@ from typing import Any
 
 import onnx
 
-from yoloq.artifacts import atomic_path, content_key, file_sha256
+from yoloq.artifacts import atomic_path, file_sha256
+from yoloq.cache import get_or_create
 from yoloq.checkpoint_sniff import check_onnx, safe_globals_for, sniff_model
 from yoloq.config import ExportConfig, ModelConfig
 from yoloq.errors import InputError
@@ -64,20 +65,21 @@ def export_model(model: ModelConfig, config: ExportConfig, out_dir: Path) -> Exp
     sniffed = sniff_model(source)  # what the file is, checked without unpickling it
     kind = sniffed.kind
     source_hash = file_sha256(source)
-    key = content_key("export-v2", kind, source_hash, model.imgsz, config.model_dump())
-    final = out_dir / f"model-{key}.onnx"
-    if final.is_file():
-        return _result(final, reused=True)
-    with atomic_path(final) as tmp:
-        if kind == "onnx":
-            shutil.copyfile(source, tmp)
-            facts = _facts_from_onnx(tmp, model.imgsz, source_hash)
-        elif kind == "yolov5":
-            facts = _export_yolov5(source, tmp, model.imgsz, config, source_hash)
-        else:
-            facts = _export_ultralytics(source, tmp, model.imgsz, config, source_hash)
-        _write_metadata(tmp, facts)
-    return _result(final, reused=False)
+
+    def produce(final: Path) -> None:
+        with atomic_path(final) as tmp:
+            if kind == "onnx":
+                shutil.copyfile(source, tmp)
+                facts = _facts_from_onnx(tmp, model.imgsz, source_hash)
+            elif kind == "yolov5":
+                facts = _export_yolov5(source, tmp, model.imgsz, config, source_hash)
+            else:
+                facts = _export_ultralytics(source, tmp, model.imgsz, config, source_hash)
+            _write_metadata(tmp, facts)
+
+    key_parts = ["export-v2", kind, source_hash, model.imgsz, config.model_dump()]
+    cached = get_or_create(out_dir, "model", key_parts, ".onnx", produce, lambda path: path)
+    return _result(cached.path, reused=cached.reused)
 
 
 def source_kind(path: Path) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from yoloq.artifacts import atomic_path, atomic_write_json, content_key, file_sha256, read_json
+from yoloq.artifacts import atomic_path, atomic_write_json, file_sha256, read_json
+from yoloq.cache import cache_path, get_or_create
 from yoloq.calibration_data import CalibrationDataLoader
 from yoloq.config import SimplifyConfig
 
@@ -42,20 +43,37 @@ def simplify_model(
             source, False, "simplify.enabled is false", nodes_before, nodes_before, 0.0, 0.0, True, 0.0
         )
     check = images[: config.check_images]
-    key = content_key("simplify-v1", file_sha256(source), [file_sha256(p) for p in check], config.model_dump())
-    final, record = out_dir / f"model-{key}.sim.onnx", out_dir / f"model-{key}.sim.json"
-    if record.is_file():
-        cached = read_json(record)
-        onnx_path = final if cached["simplified"] else source
-        if onnx_path.is_file():
-            return SimplifyResult(**{**cached, "onnx_path": onnx_path, "reused": True})
+    key_parts = ["simplify-v1", file_sha256(source), [file_sha256(p) for p in check], config.model_dump()]
+    final = cache_path(out_dir, "model", key_parts, ".sim.onnx")
+    record = cache_path(out_dir, "model", key_parts, ".sim.json")
+    if record.is_file() and read_json(record)["simplified"] and not final.is_file():
+        record.unlink()  # the record, written last, vouches for a model that is gone: simplify again
+
+    def produce(path: Path) -> None:
+        _save_record(path, _simplify(source, final, check, input_name, imgsz, config, nodes_before))
+
+    cached = get_or_create(out_dir, "model", key_parts, ".sim.json", produce, read_json)
+    onnx_path = final if cached.value["simplified"] else source
+    return SimplifyResult(**{**cached.value, "onnx_path": onnx_path, "reused": cached.reused})
+
+
+def _simplify(
+    source: Path,
+    final: Path,
+    check: list[Path],
+    input_name: str,
+    imgsz: int,
+    config: SimplifyConfig,
+    nodes_before: int,
+) -> SimplifyResult:
+    """onnxsim, then Polygraphy's comparison on `check`: writes `final` when it succeeds (kept when equivalent)."""
     start = time.perf_counter()
     try:
         import onnxsim
 
         simplified_model, _ = onnxsim.simplify(onnx.load(str(source)))
     except Exception as exc:  # onnxsim raises plain RuntimeErrors/ValueErrors from C++
-        result = SimplifyResult(
+        return SimplifyResult(
             source,
             False,
             f"onnxsim failed ({type(exc).__name__}: {exc}); continuing with the unsimplified model",
@@ -66,8 +84,6 @@ def simplify_model(
             True,
             time.perf_counter() - start,
         )
-        _save_record(record, result)
-        return result
     with atomic_path(final) as tmp:
         onnx.save(simplified_model, str(tmp))
         loader = CalibrationDataLoader(check, input_name, imgsz, batch_size=1)
@@ -80,7 +96,7 @@ def simplify_model(
             f"simplified model differs (max abs {max_abs:.3g}, max rel {max_rel:.3g} > atol {config.atol}/"
             f"rtol {config.rtol}); continuing with the unsimplified model"
         )
-    result = SimplifyResult(
+    return SimplifyResult(
         final if equivalent else source,
         equivalent,
         message,
@@ -91,8 +107,11 @@ def simplify_model(
         equivalent,
         time.perf_counter() - start,
     )
-    _save_record(record, result)
-    return result
+
+
+def _save_record(record: Path, result: SimplifyResult) -> None:
+    fields = {k: v for k, v in result.__dict__.items() if k not in ("onnx_path", "reused")}
+    atomic_write_json(record, fields)
 
 
 def compare_models(
@@ -120,8 +139,3 @@ def compare_models(
             significant = magnitude > atol  # relative error of values near zero says nothing
             max_rel = max(max_rel, float((diff[significant] / magnitude[significant]).max(initial=0.0)))
     return max_abs, max_rel, bool(accuracy)
-
-
-def _save_record(record: Path, result: SimplifyResult) -> None:
-    fields = {k: v for k, v in result.__dict__.items() if k not in ("onnx_path", "reused")}
-    atomic_write_json(record, fields)

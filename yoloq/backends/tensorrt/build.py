@@ -45,6 +45,7 @@ from yoloq.backends.tensorrt.versions import (
     find_fp16_converter,
     plan_variant,
 )
+from yoloq.cache import get_or_create
 from yoloq.calibration_data import CalibrationDataLoader, select_calibration_images
 from yoloq.config import CalibrationConfig, Params, TensorRTConfig, VariantConfig
 from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
@@ -371,10 +372,16 @@ def polygraphy_log_to(path: Path) -> Iterator[Callable[[str], None]]:
 
 def fp16_typed_onnx(fp32_onnx: Path, converter: str, out_dir: Path) -> Path:
     """An FP16-typed copy of the model (I/O kept FP32) for strongly typed TensorRT (11+), named by content hash."""
-    key = content_key("fp16-onnx-v1", file_sha256(fp32_onnx), converter)
-    final = out_dir / f"model-{key}.fp16.onnx"
-    if final.is_file():
-        return final
+
+    def produce(final: Path) -> None:
+        with atomic_path(final) as tmp:
+            onnx.save(_fp16_model(fp32_onnx, converter), str(tmp))
+
+    key_parts = ["fp16-onnx-v1", file_sha256(fp32_onnx), converter]
+    return get_or_create(out_dir, "model", key_parts, ".fp16.onnx", produce, lambda path: path).value
+
+
+def _fp16_model(fp32_onnx: Path, converter: str) -> onnx.ModelProto:
     if converter == "modelopt":
         from modelopt.onnx.autocast import convert_to_mixed_precision
 
@@ -387,6 +394,4 @@ def fp16_typed_onnx(fp32_onnx: Path, converter: str, out_dir: Path) -> Path:
         raise BackendUnavailable(
             f"no FP16 ONNX converter {converter!r}: install nvidia-modelopt[onnx] or onnxconverter-common"
         )
-    with atomic_path(final) as tmp:
-        onnx.save(model, str(tmp))
-    return final
+    return model
