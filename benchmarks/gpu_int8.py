@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,8 @@ from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # n
 
 MANIFEST = "manifest.json"
 ROWS = ("fp16", "int8-implicit", "qdq", "qdq-conv", "modelopt")
-STRIP_BYTES = 4096
-TENSORRT_86_MAX_OPSET = 17  # speed-only models travel without initializers larger than this
+STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
+TENSORRT_86_MAX_OPSET = 17  # the newest ONNX opset TensorRT 8.6's parser reads
 
 
 # -- step 1: on the CPU ------------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from yoloq.backends.base import closing_runner
     from yoloq.backends.tensorrt.profile import profile_engine, profile_metrics, summarize
     from yoloq.backends.tensorrt.profile_report import write_profile
     from yoloq.backends.tensorrt.runner import TensorRTRunner
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from yoloq.config import ValidationConfig, VariantConfig, load_params
     from yoloq.export import read_facts
     from yoloq.preprocess import list_images, load_preprocessed
-    from yoloq.speed import time_interleaved
+    from yoloq.speed import tile_batch, time_interleaved
     from yoloq.validate import evaluate as score_map
     from yoloq.validate import load_validation_set
 
@@ -280,9 +282,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         images = list_images(args.val / "images")
         frames = [f[0] for p in images[:32] if (f := load_preprocessed(p, 640)) is not None]
-        batches = {size: np.stack((frames * (size // len(frames) + 1))[:size]) for size in (1, 32)}
-        runners = {row: TensorRTRunner(b.path) for row, b in built.items()}
-        try:
+        batches = {size: tile_batch(np.stack(frames), size) for size in (1, 32)}
+        with ExitStack() as stack:  # every runner is closed, also when a later one fails to load
+            runners = {row: stack.enter_context(closing_runner(TensorRTRunner(b.path))) for row, b in built.items()}
             speeds = {}
             for size, batch in batches.items():
 
@@ -312,9 +314,6 @@ def run(args: argparse.Namespace) -> int:
                         runner, dataset, facts.head_format, 640, facts.names, config
                     ).map50_95
                 model_results["rows"][row] = record
-        finally:
-            for runner in runners.values():
-                runner.close()
         for row, b in built.items():
             try:
                 profile = profile_engine(b.path, 32, args.profile_iterations, 5)

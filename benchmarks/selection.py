@@ -4,7 +4,7 @@
         --report ../shared/data/coco/val --report ../shared/data/coco/val-extra --out runs/selection-v5
 
 Every INT8 candidate the search can produce (each algorithm x calibration size with the default float convs,
-then the stem plus the k most sensitive convs in float, for k in --float-steps) is run once on three image sets:
+then the k most sensitive convs in float, for k in --float-steps) is run once on three image sets:
 the selection set (labelled), the calibration images, and the report sets (labelled, never used to choose). For
 each selector and selection-set size (random subsets, --draws of them), the candidate with the best selector
 score is "picked"; what matters is that pick's mAP50-95 on the report images, against FP32 on the same images.
@@ -113,11 +113,9 @@ def main() -> int:
     ranking = analyze_sensitivity(
         fp32, stats[size], args.ranking, args.percentile, 8, facts.imgsz, facts.head_format, out, print
     ).layers
-    stem = analyze_head(prepare_model(fp32)).stem_convs
-    order = [layer.node for layer in ranking if layer.node not in stem]
+    order = [layer.node for layer in ranking]  # as the search does: the stem is ranked like any other conv
     for k in (int(s) for s in args.float_steps.split(",") if s):
-        floats = [*stem, *order[:k]]
-        model = write_qdq_model(fp32, stats[size], args.ranking, args.percentile, floats, out, facts.imgsz)
+        model = write_qdq_model(fp32, stats[size], args.ranking, args.percentile, order[:k], out, facts.imgsz)
         candidates.append(Candidate(f"{args.ranking}-{size}.top{k}", model.path))
     default_floats = default_float_convs(analyze_head(prepare_model(fp32)))
     print(f"{len(candidates) - 1} candidates; default float convs: {default_floats}")

@@ -230,7 +230,8 @@ def _validate(args: argparse.Namespace) -> int:
     if model.suffix.lower() in ENGINE_SUFFIXES:
         runner, facts, timing_fn = _engine_runner(model, args.imgsz)
     elif model.suffix.lower() == ".onnx":
-        runner, facts, timing_fn = OnnxRuntimeRunner(model), facts_for_onnx(model, args.imgsz), None
+        facts = facts_for_onnx(model, args.imgsz)  # may raise: before the runner exists
+        runner, timing_fn = OnnxRuntimeRunner(model), None
     else:
         raise InputError(f"model {model}: validate takes an .onnx model or a TensorRT engine built by yoloq")
     with closing_runner(runner):  # an engine's runner holds GPU memory

@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from flows.tracking import KIND_TAG, VARIANT_KIND
+from flows.tracking import COMPARISON_KIND, KIND_TAG, VARIANT_KIND
 from yoloq.artifacts import atomic_write_text
 from yoloq.errors import InputError
 from yoloq.report import PlotPoint, speed_accuracy_plot
@@ -49,7 +49,7 @@ def latest_parent_runs(client: MlflowClient, experiment: str, count: int) -> lis
     parents = [
         r.info.run_id
         for r in runs
-        if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("yoloq.kind") != "comparison"
+        if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get(KIND_TAG) != COMPARISON_KIND
     ]
     if not parents:
         raise InputError(f"no finished yoloq runs in experiment {experiment!r} at {client.tracking_uri}")
@@ -130,7 +130,7 @@ def compare_runs(tracking_uri: str, run_ids: list[str], experiment: str, out_dir
         experiment_id,
         tags={
             "mlflow.runName": f"compare-{len(ids)}-runs",
-            "yoloq.kind": "comparison",
+            KIND_TAG: COMPARISON_KIND,
             "yoloq.compared_runs": ",".join(ids),
         },
     )

@@ -33,10 +33,12 @@ from pydantic import Field
 from flows.quantize import quantize_flow
 from flows.tracking import code_versions, resolve_tracking_uri
 from flows.watch import CHECKPOINT_EVENT
-from yoloq.artifacts import content_key, file_sha256
+from yoloq.artifacts import content_key, file_sha256, files_sha256
 from yoloq.checkpoints import inside_folder
 from yoloq.config import BackendName, Params, flatten, load_params
 from yoloq.errors import GateFailed, InputError
+from yoloq.preprocess import list_images
+from yoloq.validate import validation_set_sha256
 
 DEPLOYMENT_NAME = "yoloq-quantize"
 RUN_KEY_TAG = "yoloq.run_key"
@@ -103,10 +105,24 @@ def _configured_path(variable: str) -> Path | None:
 
 
 def run_key(params: Params, versions: dict[str, str]) -> str:
-    """What makes two runs the same: the model file's content, every resolved parameter except its path, and the
-    code and TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again."""
+    """What makes two runs the same: the model file's content, every resolved parameter except its path, the
+    contents of the images and labels it reads (new images under the same paths run again), and the code and
+    TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again."""
     settings = {k: v for k, v in flatten(params).items() if k != "model.path"}
-    return content_key(file_sha256(params.model.path), settings, versions, length=32)
+    return content_key(file_sha256(params.model.path), settings, data_hashes(params), versions, length=32)
+
+
+def data_hashes(params: Params) -> dict[str, str]:
+    """Content hashes of the validation set (images and labels), and of the calibration and selection folders."""
+
+    def folder(path: Path) -> str:
+        return files_sha256(list_images(path)) if path.is_dir() else "absent"
+
+    return {
+        "validation": validation_set_sha256(params.validation),
+        "calibration": folder(params.calibration.images),
+        "selection": folder(params.selection.images),
+    }
 
 
 def finished_run_with_key(tracking_uri: str, experiment: str, key: str) -> str | None:

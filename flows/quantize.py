@@ -1,8 +1,9 @@
-"""The quantize DAG: export -> simplify -> calibrate -> build -> validate, logged to MLflow, judged by the gate.
+"""The quantize DAG, logged to MLflow, judged by the gate, ending in a ship decision:
 
-    params.yaml -> export -> simplify -> calibrate (Q/DQ) -> build (per variant) -> validate (per variant)
-                                                     \\-> MLflow parent run + one child run per variant
-                                                         (TensorRT variants: + per-layer profile of the engine)
+    params.yaml -> export -> simplify -> calibrate (statistics) -> build + validate (the variants not searched)
+        -> INT8 search per quantized variant (candidates judged on the selection set, the chosen one validated on
+           the report set) -> speed (every variant timed interleaved) -> gate -> ship decision
+        -> MLflow parent run + one child run per variant (TensorRT variants: + per-layer profile of the engine)
 
 The flow does all MLflow logging from its own thread (explicit run ids); tasks only compute.
 """
@@ -132,11 +133,7 @@ def _run_stages(ctx: RunContext) -> FlowOutcome:
 
     reference = params.reference_variant.name
     fp16_name = next((v.name for v in params.variants if v.precision == "fp16"), None)
-    if searched and fp16_name is not None:  # the search's speed gate compares candidates with FP16's speed
-        by_name[fp16_name] = with_timing(
-            by_name[fp16_name], speed_task({fp16_name: builds[fp16_name]}, dataset, facts, params)[fp16_name]
-        )
-    fp16 = (builds[fp16_name], by_name[fp16_name]) if fp16_name else None
+    fp16 = builds[fp16_name] if fp16_name else None  # the search times its candidates interleaved with it
     for variant in (v for v in params.variants if v.name in searched):
         found = search_variant(ctx, prepared, variant, builds[reference], by_name[reference], fp16)
         by_name[variant.name] = found.result

@@ -43,7 +43,7 @@ from yoloq.search import (
 )
 from yoloq.selection import SelectionScorer, SelectionSet
 from yoloq.sensitivity import LayerSensitivity, SensitivityReport, sensitivity_plot, sensitivity_table
-from yoloq.validate import Timing
+from yoloq.validate import NOT_TIMED, Timing
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def search_variant(
     variant: VariantConfig,
     fp32_built: BuiltModel,
     fp32: VariantResult,
-    fp16: tuple[BuiltModel, VariantResult] | None,
+    fp16: BuiltModel | None,
 ) -> SearchedVariant:
     """Run the search for `variant`, judging candidates on the selection set; log every candidate to MLflow; then
     score the chosen one on the validation (report) set, the only numbers the run reports and gates on.
@@ -109,7 +109,7 @@ def search_variant(
                 prepared.exported.input_name,
                 facts.imgsz,
                 params.calibration,
-                [*validation_images, *selection.images],
+                validation_images,  # overlap with the selection images is refused by load_selection_set
                 ctx.calibration_dir,
                 num_images,
             )
@@ -141,9 +141,9 @@ def search_variant(
         except EngineBuildError as exc:  # e.g. a TensorRT internal error on one mixed-precision layout
             raise CandidateFailed(str(exc)) from exc
         score = round(scorer.score(detect_task(built, selection.images, facts, params)), 4)  # 0.01 points: no CPU noise
-        timing = Timing(0.0, 0.0, 0)
-        if timed and fp16 is not None:
-            timings = speed_task({"fp16": fp16[0], candidate.name: built}, dataset, facts, params)
+        timing = NOT_TIMED
+        if fp16 is not None and timed:
+            timings = speed_task({"fp16": fp16, candidate.name: built}, dataset, facts, params)
             timing, fp16_speed[candidate.name] = timings[candidate.name], timings["fp16"].throughput_ips
         result = selection_result(candidate.name, built, score, scorer.reference_score, timing)
         evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest)

@@ -26,6 +26,7 @@ KIND_TAG = "yoloq.kind"
 """What a run holds: `variant` (a child run per variant), `candidate` (the INT8 search's), `comparison`."""
 VARIANT_KIND = "variant"
 CANDIDATE_KIND = "candidate"
+COMPARISON_KIND = "comparison"
 
 
 def resolve_tracking_uri(config: MlflowConfig, project_dir: Path) -> str:

@@ -8,7 +8,6 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from yoloq.backend_registry import backend_spec
 from yoloq.backends import BuiltModel, closing_runner, get_backend
 from yoloq.config import Params
 from yoloq.errors import InputError
@@ -32,13 +31,11 @@ def speed_task(
     sample = np.stack(frames)
     with ExitStack() as stack:
         measures: dict[str, SpeedMeasures] = {}
-        round_counts: set[int] = set()
         for name, built in builds.items():
             backend = get_backend(built.variant.backend, params)
             runner = stack.enter_context(closing_runner(backend.load(built)))
             measures[name] = backend.speed_measures(runner, sample, params)
-            round_counts.add(backend_spec(built.variant.backend).timing_rounds(params))
-        speeds = compare_speeds(measures, max(round_counts))
+        speeds = compare_speeds(measures)
     timings = {}
     for name, (throughput, latency) in speeds.items():
         timings[name] = Timing(latency.median_ms, throughput.images_per_s, throughput.batch)

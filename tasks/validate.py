@@ -9,11 +9,12 @@ from prefect.cache_policies import NO_CACHE
 from yoloq.artifacts import file_sha256, files_sha256
 from yoloq.backends import BuiltModel, closing_runner, get_backend
 from yoloq.cache import cached_detections
+from yoloq.calibration_data import PREPROCESSING_ID
 from yoloq.config import Params
 from yoloq.export import ModelFacts
 from yoloq.heads import Detections
 from yoloq.metrics import coco_map
-from yoloq.validate import Progress, Timing, ValidationSet, VariantScore, detect
+from yoloq.validate import NOT_TIMED, Progress, ValidationSet, VariantScore, detect
 
 
 def cached_detect(
@@ -23,6 +24,8 @@ def cached_detect(
     same decoding settings (a re-run with nothing changed scores every search candidate in seconds)."""
     config = params.validation
     key = [
+        "detections-v1",
+        PREPROCESSING_ID,
         file_sha256(built.path),
         files_sha256(images),
         facts.head_format,
@@ -56,7 +59,7 @@ def validate_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, 
         len(dataset.truths),
         "cached detections" if reused else f"{time.perf_counter() - started:.0f} s",
     )
-    return VariantScore(result, Timing(0.0, 0.0, 0), time.perf_counter() - started)
+    return VariantScore(result, NOT_TIMED, time.perf_counter() - started)
 
 
 @task(name="detect", task_run_name="detect-{built.variant.name}", cache_policy=NO_CACHE)

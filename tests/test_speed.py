@@ -37,16 +37,16 @@ def test_variants_with_other_batches_are_timed_in_their_own_rounds():
         return lambda: order.append(name) or ms
 
     measures = {
-        "cpu-a": SpeedMeasures(8, measure("cpu-a", 80.0), measure("cpu-a-b1", 12.0)),
-        "gpu": SpeedMeasures(32, measure("gpu", 3.2), measure("gpu-b1", 0.6)),
-        "cpu-b": SpeedMeasures(8, measure("cpu-b", 40.0), measure("cpu-b-b1", 8.0)),
+        "cpu-a": SpeedMeasures(8, measure("cpu-a", 80.0), measure("cpu-a-b1", 12.0), 2),
+        "gpu": SpeedMeasures(32, measure("gpu", 3.2), measure("gpu-b1", 0.6), 3),
+        "cpu-b": SpeedMeasures(8, measure("cpu-b", 40.0), measure("cpu-b-b1", 8.0), 2),
     }
-    speeds = compare_speeds(measures, rounds=2)
+    speeds = compare_speeds(measures)
     assert list(speeds) == ["cpu-a", "gpu", "cpu-b"]
     assert order[:4] == ["cpu-a", "cpu-b", "cpu-a", "cpu-b"]  # the two batch-8 variants alternate
     throughput, latency = speeds["cpu-b"]
     assert throughput.batch == 8 and throughput.images_per_s == pytest.approx(200.0) and latency.median_ms == 8.0
-    assert speeds["gpu"][0].images_per_s == pytest.approx(10_000.0)
+    assert speeds["gpu"][0].images_per_s == pytest.approx(10_000.0) and len(speeds["gpu"][0].ms_per_batch) == 3
 
 
 def test_wall_clock_measure_and_tiling():

@@ -1,5 +1,5 @@
 """What each backend is, in one table: what it builds, whether its builds are isolated, whether it is profiled,
-how its variants are timed, and where its code lives (imported only when used).
+how to ask whether it runs here, and where its code lives (imported only when used; the class says how it times).
 
 Adding a backend (OpenVINO, say) is one module with a Backend class (yoloq.backends.base: build, load,
 speed_measures; a `from_params` constructor) plus one entry here; config validation, backend resolution, the
@@ -8,7 +8,6 @@ build step, the speed stage and the profile step all ask this table. Pure data: 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,6 @@ class BackendSpec:
     backend_class: str  # "module:Class", imported on first use
     isolated_builds: bool  # builds run in a child process killed at build.timeout_s (hung C++ code)
     profiled: bool  # a per-layer profile follows validation
-    timing_rounds: Callable[[Any], int]  # params -> interleaved timing rounds of its variants
     availability: str | None  # "module:function" -> Availability (can it run here?); None: always available
 
     def can_build(self, precision: str, quantization: str) -> bool:
@@ -41,7 +39,6 @@ BACKENDS: dict[str, BackendSpec] = {
             backend_class="yoloq.backends.onnxruntime:OnnxRuntimeBackend",
             isolated_builds=False,
             profiled=False,
-            timing_rounds=lambda params: params.validation.timing.rounds,
             availability=None,
         ),
         BackendSpec(
@@ -50,7 +47,6 @@ BACKENDS: dict[str, BackendSpec] = {
             backend_class="yoloq.backends.tensorrt.build:TensorRTBackend",
             isolated_builds=True,
             profiled=True,
-            timing_rounds=lambda params: params.tensorrt.timing.rounds,
             availability="yoloq.backends:tensorrt_availability",
         ),
     )

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from yoloq.artifacts import atomic_write_json, file_sha256, read_json
 from yoloq.cache import cache_path, get_or_create
 from yoloq.calibration_data import (
@@ -18,7 +20,7 @@ from yoloq.calibration_data import (
 )
 from yoloq.config import CalibrationConfig
 from yoloq.errors import InputError
-from yoloq.quant.graph import analyze_head, default_float_convs, prepare_model
+from yoloq.quant.graph import HeadAnalysis, analyze_head, default_float_convs, prepare_model
 from yoloq.quant.placement import calibration_tensors
 from yoloq.quant.qdq import WrittenQdq, write_qdq
 from yoloq.quant.ranges import amax_for, check_algorithm
@@ -128,9 +130,15 @@ def write_qdq_model(
 ) -> QdqModel:
     """The Q/DQ model for one algorithm and one set of float convs (None = the default: stem + head convs)."""
     check_algorithm(algorithm, percentile)
-    model = prepare_model(fp32_onnx)
-    head = analyze_head(model)
-    chosen = default_float_convs(head) if float_nodes is None else list(float_nodes)
+    prepared: list[tuple[onnx.ModelProto, HeadAnalysis]] = []  # loaded once, and only when needed
+
+    def graph() -> tuple[onnx.ModelProto, HeadAnalysis]:
+        if not prepared:
+            model = prepare_model(fp32_onnx)
+            prepared.append((model, analyze_head(model)))
+        return prepared[0]
+
+    chosen = default_float_convs(graph()[1]) if float_nodes is None else list(float_nodes)
     key_parts = [QDQ_VERSION, statistics.key, algorithm, percentile if algorithm == "percentile" else None]
     key_parts.append(sorted(chosen))
     path = cache_path(out_dir, "model", key_parts, ".int8-qdq.onnx")
@@ -139,7 +147,7 @@ def write_qdq_model(
 
     def produce(manifest_path: Path) -> None:
         amax = amax_for(statistics.stats, algorithm, percentile)
-        written = write_qdq(model, head, amax, chosen, path)
+        written = write_qdq(*graph(), amax, chosen, path)
         atomic_write_json(manifest_path, _manifest(statistics, algorithm, percentile, imgsz, chosen, written, amax))
 
     cached = get_or_create(out_dir, "model", key_parts, ".calibration.json", produce, read_json)
@@ -184,14 +192,14 @@ def calibrate(
     validation_images: list[Path],
     out_dir: Path,
     progress: Progress | None = None,
-    float_nodes: list[str] | None = None,
 ) -> CalibrationResult:
-    """Calibration statistics, then the Q/DQ model with calibration.algorithm (both reused when present)."""
+    """Calibration statistics, then the Q/DQ model with calibration.algorithm and the default float convs (stem +
+    head convs), both reused when present: the plain recipe, without the search."""
     start = time.perf_counter()
     statistics = calibration_statistics(
         fp32_onnx, input_name, imgsz, config, validation_images, out_dir, progress=progress
     )
-    qdq = write_qdq_model(fp32_onnx, statistics, config.algorithm, config.percentile, float_nodes, out_dir, imgsz)
+    qdq = write_qdq_model(fp32_onnx, statistics, config.algorithm, config.percentile, None, out_dir, imgsz)
     return CalibrationResult(
         qdq.path,
         qdq.manifest_path,

@@ -276,7 +276,8 @@ class GateConfig(Section):
 
 class SearchConfig(Section):
     """Automatic INT8 search for the Q/DQ variants: compare calibrations, rank convs by sensitivity, then keep the
-    most sensitive convs in float, a few more at a time, until the gate passes (see yoloq.search)."""
+    most sensitive convs in float, a few more at a time, until one scores within selection.tolerance of the best
+    calibration on the selection set (see yoloq.search)."""
 
     enabled: bool = True
     algorithms: list[CalibrationAlgorithm] = Field(
@@ -393,8 +394,8 @@ class Params(Section):
 
     @property
     def needs_selection(self) -> bool:
-        """The INT8 search runs (it judges candidates on the selection set)."""
-        return self.search.enabled and self.needs_calibration
+        """The INT8 search runs (it judges candidates on the selection set); build targets do not search."""
+        return self.search.enabled and self.needs_calibration and not self.targets
 
     def resolved(self, base_dir: Path) -> Params:
         """A copy where every relative path is made absolute against `base_dir` (the params file's folder)."""

@@ -55,7 +55,7 @@ class CandidateFailed(Exception):
 class CandidateResult:
     candidate: Candidate
     result: VariantResult | None  # None: it failed to build or score (reasons say why)
-    reasons: list[str]  # why the gate refuses it (empty: it passes)
+    reasons: list[str]  # why the search does not pass it (empty: it passes)
 
     @property
     def passed(self) -> bool:
@@ -201,7 +201,7 @@ def run_search(
 def candidates_table(outcome: SearchOutcome) -> str:
     """Every evaluated candidate, in the order tried, as a markdown table."""
     lines = [
-        "| candidate | stage | calibration | images | convs in float | selection score | Δ vs FP32 | images/s | gate |",
+        "| candidate | stage | calibration | images | float convs | selection score | Δ vs FP32 | images/s | search |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in outcome.evaluated:

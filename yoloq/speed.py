@@ -88,20 +88,21 @@ class SpeedMeasures:
     batch: int
     throughput: Measure  # ms per batch of `batch`
     latency: Measure  # ms per batch of 1
+    rounds: int  # how many interleaved rounds this backend's settings ask for
 
 
-def compare_speeds(
-    measures: Mapping[str, SpeedMeasures], rounds: int, latency_rounds: int | None = None
-) -> dict[str, tuple[VariantSpeed, VariantSpeed]]:
+def compare_speeds(measures: Mapping[str, SpeedMeasures]) -> dict[str, tuple[VariantSpeed, VariantSpeed]]:
     """Throughput and latency of every variant, interleaved: variants with the same batch are timed in the same
-    rounds (their ratios are fair); returns name -> (throughput speed, batch-1 speed)."""
+    rounds (their ratios are fair), as many rounds as the group's measures ask for; returns name -> (throughput
+    speed, batch-1 speed)."""
     by_batch: dict[int, dict[str, SpeedMeasures]] = {}
     for name, measure in measures.items():
         by_batch.setdefault(measure.batch, {})[name] = measure
     result: dict[str, tuple[VariantSpeed, VariantSpeed]] = {}
     for batch, group in by_batch.items():
+        rounds = max(m.rounds for m in group.values())
         throughput = time_interleaved({name: m.throughput for name, m in group.items()}, batch, rounds)
-        latency = time_interleaved({name: m.latency for name, m in group.items()}, 1, latency_rounds or rounds)
+        latency = time_interleaved({name: m.latency for name, m in group.items()}, 1, rounds)
         for name in group:
             result[name] = (throughput[name], latency[name])
     return {name: result[name] for name in measures}

@@ -1,4 +1,4 @@
-"""Stage 5, validate: COCO mAP of a runner on labelled images, and its latency and throughput."""
+"""Validation: detections of a runner on images and their COCO mAP; the timing of one model on its own."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from yoloq.heads import Detections, HeadFormat, decode
 from yoloq.labels import GroundTruthStats, ImageTruth, load_ground_truth, yolo_label_path
 from yoloq.metrics import MapResult, coco_map
 from yoloq.preprocess import boxes_to_original, list_images, load_preprocessed
+from yoloq.speed import tile_batch
 
 Progress = Callable[[str], None]
 
@@ -34,6 +35,10 @@ class Timing:
     latency_ms_b1: float
     throughput_ips: float
     throughput_batch: int
+
+
+NOT_TIMED = Timing(0.0, 0.0, 0)
+"""The timing of a result whose speed is measured elsewhere (the flow's interleaved speed stage)."""
 
 
 TimingFn = Callable[[Runner, list[Path]], Timing]
@@ -166,8 +171,7 @@ def measure_timing(runner: Runner, images: list[Path], imgsz: int, config: Timin
     if not images:
         raise InputError("timing needs at least one image")
     frames = [load_preprocessed(p, imgsz) for p in images[: config.batch_size]]
-    stacked = np.stack([f[0] for f in frames if f is not None])
-    batch = np.concatenate([stacked] * -(-config.batch_size // len(stacked)))[: config.batch_size]
+    batch = tile_batch(np.stack([f[0] for f in frames if f is not None]), config.batch_size)
     single = batch[:1]
     for _ in range(config.warmup):
         runner.infer(single)
@@ -197,16 +201,12 @@ def score_variant(
     config: ValidationConfig,
     progress: Progress | None = None,
     timing_fn: TimingFn | None = None,
-    measure_speed: bool = True,
 ) -> VariantScore:
-    """mAP, then timing: wall clock at batch 1 and `config.timing.batch_size` unless the backend brings its own
-    `timing_fn` (TensorRT: device time with CUDA events at batch 1 and the profile's max batch).
-    Without `measure_speed` the timing is NOT_TIMED (zeros)."""
+    """mAP, then timing of one model on its own (`yoloq validate`): wall clock at batch 1 and
+    `config.timing.batch_size` unless the backend brings its own `timing_fn` (TensorRT: device time with CUDA
+    events). The quantize flow times its variants together instead (tasks/speed.py)."""
     start = time.perf_counter()
     result = evaluate(runner, dataset, head_format, imgsz, class_names, config, progress)
     images = [t.path for t in dataset.truths]
-    if not measure_speed:
-        timing = Timing(0.0, 0.0, config.timing.batch_size)
-    else:
-        timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, imgsz, config.timing)
+    timing = timing_fn(runner, images) if timing_fn else measure_timing(runner, images, imgsz, config.timing)
     return VariantScore(map=result, timing=timing, seconds=time.perf_counter() - start)

@@ -8,6 +8,7 @@ available backend builds. A backend's own code (TensorRT, ONNX Runtime) is impor
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -21,8 +22,10 @@ from yoloq.errors import BackendUnavailable
 AvailabilityFn = Callable[[str], Availability]
 
 
+@functools.lru_cache(maxsize=1)
 def tensorrt_availability() -> Availability:
-    """Can backend 'tensorrt' run here? (TensorRT importable, supported version, a CUDA GPU); reasons if not."""
+    """Can backend 'tensorrt' run here? (TensorRT importable, supported version, a CUDA GPU); reasons if not.
+    Asked once per process: a GPU does not come or go while a run runs."""
     return check_availability(lambda: importlib.import_module("tensorrt"), cuda_devices)
 
 

@@ -36,8 +36,7 @@ R = TypeVar("R")
 
 @contextlib.contextmanager
 def closing_runner(runner: R) -> Iterator[R]:
-    """Yield `runner`, then close it, also on error (TensorRT runners hold GPU memory; ONNX Runtime ones have no
-    close and are left to the garbage collector)."""
+    """Yield `runner`, then close it, also on error (TensorRT runners hold GPU memory)."""
     try:
         yield runner
     finally:

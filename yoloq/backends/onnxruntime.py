@@ -98,4 +98,5 @@ class OnnxRuntimeBackend:
             timing.batch_size,
             wall_clock_measure(runner.infer, batch, per_round),
             wall_clock_measure(runner.infer, batch[:1], per_round),
+            timing.rounds,
         )

@@ -154,6 +154,7 @@ class TensorRTBackend:
             size,
             lambda: time_device(runner, batch, per_round, timing.warmup).throughput_ms_per_batch,
             lambda: time_device(runner, single, per_round, timing.warmup).latency_ms_median,
+            timing.rounds,
         )
 
     # -- steps ---------------------------------------------------------------------------------------------------

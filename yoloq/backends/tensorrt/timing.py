@@ -17,6 +17,7 @@ from yoloq.config import TensorRTConfig, ValidationConfig
 from yoloq.errors import InputError
 from yoloq.heads import HeadFormat, decode
 from yoloq.preprocess import load_preprocessed
+from yoloq.speed import tile_batch
 from yoloq.validate import Timing
 
 
@@ -42,8 +43,10 @@ def time_device(runner: TensorRTRunner, batch: np.ndarray, iterations: int, warm
         runner.execute()
     runner.synchronize()
     timer = EventTimer(runner.cudart, runner.stream_ptr)
-    start, end = timer.create(), timer.create()
+    start = timer.create()
+    end = 0
     try:
+        end = timer.create()
         latencies = []
         for _ in range(iterations):
             timer.record(start)
@@ -57,7 +60,8 @@ def time_device(runner: TensorRTRunner, batch: np.ndarray, iterations: int, warm
         total_ms = timer.elapsed_ms(start, end)
     finally:
         timer.destroy(start)
-        timer.destroy(end)
+        if end:
+            timer.destroy(end)
     per_batch = total_ms / iterations
     return DeviceTiming(
         batch=size,
@@ -75,7 +79,7 @@ def measure_device_timing(
     """Device timing at each batch size, with `sample` (real preprocessed images) tiled to fill each batch."""
     timings = []
     for size in batch_sizes:
-        batch = np.concatenate([sample] * -(-size // len(sample)))[:size]
+        batch = tile_batch(sample, size)
         timings.append(time_device(runner, batch, iterations, warmup))
     return timings
 
@@ -108,12 +112,12 @@ def measure_end_to_end(
 
 
 def device_timing(runner: TensorRTRunner, images: list[Path], imgsz: int, settings: TensorRTConfig) -> Timing:
-    """The validate stage's timing for an engine: device latency at batch 1 and images/s at the profile's max."""
-    frames = [load_preprocessed(p, imgsz) for p in images[: settings.profile.max_batch]]
+    """`yoloq validate`'s timing of an engine: device latency at batch 1 and images/s at the largest batch both the
+    settings and the engine's own profile allow."""
+    size = min(settings.profile.max_batch, runner.max_batch)
+    frames = [load_preprocessed(p, imgsz) for p in images[:size]]
     sample = np.stack([frame[0] for frame in frames if frame is not None])
-    single, full = measure_device_timing(
-        runner, sample, [1, settings.profile.max_batch], settings.timing.iterations, settings.timing.warmup
-    )
+    single, full = measure_device_timing(runner, sample, [1, size], settings.timing.iterations, settings.timing.warmup)
     return Timing(latency_ms_b1=single.latency_ms_median, throughput_ips=full.images_per_s, throughput_batch=full.batch)
 
 
