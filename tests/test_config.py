@@ -251,3 +251,11 @@ def test_what_a_backend_builds_comes_from_the_registry():
     assert backends_that_build("int8", "qdq") == ["onnxruntime", "tensorrt"]
     assert all(spec.backend_class.count(":") == 1 for spec in BACKENDS.values())
     assert BACKENDS["tensorrt"].isolated_builds and not BACKENDS["onnxruntime"].isolated_builds
+
+
+def test_build_targets_need_no_selection_set(tmp_path):
+    data = shipped()
+    data["selection"]["images"] = str(tmp_path / "nowhere")
+    assert load_params(write_params(tmp_path, data)).needs_selection
+    data["targets"] = [{"name": "h200", "work_pool": "gpu-h200"}]
+    assert not load_params(write_params(tmp_path, data)).needs_selection  # targets do not search

@@ -164,3 +164,20 @@ def test_serving_with_the_trigger_needs_a_watched_folder(tmp_path, monkeypatch, 
     assert "is not a folder" in capsys.readouterr().err
     env = flows.deploy.deployment_env(PROJECT / "params.yaml", tmp_path)
     assert env == {"YOLOQ_PARAMS": str(PROJECT / "params.yaml"), "YOLOQ_WATCH_ROOT": str(tmp_path.resolve())}
+
+
+def test_run_key_changes_when_the_images_or_labels_change_under_the_same_paths(tmp_path):
+    import shutil
+
+    from tests.conftest import VAL_IMAGES, VAL_LABELS
+
+    (tmp_path / "images").mkdir()
+    labels = tmp_path / "labels"
+    shutil.copytree(VAL_LABELS, labels)
+    for image in sorted(VAL_IMAGES.iterdir())[:4]:
+        shutil.copyfile(image, tmp_path / "images" / image.name)
+    sets = [f"validation.images={tmp_path / 'images'}", f"validation.labels={labels}", "validation.num_images=4"]
+    base = run_key(load_params(PROJECT / "params.yaml", sets), VERSIONS)
+    first = sorted(labels.iterdir())[0]
+    first.write_text(first.read_text() + "0 0.5 0.5 0.1 0.1\n")
+    assert run_key(load_params(PROJECT / "params.yaml", sets), VERSIONS) != base
