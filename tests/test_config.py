@@ -259,3 +259,9 @@ def test_build_targets_need_no_selection_set(tmp_path):
     assert load_params(write_params(tmp_path, data)).needs_selection
     data["targets"] = [{"name": "h200", "work_pool": "gpu-h200"}]
     assert not load_params(write_params(tmp_path, data)).needs_selection  # targets do not search
+
+
+def test_map_selection_needs_labels():
+    with pytest.raises(ConfigError, match="metric map scores candidates against labels"):
+        load_params(PROJECT / "params.yaml", ["selection.metric=map", "selection.labels=null"])
+    assert load_params(PROJECT / "params.yaml", ["selection.metric=agreement", "selection.labels=null"])

@@ -128,3 +128,11 @@ def test_counting_images_is_cheap():
     started = time.monotonic()
     check_inputs(load_params(PROJECT / "params.yaml"))  # the shipped inputs pass, model sniff included
     assert time.monotonic() - started < 2.0
+
+
+def test_missing_selection_labels_are_named_before_any_run(tmp_path, capfd):
+    missing = tmp_path / "no-labels.json"
+    assert run_cli(tmp_path, "selection.metric=map", f"selection.labels={missing}") == 2
+    err = capfd.readouterr().err
+    assert f"selection.labels: {missing} not found" in err and "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists()

@@ -257,6 +257,12 @@ class SelectionConfig(Section):
         "this below the best calibration's (0.005 = 0.5 points)",
     )
 
+    @model_validator(mode="after")
+    def _map_needs_labels(self) -> SelectionConfig:
+        if self.metric == "map" and self.labels is None:
+            raise ValueError("metric map scores candidates against labels: set selection.labels, or use agreement")
+        return self
+
 
 class GateConfig(Section):
     """When a run ships: every variant within `max_map_drop` of FP32; with an FP16 variant in the run, every INT8

@@ -33,6 +33,9 @@ def check_inputs(params: Params) -> None:
         problems.append(
             f"selection.images: folder {params.selection.images} not found (images the INT8 search judges on)"
         )
+    labels = params.selection.labels
+    if params.needs_selection and params.selection.metric == "map" and labels is not None and not labels.exists():
+        problems.append(f"selection.labels: {labels} not found (metric map needs labels; agreement needs none)")
     for index, extra in enumerate(params.validation.extra_sets):
         problems += image_folder_problems(f"validation.extra_sets.{index}.images", extra.images, "validation images")
         if not extra.labels.exists():
