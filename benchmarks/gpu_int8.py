@@ -21,8 +21,10 @@ Outputs in OUT: table.md (printed), results.json, profiles.tar.gz (every profile
 cache, so a later call (a fresh machine) starts warm.
 
 Rows: fp16 (FP16 flag), int8-implicit (TensorRT's MinMax calibrator on --calib images, FP16 fallback), qdq (yoloq's
-Q/DQ model: every placement rule), qdq-conv (only rule 1, conv inputs: yoloq's placement before the rules, for the
-ablation), modelopt (NVIDIA ModelOpt ONNX PTQ, INT8, default settings; made in a throwaway venv).
+Q/DQ model: every placement rule, the stem and head convs in float: the search's `.default` candidates), qdq-all
+(every placement rule, no conv in float: the search's `top0` candidates, what it ships when they pass), qdq-conv
+(only rule 1, conv inputs: yoloq's placement before the rules, for the ablation), modelopt (NVIDIA ModelOpt ONNX
+PTQ, INT8, default settings; made in a throwaway venv).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from onnx import numpy_helper  # noqa: E402
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 MANIFEST = "manifest.json"
-ROWS = ("fp16", "int8-implicit", "qdq", "qdq-conv", "modelopt")
+ROWS = ("fp16", "int8-implicit", "qdq", "qdq-all", "qdq-conv", "modelopt")
 STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
 TENSORRT_86_MAX_OPSET = 17  # the newest ONNX opset TensorRT 8.6's parser reads
 
@@ -140,6 +142,7 @@ def prepare(args: argparse.Namespace) -> int:
             files["qdq"] = Path(overrides[name])
         else:
             files["qdq"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, None, cache / name, 640).path
+        files["qdq-all"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, [], cache / name, 640).path
         model = prepare_model(fp32)
         head = analyze_head(model)
         conv_only = place_qdq(model, head, default_float_convs(head), rules=["conv input"])
@@ -226,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         **{
             row: VariantConfig(name=row, precision="int8", quantization="qdq", backend="tensorrt")
-            for row in ("qdq", "qdq-conv", "modelopt")
+            for row in ("qdq", "qdq-all", "qdq-conv", "modelopt")
         },
     }
     wanted = [row for row in args.rows.split(",") if row]
@@ -380,7 +383,7 @@ def main() -> int:
     r.add_argument("--timing-cache", type=Path, help="a timing cache from an earlier call")
     r.add_argument("--level", type=int, default=2)
     r.add_argument("--tactics", default="")
-    r.add_argument("--rows", default="fp16,qdq,int8-implicit,modelopt,qdq-conv", help="in the order to build")
+    r.add_argument("--rows", default="fp16,qdq-all,qdq,int8-implicit,modelopt", help="in the order to build")
     r.add_argument("--models", default="", help="comma-separated models of the manifest, in the order to run them")
     r.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
     r.add_argument("--calib-images", type=int, default=128)
