@@ -23,7 +23,8 @@ cache, so a later call (a fresh machine) starts warm.
 Rows: fp16 (FP16 flag), int8-implicit (TensorRT's MinMax calibrator on --calib images, FP16 fallback), qdq (yoloq's
 Q/DQ model: every placement rule, the stem and head convs in float: the search's `.default` candidates), qdq-all
 (every placement rule, no conv in float: the search's `top0` candidates, what it ships when they pass), qdq-conv
-(only rule 1, conv inputs: yoloq's placement before the rules, for the ablation), modelopt (NVIDIA ModelOpt ONNX
+(only rule 1, conv inputs: yoloq's placement before the rules, for the ablation), qdq-stem (only the stem conv in
+float), modelopt (NVIDIA ModelOpt ONNX
 PTQ, INT8, default settings; made in a throwaway venv).
 """
 
@@ -50,7 +51,7 @@ from onnx import numpy_helper  # noqa: E402
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 MANIFEST = "manifest.json"
-ROWS = ("fp16", "int8-implicit", "qdq", "qdq-all", "qdq-conv", "modelopt")
+ROWS = ("fp16", "int8-implicit", "qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt")
 STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
 TENSORRT_86_MAX_OPSET = 17  # the newest ONNX opset TensorRT 8.6's parser reads
 
@@ -145,6 +146,8 @@ def prepare(args: argparse.Namespace) -> int:
         files["qdq-all"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, [], cache / name, 640).path
         model = prepare_model(fp32)
         head = analyze_head(model)
+        stem = write_qdq_model(fp32, stats, args.algorithm, 99.99, head.stem_convs, cache / name, 640)
+        files["qdq-stem"] = stem.path
         conv_only = place_qdq(model, head, default_float_convs(head), rules=["conv input"])
         files["qdq-conv"] = cache / name / "qdq-conv.onnx"
         onnx.save(insert_qdq(model, conv_only, amax_for(stats.stats, args.algorithm, 99.99)), str(files["qdq-conv"]))
@@ -219,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         f"calibration.num_images={args.calib_images}",
         f"output_dir={cache}",
     ]
+    overrides += args.param
     if args.tactics:
         overrides.append(f"tensorrt.tactic_sources=[{args.tactics}]")
     params = load_params(PROJECT / "params.yaml", overrides)
@@ -229,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         **{
             row: VariantConfig(name=row, precision="int8", quantization="qdq", backend="tensorrt")
-            for row in ("qdq", "qdq-all", "qdq-conv", "modelopt")
+            for row in ("qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt")
         },
     }
     wanted = [row for row in args.rows.split(",") if row]
@@ -382,6 +386,7 @@ def main() -> int:
     r.add_argument("--cache", type=Path, default=Path("/tmp/yoloq-gpu-int8"))
     r.add_argument("--timing-cache", type=Path, help="a timing cache from an earlier call")
     r.add_argument("--level", type=int, default=2)
+    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override")
     r.add_argument("--tactics", default="")
     r.add_argument("--rows", default="fp16,qdq-all,qdq,int8-implicit,modelopt", help="in the order to build")
     r.add_argument("--models", default="", help="comma-separated models of the manifest, in the order to run them")
