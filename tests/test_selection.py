@@ -49,8 +49,11 @@ def test_selection_images_must_not_be_report_or_calibration_images(tmp_path: Pat
 
 def test_map_metric_needs_labels_and_reads_them(tmp_path: Path) -> None:
     folder = _folder(tmp_path, "select", list_images(VAL_IMAGES)[:3])
-    with pytest.raises(ConfigError, match="selection.labels"):
-        load_selection_set(SelectionConfig(images=folder, labels=None, metric="map"), 80, [], [])
+    with pytest.raises(ValueError, match="metric map scores candidates against labels"):  # refused by the config
+        SelectionConfig(images=folder, labels=None, metric="map")
+    unchecked = SelectionConfig.model_construct(images=folder, labels=None, metric="map", num_images=None)
+    with pytest.raises(ConfigError, match="selection.labels"):  # and by the loader, for a config built unchecked
+        load_selection_set(unchecked, 80, [], [])
     selection = load_selection_set(SelectionConfig(images=folder, labels=VAL_LABELS, metric="map"), 80, [], [])
     assert sum(len(t.classes) for t in selection.truths) > 0
     with pytest.raises(InputError, match="not found"):
