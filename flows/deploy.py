@@ -40,7 +40,7 @@ from flows.watch import CHECKPOINT_EVENT
 from yoloq.artifacts import content_key, file_sha256, files_sha256
 from yoloq.checkpoints import inside_folder
 from yoloq.config import BackendName, Params, flatten, load_params
-from yoloq.errors import GateFailed, InputError
+from yoloq.errors import GateFailed, InputError, YoloqError
 from yoloq.preprocess import list_images
 from yoloq.validate import validation_set_sha256
 
@@ -110,9 +110,9 @@ def _configured_path(variable: str) -> Path | None:
 
 def run_key(params: Params, versions: dict[str, str]) -> str:
     """What makes two runs the same: the model file's content, every resolved parameter except its path, the
-    contents of the images and labels it reads (new images under the same paths run again; `schedule` is not a
-    result's input), and the code and
-    TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again."""
+    contents of the images and labels it reads (new images under the same paths run again), and the code and
+    TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again. `schedule.*`
+    decides when a run starts, not what it makes, so it is left out."""
     settings = {k: v for k, v in flatten(params).items() if k != "model.path" and not k.startswith("schedule.")}
     return content_key(file_sha256(params.model.path), settings, data_hashes(params), versions, length=32)
 
@@ -325,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             f"--watch-root {args.watch_root} is not a folder: create it (the folder `yoloq watch` watches)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        load_params(args.params)  # a bad params file: one line and exit 2 (the schedule is read from it)
+    except YoloqError as exc:
+        print(f"{args.params}: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
         serve(args.params, args.name, args.cron, not args.no_trigger, args.watch_root)
