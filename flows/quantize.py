@@ -5,7 +5,9 @@
            the report set) -> speed (every variant timed interleaved) -> gate -> ship decision
         -> MLflow parent run + one child run per variant (TensorRT variants: + per-layer profile of the engine)
 
-The flow does all MLflow logging from its own thread (explicit run ids); tasks only compute.
+Preparation is flows/prepare.py, the stages after it flows/stages.py (shared with build targets, which run them on
+each target's worker: flows/targets.py). The flow does all MLflow logging from its own thread (explicit run ids);
+tasks only compute.
 """
 
 from __future__ import annotations
