@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,3 +24,18 @@ class RunContext:
     @property
     def build_dir(self) -> Path:
         return self.cache_dir / "build"
+
+
+def new_run_folder(output_dir: Path, stem: str, now: time.struct_time | None = None) -> Path:
+    """A new folder `output_dir/<stem>-<YYYYmmdd-HHMMSS>` for one run's reports, created here (mkdir fails when it
+    exists) so no other run can get it; later runs started in the same second get `...-2`, `...-3`, ..."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", now or time.localtime())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    count = 1
+    while True:
+        folder = output_dir / (f"{stem}-{stamp}" if count == 1 else f"{stem}-{stamp}-{count}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            count += 1

@@ -1,6 +1,7 @@
 """Deployments of the quantize flow: a cron schedule, a typed flat-parameter form, and the new-checkpoint trigger.
 
     python -m flows.deploy serve [-p params.yaml] [--cron "0 3 * * *"] [--name nightly]    # serve in this process
+    # the schedule: --cron, else params.yaml's schedule.cron (and schedule.timezone)
     python -m flows.deploy deploy --pool POOL [-p params.yaml] [--cron ...]               # for `prefect worker`
 
 The deployed flow, `quantize_deployment`, takes flat, typed parameters (the Prefect UI shows enums as dropdowns
@@ -10,8 +11,9 @@ deployment parameter as a whole: nested dicts would be replaced entirely).
 
 A `yoloq.checkpoint.created` event (sent by `yoloq watch`) starts a run with `model_path` from the event and
 `skip_if_done`: a run whose model content and parameters already have a finished MLflow run made by the same yoloq
-code (version and git commit) and TensorRT version returns that run instead of quantizing again. The deployment
-allows one run at a time (others wait), so duplicate events queue up and then find the finished run.
+code (version and git commit) and TensorRT version returns that run instead of quantizing again. The trigger
+itself starts one run per checkpoint content within schedule.checkpoint_dedupe_hours (for_each resource id, which
+names the content); the deployment allows one run at a time, so a later repeat queues up and finds the finished run.
 
 Trust: run parameters come from whoever can post to the Prefect API (the trigger copies an event's payload), while
 params.yaml and the serve/deploy options are the operator's. So a run quantizes params.yaml's model.path, or a
@@ -22,12 +24,14 @@ uses the params file the deployment was created with; anything else fails with e
 import argparse
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
 from pydantic import Field
 
 from flows.quantize import quantize_flow
@@ -36,7 +40,7 @@ from flows.watch import CHECKPOINT_EVENT
 from yoloq.artifacts import content_key, file_sha256, files_sha256
 from yoloq.checkpoints import inside_folder
 from yoloq.config import BackendName, Params, flatten, load_params
-from yoloq.errors import GateFailed, InputError
+from yoloq.errors import GateFailed, InputError, YoloqError
 from yoloq.preprocess import list_images
 from yoloq.validate import validation_set_sha256
 
@@ -107,8 +111,9 @@ def _configured_path(variable: str) -> Path | None:
 def run_key(params: Params, versions: dict[str, str]) -> str:
     """What makes two runs the same: the model file's content, every resolved parameter except its path, the
     contents of the images and labels it reads (new images under the same paths run again), and the code and
-    TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again."""
-    settings = {k: v for k, v in flatten(params).items() if k != "model.path"}
+    TensorRT versions (`flows.tracking.code_versions()`): an upgraded yoloq or TensorRT runs again. `schedule.*`
+    decides when a run starts, not what it makes, so it is left out."""
+    settings = {k: v for k, v in flatten(params).items() if k != "model.path" and not k.startswith("schedule.")}
     return content_key(file_sha256(params.model.path), settings, data_hashes(params), versions, length=32)
 
 
@@ -202,14 +207,26 @@ def _tag_run_key(document: dict[str, Any], key: str) -> None:
         MlflowClient(document["tracking_uri"]).set_tag(document["mlflow_run_id"], RUN_KEY_TAG, key)
 
 
-def checkpoint_trigger() -> DeploymentEventTrigger:
-    """Start a run for each `yoloq.checkpoint.created` event, with the checkpoint path from the event."""
+def checkpoint_trigger(dedupe_hours: float = 24.0) -> DeploymentEventTrigger:
+    """Start a run for a `yoloq.checkpoint.created` event, with the checkpoint path from the event: one run per
+    checkpoint content within `dedupe_hours` (the resource id carries the content's sha256; a reactive trigger
+    with threshold 1 fires on the first event of each resource, then ignores that resource for the window)."""
     return DeploymentEventTrigger(
         name="yoloq-new-checkpoint",
         expect={CHECKPOINT_EVENT},
         match={"prefect.resource.id": "yoloq.checkpoint.*"},
+        for_each={"prefect.resource.id"},
+        posture="Reactive",
+        threshold=1,
+        within=timedelta(hours=dedupe_hours),
         parameters={"model_path": "{{ event.payload.path }}", "skip_if_done": True},
     )
+
+
+def declared_schedule(params_path: Path, cron: str | None) -> tuple[str | None, str | None, float]:
+    """The cron schedule (--cron, else params.yaml's schedule.cron), its time zone and the trigger's window."""
+    schedule = load_params(params_path).schedule
+    return (cron if cron is not None else schedule.cron), schedule.timezone, schedule.checkpoint_dedupe_hours
 
 
 def deployment_parameters(params_path: Path) -> dict[str, Any]:
@@ -230,11 +247,12 @@ def serve(
     """Serve the deployment from this process (runs execute here, one at a time, and inherit its environment)."""
     os.environ.pop(WATCH_ROOT_ENV, None)
     os.environ.update(deployment_env(params_path, watch_root))
+    cron, timezone, dedupe_hours = declared_schedule(params_path, cron)
     quantize_deployment.serve(
         name=name,
-        cron=cron,
+        schedule=Cron(cron, timezone=timezone) if cron else None,
         parameters=deployment_parameters(params_path),
-        triggers=[checkpoint_trigger()] if with_trigger else None,
+        triggers=[checkpoint_trigger(dedupe_hours)] if with_trigger else None,
         global_limit=1,
         description=quantize_deployment.description,
         tags=["yoloq"],
@@ -250,13 +268,14 @@ def deploy(
     API with its own job_variables could replace them: on a shared Prefect server prefer `serve`)."""
     from prefect.deployments.runner import EntrypointType
 
+    cron, timezone, dedupe_hours = declared_schedule(params_path, cron)
     return quantize_deployment.deploy(
         name=name,
         work_pool_name=pool,
-        cron=cron,
+        schedule=Cron(cron, timezone=timezone) if cron else None,
         parameters=deployment_parameters(params_path),
         job_variables={"env": deployment_env(params_path, watch_root)},
-        triggers=[checkpoint_trigger()] if with_trigger else None,
+        triggers=[checkpoint_trigger(dedupe_hours)] if with_trigger else None,
         concurrency_limit=1,
         entrypoint_type=EntrypointType.MODULE_PATH,
         tags=["yoloq"],
@@ -276,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["serve", "deploy"])
     parser.add_argument("-p", "--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--name", default=DEPLOYMENT_NAME, help=f"deployment name (default {DEPLOYMENT_NAME})")
-    parser.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (default: none)')
+    parser.add_argument(
+        "--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (default: schedule.cron of the params file)'
+    )
     parser.add_argument("--pool", help="work pool (deploy)")
     parser.add_argument("--no-trigger", action="store_true", help="no new-checkpoint trigger")
     parser.add_argument(
@@ -304,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             f"--watch-root {args.watch_root} is not a folder: create it (the folder `yoloq watch` watches)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        load_params(args.params)  # a bad params file: one line and exit 2 (the schedule is read from it)
+    except YoloqError as exc:
+        print(f"{args.params}: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
         serve(args.params, args.name, args.cron, not args.no_trigger, args.watch_root)

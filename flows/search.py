@@ -11,6 +11,7 @@ with the reason for each.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tasks.validate import detect_task, validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text
 from yoloq.backends import BuiltModel
 from yoloq.calibrate import CalibrationStats
-from yoloq.config import VariantConfig
+from yoloq.config import Params, VariantConfig
 from yoloq.errors import EngineBuildError
 from yoloq.metrics import per_class_table
 from yoloq.preprocess import list_images
@@ -63,6 +64,44 @@ class _Evaluated:
     manifest: Path | None  # the Q/DQ model's calibration manifest (Q/DQ variants)
 
 
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Where the search's calibration statistics come from: computed here on first use (`local_calibration`), or
+    computed once upstream and shipped to a build target (flows/target_inputs.py)."""
+
+    statistics: Callable[[int], CalibrationStats]  # num_images -> the statistics of that many calibration images
+    available_images: int  # images in calibration.images: search.calibration_sizes are capped at it
+
+
+def local_calibration(ctx: RunContext, prepared: PreparedModels) -> CalibrationSource:
+    """Statistics computed (or reused from the cache) here, once per calibration size."""
+    params = ctx.params
+    computed: dict[int, CalibrationStats] = {}
+    validation_images = [t.path for t in prepared.dataset.truths]
+
+    def statistics(num_images: int) -> CalibrationStats:
+        if num_images not in computed:
+            computed[num_images] = statistics_task(
+                prepared.fp32_onnx,
+                prepared.exported.input_name,
+                prepared.facts.imgsz,
+                params.calibration,
+                validation_images,  # overlap with the selection images is refused by load_selection_set
+                ctx.calibration_dir,
+                num_images,
+            )
+        return computed[num_images]
+
+    return CalibrationSource(statistics, len(list_images(params.calibration.images)))
+
+
+def search_sizes(params: Params, variant: VariantConfig, available_images: int) -> list[int]:
+    """The calibration sizes the search of `variant` builds candidates from (and asks statistics for)."""
+    if variant.quantization == "implicit":
+        return effective_sizes([params.calibration.num_images], available_images)
+    return effective_sizes(params.search.calibration_sizes, available_images)
+
+
 def search_variant(
     ctx: RunContext,
     prepared: PreparedModels,
@@ -70,13 +109,15 @@ def search_variant(
     fp32_built: BuiltModel,
     fp32: VariantResult,
     fp16: BuiltModel | None,
+    calibration: CalibrationSource | None = None,
 ) -> SearchedVariant:
     """Run the search for `variant`, judging candidates on the selection set; log every candidate to MLflow; then
     score the chosen one on the validation (report) set, the only numbers the run reports and gates on.
 
     Q/DQ variants: candidates differ in calibration algorithm, calibration size and the convs left out of Q/DQ.
     Implicit variants (TensorRT 8.6-10.x): the variant's TensorRT calibrator on calibration.num_images images,
-    then the same sensitivity ranking held out of INT8 by layer precision constraints (float_layers)."""
+    then the same sensitivity ranking held out of INT8 by layer precision constraints (float_layers).
+    `calibration` gives the statistics (default: computed here)."""
     logger = get_run_logger()
     params, tracker, facts = ctx.params, ctx.tracker, prepared.facts
     if prepared.selection is None:
@@ -84,12 +125,12 @@ def search_variant(
     selection = prepared.selection
     dataset = prepared.dataset
     fp32_onnx = prepared.fp32_onnx
-    validation_images = [t.path for t in dataset.truths]
+    source = calibration or local_calibration(ctx, prepared)
+    stats = source.statistics
     percentile = params.calibration.percentile
     timed = fp16 is not None and params.gate.min_speedup_vs_fp16 > 0  # speed decides too: time every candidate
     fp16_speed: dict[str, float] = {}  # candidate -> FP16's images/s, timed interleaved with that candidate
     implicit = variant.quantization == "implicit"
-    statistics: dict[int, CalibrationStats] = {}
     evaluated: dict[str, _Evaluated] = {}
     reports: list[SensitivityReport] = []
     scorer = SelectionScorer(selection, detect_task(fp32_built, selection.images, facts, params), facts.names)
@@ -101,19 +142,6 @@ def search_variant(
         scorer.reference_score,
         tolerance * 100,
     )
-
-    def stats(num_images: int) -> CalibrationStats:
-        if num_images not in statistics:
-            statistics[num_images] = statistics_task(
-                fp32_onnx,
-                prepared.exported.input_name,
-                facts.imgsz,
-                params.calibration,
-                validation_images,  # overlap with the selection images is refused by load_selection_set
-                ctx.calibration_dir,
-                num_images,
-            )
-        return statistics[num_images]
 
     def build(candidate: Candidate) -> tuple[BuiltModel, list[str], Path | None]:
         floats = list(candidate.float_nodes)
@@ -182,21 +210,16 @@ def search_variant(
         reports.append(report)
         return report.layers
 
-    available = len(list_images(params.calibration.images))
-    if implicit:
-        algorithms: list[str] = [variant.trt_calibrator]
-        sizes = effective_sizes([params.calibration.num_images], available)
-    else:
-        algorithms = list(params.search.algorithms)
-        sizes = effective_sizes(params.search.calibration_sizes, available)
-        if sizes != list(dict.fromkeys(params.search.calibration_sizes)):
-            logger.warning(
-                "search.calibration_sizes %s capped at the %d images of %s: %s",
-                params.search.calibration_sizes,
-                available,
-                params.calibration.images,
-                sizes,
-            )
+    sizes = search_sizes(params, variant, source.available_images)
+    algorithms: list[str] = [variant.trt_calibrator] if implicit else list(params.search.algorithms)
+    if not implicit and sizes != list(dict.fromkeys(params.search.calibration_sizes)):
+        logger.warning(
+            "search.calibration_sizes %s capped at the %d images of %s: %s",
+            params.search.calibration_sizes,
+            source.available_images,
+            params.calibration.images,
+            sizes,
+        )
     head = analyze_head(prepare_model(fp32_onnx))
     outcome = run_search(
         variant.name,

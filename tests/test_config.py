@@ -253,12 +253,24 @@ def test_what_a_backend_builds_comes_from_the_registry():
     assert BACKENDS["tensorrt"].isolated_builds and not BACKENDS["onnxruntime"].isolated_builds
 
 
-def test_build_targets_need_no_selection_set(tmp_path):
+def test_build_targets_search_on_each_target_so_they_need_the_selection_set(tmp_path):
     data = shipped()
-    data["selection"]["images"] = str(tmp_path / "nowhere")
-    assert load_params(write_params(tmp_path, data)).needs_selection
-    data["targets"] = [{"name": "h200", "work_pool": "gpu-h200"}]
-    assert not load_params(write_params(tmp_path, data)).needs_selection  # targets do not search
+    data["targets"] = [{"name": "h200", "work_pool": "gpu-h200", "backend": "tensorrt"}]
+    params = load_params(write_params(tmp_path, data))
+    assert params.needs_selection and params.targets[0].backend == "tensorrt"
+    data["search"]["enabled"] = False
+    assert not load_params(write_params(tmp_path, data)).needs_selection
+
+
+def test_schedule_in_params(tmp_path):
+    data = shipped()
+    assert load_params(write_params(tmp_path, data)).schedule.cron is None
+    data["schedule"] = {"cron": "0 3 * * *", "timezone": "Europe/Berlin", "checkpoint_dedupe_hours": 2}
+    schedule = load_params(write_params(tmp_path, data)).schedule
+    assert (schedule.cron, schedule.timezone, schedule.checkpoint_dedupe_hours) == ("0 3 * * *", "Europe/Berlin", 2)
+    data["schedule"] = {"cron": "every night"}
+    with pytest.raises(ConfigError, match="schedule.cron.*not a cron expression"):
+        load_params(write_params(tmp_path, data))
 
 
 def test_map_selection_needs_labels():

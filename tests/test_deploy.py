@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from prefect.exceptions import ParameterTypeError
 from prefect.utilities.callables import parameter_schema
 
-from flows.deploy import checkpoint_trigger, flat_overrides, quantize_deployment, run_key
+from flows.deploy import checkpoint_trigger, declared_schedule, flat_overrides, quantize_deployment, run_key
 from flows.tracking import code_versions
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, shipped, write_params
 from yoloq.config import load_params
 
 
@@ -83,6 +84,21 @@ def test_checkpoint_trigger_templates_the_path_from_the_event():
     trigger = checkpoint_trigger()
     assert trigger.expect == {"yoloq.checkpoint.created"}
     assert trigger.parameters == {"model_path": "{{ event.payload.path }}", "skip_if_done": True}
+
+
+def test_the_trigger_starts_one_run_per_checkpoint_content_within_its_window():
+    trigger = checkpoint_trigger(dedupe_hours=2)
+    assert trigger.for_each == {"prefect.resource.id"}  # yoloq.checkpoint.<sha256>: one bucket per content
+    assert (trigger.posture, trigger.threshold, trigger.within) == ("Reactive", 1, timedelta(hours=2))
+
+
+def test_the_schedule_comes_from_params_unless_cron_is_given(tmp_path):
+    data = shipped()
+    data["schedule"] = {"cron": "0 3 * * *", "timezone": "Europe/Berlin", "checkpoint_dedupe_hours": 6}
+    path = write_params(tmp_path, data)
+    assert declared_schedule(path, None) == ("0 3 * * *", "Europe/Berlin", 6)
+    assert declared_schedule(path, "*/5 * * * *")[0] == "*/5 * * * *"
+    assert declared_schedule(PROJECT / "params.yaml", None)[0] is None
 
 
 def test_out_of_range_and_unknown_choices_are_rejected():

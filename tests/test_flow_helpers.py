@@ -4,8 +4,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from flows.context import new_run_folder
 from flows.prepare import simplify_check_images
-from flows.quantize import _build_artifacts, fp16_vs_int8, new_run_folder
+from flows.stages import _build_artifacts, fp16_vs_int8
 from flows.tracking import error_message
 from tests.conftest import CALIB_IMAGES, PROJECT, VAL_IMAGES
 from yoloq.backends import BuiltModel
@@ -145,7 +146,7 @@ class FakeTracker:
 
 
 def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tmp_path):
-    import flows.quantize as quantize
+    import flows.stages as quantize
     from tasks.profile import ProfileOutcome
     from tests.conftest import PROJECT
     from yoloq.config import load_params
@@ -162,7 +163,7 @@ def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tm
         return ProfileOutcome([out_dir / "profile.md"], {"profile.total_ms": 2.5, "profile.fp32_convs": 1.0})
 
     monkeypatch.setattr(quantize, "profile_task", fake_profile)
-    monkeypatch.setattr(quantize, "register_variants", lambda *args: None)
+    monkeypatch.setattr(quantize, "register_variants", lambda *args, **kwargs: None)
     import flows.results
 
     monkeypatch.setattr(flows.results, "create_markdown_artifact", lambda **kwargs: None)
@@ -182,7 +183,7 @@ def test_tensorrt_variants_are_profiled_into_their_own_child_run(monkeypatch, tm
     from flows.context import RunContext
 
     ctx = RunContext(params, tracker, tmp_path / "cache", tmp_path / "report")
-    quantize._log_results(ctx, outcome, dict.fromkeys(variants, "| ap |"), builds, None)
+    quantize._log_results(ctx, outcome, dict.fromkeys(variants, "| ap |"), builds, None, None)
     assert profiled == [
         ("int8-qdq", tmp_path / "report" / "int8-qdq" / "profile"),
         ("int8-minmax", tmp_path / "report" / "int8-minmax" / "profile"),

@@ -1,5 +1,8 @@
-"""Operations against real servers on loopback: `prefect server start`, `mlflow server`, a served deployment, the
-new-checkpoint trigger, and per-target builds on two process work pools with two `prefect worker` processes.
+"""Operations against real servers on loopback: `prefect server start`, `mlflow server --serve-artifacts`, a served
+deployment with its schedule from params.yaml, the new-checkpoint trigger, and per-target builds on two process
+work pools whose `prefect worker` processes share no storage with the flow (each in its own folder and HOME, and,
+where user namespaces allow it, with the flow's output_dir, the MLflow artifact store and the project's data/
+hidden by an empty tmpfs mounted over each).
 
 One Prefect server and one MLflow server serve the whole module (started once, killed at the end even on failure).
 Small data (16 calibration, 8 validation images) keeps it to a few minutes; the caches in one shared output_dir
@@ -8,7 +11,9 @@ make every run after the first reuse the export, simplified and Q/DQ models.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -62,11 +67,11 @@ class Processes:
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env, self.log_dir, self.running = env, log_dir, []
 
-    def start(self, name: str, command: list[str]) -> Path:
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Path:
         log = self.log_dir / f"{name}.log"
         handle = log.open("w")
         process = subprocess.Popen(
-            command, cwd=PROJECT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=PROJECT, env=env or self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.running.append((process, handle))
         return log
@@ -118,7 +123,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         mlflow_log = processes.start(
             "mlflow-server",
             [
-                str(BIN / "mlflow"), "server",
+                str(BIN / "mlflow"), "server", "--serve-artifacts",
                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                 "--artifacts-destination", str(root / "mlartifacts"),
                 "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
@@ -157,8 +162,10 @@ def project(servers) -> Path:
     data["backend"] = "onnxruntime"
     data["search"]["enabled"] = False  # the INT8 search has its own end-to-end test (tests/test_flow.py)
     data["gate"]["max_map_drop"] = 0.015  # 8 images cannot resolve the shipped 0.5 point
+    data["selection"].update(images=str(PROJECT / "data/coco/select/images"), num_images=8)
     data["mlflow"]["tracking_uri"] = servers["tracking_uri"]
     data["output_dir"] = str(servers["root"] / "runs")
+    data["schedule"] = {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}  # the served deployment's schedule
     path = servers["root"] / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -195,7 +202,12 @@ def children(client: MlflowClient, parent: Any) -> dict[str, Any]:
 
 
 def test_deployment_run_through_the_api_with_one_changed_parameter(servers, project, served, capsys):
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+
+    with get_client(sync_client=True) as prefect:
+        schedules = prefect.read_deployment_by_name(served).schedules
+    assert [(s.schedule.cron, s.schedule.timezone) for s in schedules] == [("0 3 * * *", "Europe/Berlin")]
 
     flow_run = run_deployment(served, parameters={"max_map_drop": 0.05}, timeout=420, poll_interval=2)
     assert flow_run.state.is_completed(), f"{flow_run.state.name}: {flow_run.state.message}"
@@ -259,25 +271,30 @@ def test_a_new_checkpoint_starts_one_run_per_content(servers, project, served):
         env=servers["env"], cwd=PROJECT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "announced 0 new checkpoint(s)" in rerun.stdout  # the state file remembers the content
-    # the same content announced again (a watcher that lost its state): the trigger starts a run that skips
+    # the same content announced again (a watcher that lost its state): the trigger itself starts no second run
     announce(new_checkpoints(drop, {}, settle_s=0)[0])
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(served)
 
-        def two_finished_triggered_runs() -> list[Any]:
+        def triggered_runs() -> list[Any]:
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
             )
-            triggered = [r for r in runs if r.parameters.get("skip_if_done")]
-            done = [r for r in triggered if r.state and r.state.is_final()]
-            return done if len(done) == 2 else []
+            return [r for r in runs if r.parameters.get("skip_if_done")]
 
-        runs = wait_until(two_finished_triggered_runs, 420, "two triggered runs", [servers["root"] / "serve.log"])
-    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.message) for r in runs]
-    assert {Path(r.parameters["model_path"]).parent for r in runs} == {drop.resolve()}
+        def one_finished() -> list[Any]:
+            runs = triggered_runs()
+            return runs if any(r.state and r.state.is_final() for r in runs) else []
+
+        wait_until(one_finished, 420, "the triggered run", [servers["root"] / "serve.log"])
+        time.sleep(5)  # both events were sent a whole run ago: a second run would exist by now
+        runs = triggered_runs()
+    assert len(runs) == 1, [(r.name, r.parameters["model_path"]) for r in runs]  # two events, one content: one run
+    assert runs[0].state.is_completed(), runs[0].state.message
+    assert Path(runs[0].parameters["model_path"]).parent == drop.resolve()
     new_parents = parent_runs(servers["tracking_uri"])[before:]
-    assert len(new_parents) == 1  # two events for one content: one MLflow run
+    assert len(new_parents) == 1
     assert new_parents[0].data.params["model.path"].startswith(str(drop.resolve()))
     assert new_parents[0].info.status == "FINISHED"
 
@@ -312,64 +329,150 @@ def test_a_cancelled_run_leaves_its_mlflow_runs_failed(servers, project, served)
     assert all(r.info.status == "FAILED" for r in children(client, failed).values() if r.info.status != "FINISHED")
 
 
-def test_targets_fan_out_to_two_work_pools(servers, project):
-    from flows.quantize import quantize_flow
+POOLS = ("cpu-a", "cpu-b")
 
-    env, processes = servers["env"], servers["processes"]
-    logs = []
-    for pool in ("cpu-a", "cpu-b"):
+
+def namespaces_work() -> bool:
+    """Whether this machine lets an unprivileged process mount a tmpfs in a user + mount namespace of its own."""
+    try:
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs none /mnt"],
+            capture_output=True, timeout=20,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def workers(servers) -> dict[str, Path]:
+    """One `prefect worker` per pool, each a "host" of its own: its own folder, HOME, PREFECT_HOME, working folder
+    and YOLOQ_TARGET_DIR, and (with namespaces) the flow's output_dir, the MLflow artifact store and the project's
+    data/ hidden behind empty tmpfs mounts. It shares with the flow only the two servers' URLs."""
+    root, processes = servers["root"], servers["processes"]
+    hidden = [root / "runs", root / "mlartifacts", PROJECT / "data"]
+    for folder in hidden:
+        folder.mkdir(exist_ok=True)
+    isolate = namespaces_work()
+    folders = {}
+    for pool in POOLS:
         created = subprocess.run(
             [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
-            env=env, capture_output=True, text=True, timeout=120,
+            env=servers["env"], capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert created.returncode == 0, created.stdout + created.stderr
-        logs.append(processes.start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool]))
+        host = root / f"host-{pool}"
+        for sub in ("home", "prefect", "work", "cwd"):
+            (host / sub).mkdir(parents=True)
+        env = {
+            **servers["env"],
+            "HOME": str(host / "home"),
+            "PREFECT_HOME": str(host / "prefect"),
+            "YOLOQ_TARGET_DIR": str(host / "work"),
+        }
+        env.pop("MLFLOW_TRACKING_URI")  # the flow passes its tracking URI with the run
+        prefect = shlex.quote(str(BIN / "prefect"))
+        worker = f"cd {shlex.quote(str(host / 'cwd'))} && exec {prefect} worker start --pool {pool}"
+        if isolate:
+            mounts = "".join(f"mount -t tmpfs none {shlex.quote(str(f))} && " for f in hidden)
+            command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mounts + worker]
+        else:
+            command = ["sh", "-c", worker]
+        processes.start(f"worker-{pool}", command, env)
+        folders[pool] = host / "work"
+    return folders
 
-    targets = "[{name: gpu-a, work_pool: cpu-a}, {name: gpu-b, work_pool: cpu-b}]"
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_targets_share_nothing_but_the_servers_and_search_on_each_target(servers, project, workers):
+    from flows.quantize import quantize_flow
+    from yoloq.artifacts import file_sha256
+
+    targets = "[{name: gpu-a, work_pool: cpu-a, backend: onnxruntime}, {name: gpu-b, work_pool: cpu-b}]"
+    small_search = [  # one calibration candidate and one precision candidate per target
+        "search.enabled=true", "search.algorithms=[minmax]", "search.calibration_sizes=[16]",
+        "search.float_steps=[0]", "search.sensitivity_images=1", "gate.max_map_drop=0.2",
+    ]  # fmt: skip
+    logs = [servers["root"] / f"worker-{pool}.log" for pool in POOLS]
     try:
-        document = quantize_flow(params_path=str(project), overrides=[f"targets={targets}"])
+        document = quantize_flow(params_path=str(project), overrides=[f"targets={targets}", *small_search])
     except Exception:
-        print("\n".join(p.read_text()[-3000:] for p in logs))
+        print("\n".join(p.read_text()[-4000:] for p in logs))
         raise
     assert {v["name"] for v in document["variants"]} == {"gpu-a/fp32", "gpu-a/int8", "gpu-b/fp32", "gpu-b/int8"}
 
     client = MlflowClient(servers["tracking_uri"])
     parent = client.get_run(document["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["targets"] == "gpu-a,gpu-b"
-    runs = children(client, parent)
-    assert set(runs) == {"gpu-a/fp32", "gpu-a/int8", "gpu-b/fp32", "gpu-b/int8"}
-    for name, run in runs.items():
-        assert run.info.status == "FINISHED" and run.data.params["target"] == name.split("/")[0]
-        assert run.data.metrics["map50_95"] > 0.1
-    assert (
-        runs["gpu-a/fp32"].data.params["prefect.flow_run_id"] != runs["gpu-b/fp32"].data.params["prefect.flow_run_id"]
-    )
-    for target in ("gpu-a", "gpu-b"):
-        alias = runs[f"{target}/int8"].data.tags["registry.alias"]
-        assert (
-            client.get_model_version_by_alias(f"yoloq-yolov5n-{target}-int8", alias).run_id
-            == runs[f"{target}/int8"].info.run_id
-        )
+    target_runs = children(client, parent)
+    assert set(target_runs) == {"gpu-a", "gpu-b"}
+    inputs = {f.path for f in client.list_artifacts(parent.info.run_id, "target-inputs")}
+    assert {
+        "target-inputs/inputs.json",
+        "target-inputs/models",
+        "target-inputs/statistics",
+        "target-inputs/data",
+    } <= inputs
+
+    for target, pool in (("gpu-a", "cpu-a"), ("gpu-b", "cpu-b")):
+        run = target_runs[target]
+        work = workers[pool]
+        assert run.info.status == "FINISHED" and run.data.tags["yoloq.kind"] == "target"
+        assert run.data.tags["target.work_dir"] == str(work.resolve())
+        assert {"results.json", "target.json", "search-int8"} <= {
+            f.path for f in client.list_artifacts(run.info.run_id)
+        }
+        assert run.data.tags["int8.search.chosen"].startswith("int8.minmax-16.")  # the search ran on the target
+        runs = children(client, run)
+        variants = {name: r for name, r in runs.items() if r.data.tags["yoloq.kind"] == "variant"}
+        candidates = [r for r in runs.values() if r.data.tags["yoloq.kind"] == "candidate"]
+        assert set(variants) == {f"{target}/fp32", f"{target}/int8"} and len(candidates) == 2
+        for variant in variants.values():
+            assert variant.info.status == "FINISHED" and variant.data.params["work_pool"] == pool
+            assert variant.data.metrics["map50_95"] > 0.1
+            model = Path(variant.data.params["model"])
+            assert model.is_relative_to(work.resolve())  # built in the worker's folder, not in output_dir
+            assert model.name in {f.path for f in client.list_artifacts(variant.info.run_id)}  # and in MLflow
+            assert not any(str(servers["root"] / "runs") in value for value in variant.data.params.values())
+        alias = variants[f"{target}/int8"].data.tags["registry.alias"]
+        version = client.get_model_version_by_alias(f"yoloq-yolov5n-{target}-int8", alias)
+        assert version.run_id == variants[f"{target}/int8"].info.run_id
+
+        # the worker's folder holds what it downloaded (inputs/, every file as the parent logged it) and what it
+        # made from that (cache/, runs/): nothing else
+        assert {path.split("/")[0] for path in files_under(work)} <= {"inputs", "cache", "runs"}
+        downloaded = work / "inputs" / parent.info.run_id / "target-inputs"
+        listed = json.loads((downloaded / "inputs.json").read_text())["files"]
+        assert files_under(downloaded) == {*listed, "inputs.json"}
+        assert all(file_sha256(downloaded / name) == sha for name, sha in listed.items())
 
 
-def test_a_target_past_its_deadline_is_cancelled_and_its_mlflow_run_failed(servers, project):
+def test_a_failed_target_exits_2_and_its_mlflow_runs_are_failed(servers, project, workers):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
-    from flows.quantize import quantize_flow
-    from flows.targets import TargetFailed
+    from flows.cli import main
 
     created = subprocess.run(
         [str(BIN / "prefect"), "work-pool", "create", "cpu-idle", "--type", "process"],
         env=servers["env"], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert created.returncode == 0, created.stdout + created.stderr
-    targets = "[{name: idle, work_pool: cpu-idle, timeout_s: 3}]"  # a pool no worker serves
-    with pytest.raises(TargetFailed, match="did not finish within 3 s"):
-        quantize_flow(params_path=str(project), overrides=[f"targets={targets}"])
+    # one pool no worker serves (cancelled past its deadline), one target asking for TensorRT on a CPU worker
+    targets = "[{name: idle, work_pool: cpu-idle, timeout_s: 3}, {name: trt, work_pool: cpu-a, backend: tensorrt}]"
+    assert main(["run", "-p", str(project), "--set", f"targets={targets}", "--set", "search.enabled=false"]) == 2
 
     parent = parent_runs(servers["tracking_uri"])[-1]
     assert parent.info.status == "FAILED" and "did not finish within 3 s" in parent.data.tags["error"]
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["idle-attempt1"])))
+    assert "target trt" in parent.data.tags["error"] and "tensorrt" in parent.data.tags["error"]
+    client = MlflowClient(servers["tracking_uri"])
+    target_runs = children(client, parent)
+    assert {name: r.info.status for name, r in target_runs.items()} == {"idle": "FAILED", "trt": "FAILED"}
+    assert "BackendUnavailable" in target_runs["trt"].data.tags["error"]  # tagged by the worker itself
+    assert not (workers["cpu-a"] / "inputs" / parent.info.run_id).exists()  # it failed before downloading
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["idle-attempt1"])))
     assert runs and runs[0].state.is_cancelled()

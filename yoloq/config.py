@@ -349,6 +349,7 @@ class Params(Section):
     targets: list[TargetConfig] = Field(
         default_factory=list, description="build targets (one Prefect work pool per GPU type); empty = build here"
     )
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
 
     @field_validator("targets")
     @classmethod
@@ -400,8 +401,8 @@ class Params(Section):
 
     @property
     def needs_selection(self) -> bool:
-        """The INT8 search runs (it judges candidates on the selection set); build targets do not search."""
-        return self.search.enabled and self.needs_calibration and not self.targets
+        """The INT8 search runs (it judges candidates on the selection set; with build targets, on each target)."""
+        return self.search.enabled and self.needs_calibration
 
     def resolved(self, base_dir: Path) -> Params:
         """A copy where every relative path is made absolute against `base_dir` (the params file's folder)."""
@@ -553,4 +554,33 @@ class TargetConfig(Section):
     work_pool: str = Field(min_length=1, description="Prefect work pool whose workers run on that GPU type")
     timeout_s: float = Field(
         7200, gt=0, description="deadline of the target's build+validate run; cancelled past it (workers kill it)"
+    )
+    backend: BackendName | None = Field(
+        None, description="backend of every variant on this target (e.g. tensorrt); null = the variants' own"
+    )
+
+
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def _check_cron(cron: str | None) -> str | None:
+    """Five fields (minute hour day month weekday) or a macro such as @daily; Prefect checks the fields' values."""
+    if cron is not None and len(cron.split()) != 5 and cron.strip() not in CRON_MACROS:
+        raise ValueError(f"{cron!r} is not a cron expression: five fields, e.g. '0 3 * * *' (03:00 daily), or @daily")
+    return cron
+
+
+class ScheduleConfig(Section):
+    """When the served or deployed quantize deployment runs (flows/deploy.py): a cron schedule, and the
+    new-checkpoint trigger's window for starting one run per checkpoint content."""
+
+    cron: Annotated[str | None, AfterValidator(_check_cron)] = Field(
+        None, description="cron schedule of the deployment, e.g. '0 3 * * *'; null = none (--cron overrides)"
+    )
+    timezone: str | None = Field(None, description="time zone of the cron schedule, e.g. Europe/Berlin; null = UTC")
+    checkpoint_dedupe_hours: float = Field(
+        24.0,
+        gt=0,
+        description="the trigger starts one run per checkpoint content within this many hours (later repeats of "
+        "the same content start a run that skip_if_done returns at once)",
     )
