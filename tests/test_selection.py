@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import CALIB_IMAGES, VAL_IMAGES, VAL_LABELS
 from yoloq.agreement import agreement, pseudo_truths
 from yoloq.config import SelectionConfig
-from yoloq.errors import ConfigError, InputError
+from yoloq.errors import InputError
 from yoloq.heads import Detections
 from yoloq.labels import COCO80_NAMES
 from yoloq.preprocess import list_images
@@ -49,8 +49,8 @@ def test_selection_images_must_not_be_report_or_calibration_images(tmp_path: Pat
 
 def test_map_metric_needs_labels_and_reads_them(tmp_path: Path) -> None:
     folder = _folder(tmp_path, "select", list_images(VAL_IMAGES)[:3])
-    with pytest.raises(ConfigError, match="selection.labels"):
-        load_selection_set(SelectionConfig(images=folder, labels=None, metric="map"), 80, [], [])
+    with pytest.raises(ValueError, match="selection.labels"):  # the config refuses it (yoloq/config.py)
+        SelectionConfig(images=folder, labels=None, metric="map")
     selection = load_selection_set(SelectionConfig(images=folder, labels=VAL_LABELS, metric="map"), 80, [], [])
     assert sum(len(t.classes) for t in selection.truths) > 0
     with pytest.raises(InputError, match="not found"):
