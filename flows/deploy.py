@@ -275,7 +275,9 @@ def deploy(
     from prefect.deployments.runner import EntrypointType
     from prefect.deployments.runner import deploy as deploy_deployments
 
-    deployment = quantize_deployment.to_deployment(
+    import flows.deploy  # under `python -m flows.deploy` this file runs as __main__, which a worker cannot import
+
+    deployment = flows.deploy.quantize_deployment.to_deployment(
         name=name,
         work_pool_name=pool,
         cron=cron,
