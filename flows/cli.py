@@ -163,6 +163,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _print_document(document: dict[str, Any]) -> None:
+    from flows.tracking import mlflow_ui_hint
     from yoloq.report import VariantResult, results_table
 
     rows = [VariantResult.from_json(v) for v in document["variants"]]
@@ -176,7 +177,7 @@ def _print_document(document: dict[str, Any]) -> None:
         print(f"ship: {document['ship']['reason']}")
     print(f"MLflow run id: {document['mlflow_run_id']}")
     print(f"tracking URI:  {document['tracking_uri']}")
-    print(f"MLflow UI:     mlflow ui --backend-store-uri {document['tracking_uri']}")
+    print(f"MLflow UI:     {mlflow_ui_hint(document['tracking_uri'], document['mlflow_run_id'])}")
 
 
 def _write_json(path: Path | None, document: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flows.tracking import RunTracker
 from yoloq.config import Params
+from yoloq.export import ExportResult
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class RunContext:
     tracker: RunTracker
     cache_dir: Path  # content-keyed outputs shared by runs (exports, statistics, Q/DQ models, engines)
     report_dir: Path  # this run's reports
+    exported: ExportResult | None = None  # the export made before the MLflow run opened (None: prepare exports)
 
     @property
     def calibration_dir(self) -> Path:

@@ -4,10 +4,12 @@
     # the schedule: --cron, else params.yaml's schedule.cron (and schedule.timezone)
     python -m flows.deploy deploy --pool POOL [-p params.yaml] [--cron ...]               # for `prefect worker`
 
-The deployed flow, `quantize_deployment`, takes flat, typed parameters (the Prefect UI shows enums as dropdowns
-and ranges as checked number fields). Each one left empty (None) keeps the value in params.yaml; one that is set
-becomes a `--set section.key=value` override, so editing one field never resets the others (Prefect replaces a
-deployment parameter as a whole: nested dicts would be replaced entirely).
+The deployed flow, `quantize_deployment`, takes flat parameters; the deployment's parameter schema (flows/form.py)
+types them from the pydantic config, so the Prefect UI's custom-run form shows params.yaml's value in each field,
+enums as dropdowns, ranges as checked number fields, and each key's description. A field that is unset (None) or
+still at the value the form showed keeps params.yaml's value; one that is changed becomes a `--set
+section.key=value` override, so editing one field never resets the others (Prefect replaces a deployment parameter
+as a whole: nested dicts would be replaced entirely).
 
 A `yoloq.checkpoint.created` event (sent by `yoloq watch`) starts a run with `model_path` from the event and
 `skip_if_done`: a run whose model content and parameters already have a finished MLflow run made by the same yoloq
@@ -22,24 +24,25 @@ uses the params file the deployment was created with; anything else fails with e
 """
 
 import argparse
+import json
 import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
-from pydantic import Field
 
+from flows.form import ALL_IMAGES, changed_fields, form_values, parameter_schema
 from flows.quantize import quantize_flow
 from flows.tracking import code_versions, resolve_tracking_uri
 from flows.watch import CHECKPOINT_EVENT
 from yoloq.artifacts import content_key, file_sha256, files_sha256
 from yoloq.checkpoints import inside_folder
-from yoloq.config import BackendName, Params, flatten, load_params
+from yoloq.config import BackendName, CalibrationAlgorithm, Params, flatten, load_params
 from yoloq.errors import GateFailed, InputError, YoloqError
 from yoloq.preprocess import list_images
 from yoloq.validate import validation_set_sha256
@@ -49,6 +52,7 @@ RUN_KEY_TAG = "yoloq.run_key"
 # Set by serve (in the serving process, whose runs inherit it) and deploy (the work pool job's env), not by a run.
 WATCH_ROOT_ENV = "YOLOQ_WATCH_ROOT"
 PARAMS_ENV = "YOLOQ_PARAMS"
+FORM_VALUES_ENV = "YOLOQ_FORM_VALUES"  # JSON: what the form showed in each field (flows.form.form_values)
 
 
 def flat_overrides(
@@ -64,13 +68,14 @@ def flat_overrides(
     max_map_drop_vs_fp16: float | None = None,
     min_speedup_vs_fp16: float | None = None,
 ) -> list[str]:
-    """The flat form's fields that are set, as `section.key=value` overrides (None = as in params.yaml)."""
+    """The flat form's fields that are set, as `section.key=value` overrides (None = as in params.yaml;
+    validation_images 0 = all)."""
     fields = {
         "model.path": model_path,
         "backend": backend,
         "calibration.algorithm": calibration_algorithm,
         "calibration.num_images": calibration_images,
-        "validation.num_images": validation_images,
+        "validation.num_images": "null" if validation_images == ALL_IMAGES else validation_images,
         "gate.max_map_drop": max_map_drop,
         "gate.max_map_drop_vs_fp16": max_map_drop_vs_fp16,
         "gate.min_speedup_vs_fp16": min_speedup_vs_fp16,
@@ -144,42 +149,38 @@ def finished_run_with_key(tracking_uri: str, experiment: str, key: str) -> str |
 @flow(name="yoloq-quantize-deployment", log_prints=True)
 def quantize_deployment(
     params_path: str = "params.yaml",
-    model_path: Annotated[str | None, Field(description="checkpoint (.pt/.onnx); empty = model.path of params")] = None,
-    backend: Annotated[BackendName | None, Field(description="empty = params")] = None,
-    calibration_algorithm: Annotated[
-        Literal["minmax", "entropy", "percentile", "mse"] | None,
-        Field(description="INT8 calibration when the search is off; empty = params"),
-    ] = None,
-    calibration_images: Annotated[int, Field(ge=8, le=4096, description="calibration images")] | None = None,
-    validation_images: Annotated[int, Field(ge=1, le=100_000, description="first N validation images")] | None = None,
-    max_map_drop: Annotated[
-        float, Field(ge=0.0, le=1.0, description="gate: mAP50-95 drop vs FP32 (0.005 = 0.5 points)")
-    ]
-    | None = None,
-    max_map_drop_vs_fp16: Annotated[float, Field(ge=0.0, le=1.0, description="gate: INT8 mAP50-95 drop vs FP16")]
-    | None = None,
-    min_speedup_vs_fp16: Annotated[float, Field(ge=0.0, le=100.0, description="gate: INT8/FP16 throughput")]
-    | None = None,
-    search_enabled: Annotated[bool | None, Field(description="INT8 search on/off; empty = params")] = None,
-    output_dir: Annotated[str | None, Field(description="caches and reports; empty = params")] = None,
-    skip_if_done: Annotated[bool, Field(description="return the finished MLflow run of the same model+params")] = False,
-    extra_overrides: Annotated[list[str] | None, Field(description="more section.key=value overrides")] = None,
+    model_path: str | None = None,
+    backend: BackendName | None = None,
+    calibration_algorithm: CalibrationAlgorithm | None = None,
+    calibration_images: int | None = None,
+    validation_images: int | None = None,
+    max_map_drop: float | None = None,
+    max_map_drop_vs_fp16: float | None = None,
+    min_speedup_vs_fp16: float | None = None,
+    search_enabled: bool | None = None,
+    output_dir: str | None = None,
+    skip_if_done: bool = False,
+    extra_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Quantize and validate with params.yaml, changing only the fields that are set."""
+    """Quantize and validate with params.yaml, changing only the fields that are changed.
+
+    The deployment's form (flows/form.py) shows and checks these fields; each one None, or at the value the form
+    showed, keeps params.yaml's value (ranges are checked by params.yaml's own validation, exit 2)."""
     logger = get_run_logger()
-    overrides = flat_overrides(
-        model_path,
-        backend,
-        calibration_algorithm,
-        calibration_images,
-        validation_images,
-        max_map_drop,
-        output_dir,
-        extra_overrides,
-        search_enabled,
-        max_map_drop_vs_fp16,
-        min_speedup_vs_fp16,
-    )
+    values = {
+        "model_path": model_path,
+        "backend": backend,
+        "calibration_algorithm": calibration_algorithm,
+        "calibration_images": calibration_images,
+        "validation_images": validation_images,
+        "max_map_drop": max_map_drop,
+        "max_map_drop_vs_fp16": max_map_drop_vs_fp16,
+        "min_speedup_vs_fp16": min_speedup_vs_fp16,
+        "search_enabled": search_enabled,
+        "output_dir": output_dir,
+    }
+    changed = changed_fields(values, _shown_form_values())
+    overrides = flat_overrides(**changed, extra=extra_overrides)
     logger.info("params %s with overrides: %s", params_path, " ".join(overrides) or "(none)")
     path = Path(params_path)
     overrides = confined_overrides(path, overrides, _configured_path(WATCH_ROOT_ENV), _configured_path(PARAMS_ENV))
@@ -193,13 +194,30 @@ def quantize_deployment(
         if existing:
             logger.info("skipped: MLflow run %s already holds this model content with these parameters", existing)
             return {"skipped": True, "mlflow_run_id": existing, "tracking_uri": tracking_uri, "run_key": key}
+    source = f"prefect:{deployment_name() or DEPLOYMENT_NAME}"  # MLflow's Source column: the deployment
     try:
-        document = quantize_flow(params_path=str(path), overrides=overrides)
+        document = quantize_flow(params_path=str(path), overrides=overrides, source=source)
     except GateFailed as exc:
         _tag_run_key(exc.document, key)
         raise
     _tag_run_key(document, key)
     return {**document, "skipped": False, "run_key": key}
+
+
+def _shown_form_values() -> dict[str, Any]:
+    """What the deployment's form showed in each field (set by serve/deploy); {} outside a deployment."""
+    value = os.environ.get(FORM_VALUES_ENV)
+    return json.loads(value) if value else {}
+
+
+def deployment_name() -> str | None:
+    """The name of the deployment running this flow run (None outside one, or when Prefect cannot say)."""
+    from prefect.runtime import deployment
+
+    try:
+        return deployment.name
+    except Exception:  # the API is unreachable: the name is only for MLflow's Source column
+        return None
 
 
 def _tag_run_key(document: dict[str, Any], key: str) -> None:
@@ -234,8 +252,11 @@ def deployment_parameters(params_path: Path) -> dict[str, Any]:
 
 
 def deployment_env(params_path: Path, watch_root: Path | None) -> dict[str, str]:
-    """What the deployment's runs check their parameters against (`confined_overrides`)."""
-    env = {PARAMS_ENV: str(params_path.resolve())}
+    """What the deployment's runs check their parameters against (`confined_overrides`), and what its form showed."""
+    env = {
+        PARAMS_ENV: str(params_path.resolve()),
+        FORM_VALUES_ENV: json.dumps(form_values(load_params(params_path))),
+    }
     if watch_root is not None:
         env[WATCH_ROOT_ENV] = str(watch_root.resolve())
     return env
@@ -245,18 +266,21 @@ def serve(
     params_path: Path, name: str, cron: str | None, with_trigger: bool = True, watch_root: Path | None = None
 ) -> None:
     """Serve the deployment from this process (runs execute here, one at a time, and inherit its environment)."""
+    from prefect import serve as serve_deployments
+
     os.environ.pop(WATCH_ROOT_ENV, None)
     os.environ.update(deployment_env(params_path, watch_root))
     cron, timezone, dedupe_hours = declared_schedule(params_path, cron)
-    quantize_deployment.serve(
+    deployment = quantize_deployment.to_deployment(
         name=name,
         schedule=Cron(cron, timezone=timezone) if cron else None,
         parameters=deployment_parameters(params_path),
         triggers=[checkpoint_trigger(dedupe_hours)] if with_trigger else None,
-        global_limit=1,
+        concurrency_limit=1,
         description=quantize_deployment.description,
         tags=["yoloq"],
     )
+    serve_deployments(with_form(deployment, params_path))
 
 
 def deploy(
@@ -267,9 +291,12 @@ def deploy(
     The watched folder and params file reach the runs as job environment variables (a run started through the
     API with its own job_variables could replace them: on a shared Prefect server prefer `serve`)."""
     from prefect.deployments.runner import EntrypointType
+    from prefect.deployments.runner import deploy as deploy_deployments
 
     cron, timezone, dedupe_hours = declared_schedule(params_path, cron)
-    return quantize_deployment.deploy(
+    import flows.deploy  # under `python -m flows.deploy` this file runs as __main__, which a worker cannot import
+
+    deployment = flows.deploy.quantize_deployment.to_deployment(
         name=name,
         work_pool_name=pool,
         schedule=Cron(cron, timezone=timezone) if cron else None,
@@ -278,9 +305,24 @@ def deploy(
         triggers=[checkpoint_trigger(dedupe_hours)] if with_trigger else None,
         concurrency_limit=1,
         entrypoint_type=EntrypointType.MODULE_PATH,
+        description=quantize_deployment.description,
         tags=["yoloq"],
-        print_next_steps=False,
     )
+    (deployment_id,) = deploy_deployments(
+        with_form(deployment, params_path), work_pool_name=pool, print_next_steps_message=False
+    )
+    return deployment_id
+
+
+def with_form(deployment: Any, params_path: Path) -> Any:
+    """`deployment` (a RunnerDeployment) with the typed form of flows/form.py as its parameter schema, in place of
+    the one Prefect derives from the flow's signature (Prefect offers no public argument for it)."""
+    from prefect.utilities.callables import ParameterSchema
+
+    deployment._parameter_openapi_schema = ParameterSchema(
+        **parameter_schema(load_params(params_path), params_path.resolve())
+    )
+    return deployment
 
 
 def prefect_api_url() -> str | None:
@@ -313,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.params.is_file():
         print(f"params file {args.params} not found", file=sys.stderr)
         return 2
+    try:  # a bad params file: one line and exit 2 (the form shows its values, the schedule is read from it)
+        load_params(args.params)
+    except YoloqError as exc:
+        print(f"{args.params}: {exc}", file=sys.stderr)
+        return 2
     if args.watch_root is None and not args.no_trigger:
         print(
             "the new-checkpoint trigger needs --watch-root FOLDER (the folder `yoloq watch` watches; runs it starts "
@@ -325,11 +372,6 @@ def main(argv: list[str] | None = None) -> int:
             f"--watch-root {args.watch_root} is not a folder: create it (the folder `yoloq watch` watches)",
             file=sys.stderr,
         )
-        return 2
-    try:
-        load_params(args.params)  # a bad params file: one line and exit 2 (the schedule is read from it)
-    except YoloqError as exc:
-        print(f"{args.params}: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
         serve(args.params, args.name, args.cron, not args.no_trigger, args.watch_root)

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from flows.context import RunContext
+from flows.tracking import ImageSet
 from tasks.calibrate import calibrate_task
 from tasks.export import export_task
 from tasks.simplify import simplify_task
@@ -16,7 +17,7 @@ from yoloq.config import Params
 from yoloq.export import ExportResult, ModelFacts
 from yoloq.preprocess import list_images
 from yoloq.selection import SelectionSet, load_selection_set
-from yoloq.validate import ValidationSet, load_validation_set
+from yoloq.validate import ValidationSet, load_validation_set, validation_set_sha256
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,12 @@ class PreparedModels:
 
 
 def prepare_models(ctx: RunContext) -> PreparedModels:
-    """Export, load the validation set, simplify and (for INT8) calibrate; facts and metrics go to the parent run."""
+    """Export (unless the run exported before it opened), load the validation set, simplify and (for INT8)
+    calibrate; facts, metrics and the image sets (as MLflow datasets) go to the parent run."""
     logger = get_run_logger()
     params, tracker, cache_dir = ctx.params, ctx.tracker, ctx.cache_dir
     parent = tracker.parent_run_id
-    exported = export_task(params.model, params.export, cache_dir / "export")
+    exported = ctx.exported or export_task(params.model, params.export, cache_dir / "export")
     facts = exported.facts
     tracker.set_tags(parent, {"model.family": facts.family, "model.head_format": facts.head_format})
     tracker.log_params(parent, {"model.num_classes": str(len(facts.names)), "model.stride": str(facts.stride)})
@@ -52,6 +54,8 @@ def prepare_models(ctx: RunContext) -> PreparedModels:
         stats.orphan_labels,
     )
     validation_images = [t.path for t in dataset.truths]
+    sha256 = validation_set_sha256(params.validation)
+    tracker.log_datasets([ImageSet("validation", params.validation.images, sha256, len(validation_images))])
 
     simplify_images = simplify_check_images(params, validation_images)
     simplified = simplify_task(
@@ -73,6 +77,8 @@ def prepare_models(ctx: RunContext) -> PreparedModels:
             cache_dir / "calibration",
         )
         tracker.set_tags(parent, {"data.calibration_images_sha256": calibration.images_sha256})
+        images = params.calibration.images
+        tracker.log_datasets([ImageSet("calibration", images, calibration.images_sha256, calibration.num_images)])
         tracker.log_metrics(
             parent,
             {
@@ -98,6 +104,9 @@ def prepare_models(ctx: RunContext) -> PreparedModels:
                 "data.report": f"{params.validation.images} + {len(params.validation.extra_sets)} extra sets "
                 f"({len(validation_images)} images)",
             },
+        )
+        tracker.log_datasets(
+            [ImageSet("selection", params.selection.images, selection.images_sha256, len(selection.truths))]
         )
     return PreparedModels(exported, dataset, simplified.onnx_path, calibration, selection)
 

@@ -26,7 +26,7 @@ def log_variant_run(
 ) -> str:
     """A child run for one variant (named `run_name`; its metrics also on the parent as `<run_name>.<metric>`),
     with its per-class AP table, its model file and `artifacts`. Returns the run id; the caller finishes it."""
-    child = tracker.start_child(run_name, run_params, VARIANT_KIND)
+    child = tracker.start_child(run_name, run_params, VARIANT_KIND, datasets=("validation",))
     metrics = {**variant_metrics(result), **(extra_metrics or {})}
     tracker.log_metrics(child, metrics)
     tracker.log_metrics(tracker.parent_run_id, {f"{run_name}.{k}": v for k, v in metrics.items()})

@@ -319,7 +319,7 @@ def _log_candidate(
     }
     if result is not None:
         params["model"] = str(result.model_path)
-    run_id = tracker.start_child(candidate.name, params, CANDIDATE_KIND)
+    run_id = tracker.start_child(candidate.name, params, CANDIDATE_KIND, datasets=("selection",))
     tags = {"gate": "passed" if tried.passed else "failed", "gate.reasons": "; ".join(tried.reasons)}
     if result is None:
         tags["error"] = "; ".join(tried.reasons)

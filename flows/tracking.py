@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from yoloq.config import MlflowConfig, Params, flatten
+from yoloq.errors import InputError
 
 PACKAGES = ("yoloq", "prefect", "mlflow", "onnx", "onnxsim", "onnxruntime", "polygraphy", "numpy", "torch", "tensorrt")
 _MAX_PARAM_LENGTH = 6000
@@ -27,6 +31,31 @@ KIND_TAG = "yoloq.kind"
 VARIANT_KIND = "variant"
 CANDIDATE_KIND = "candidate"
 COMPARISON_KIND = "comparison"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""MLflow 3's experiment kind for model training: its UI then opens the experiment on the runs table (an experiment
+without the tag and without runs opens on the GenAI traces overview)."""
+DIGEST_LENGTH = 16
+"""Hex digits of a data set's sha256 in its MLflow dataset digest (MLflow allows 36; the full hash is in the
+dataset's profile and the run's `data.*` tags)."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images a run read, logged as an MLflow dataset: `role` (calibration, selection, validation) is its name and
+    context, `sha256` the content hash the run keys and `data.*` tags use."""
+
+    role: str
+    folder: Path
+    sha256: str
+    num_images: int
+
+    def dataset_input(self) -> DatasetInput:
+        source = LocalArtifactDatasetSource(str(self.folder))
+        meta = MetaDataset(source, name=self.role, digest=self.sha256[:DIGEST_LENGTH]).to_dict()
+        profile = json.dumps({"num_images": self.num_images, "sha256": self.sha256})
+        dataset = Dataset(meta["name"], meta["digest"], meta["source_type"], meta["source"], profile=profile)
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", self.role)])
 
 
 def resolve_tracking_uri(config: MlflowConfig, project_dir: Path) -> str:
@@ -102,20 +131,26 @@ class RunTracker:
     experiment_id: str
     parent_run_id: str
     open_runs: list[str] = field(default_factory=list)
+    datasets: dict[str, ImageSet] = field(default_factory=dict)  # logged on the parent, by role
+    source_tags: dict[str, str] = field(default_factory=dict)  # the parent's, repeated on every child
 
     @classmethod
-    def start(cls, params: Params, project_dir: Path, run_name: str, data_hashes: dict[str, str]) -> RunTracker:
+    def start(
+        cls, params: Params, project_dir: Path, run_name: str, data_hashes: dict[str, str], source: str = "yoloq run"
+    ) -> RunTracker:
+        """The parent run, in the params' experiment (created for model training when missing); `source` names what
+        started it (the runs table's Source column), the yoloq code's git commit goes beside it."""
         uri = resolve_tracking_uri(params.mlflow, project_dir)
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(params.mlflow.experiment)
-        if experiment is None:
-            location = (project_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-            experiment_id = client.create_experiment(params.mlflow.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = model_training_experiment(client, params.mlflow.experiment, project_dir)
+        source_tags = {
+            "mlflow.source.name": source,
+            "mlflow.source.type": "JOB",
+            "mlflow.source.git.commit": code_versions()["yoloq.git_commit"],
+        }
         tags = {
             "mlflow.runName": run_name,
-            "mlflow.source.git.commit": git_commit(project_dir),
+            **source_tags,
             "host": platform.node(),
             "host.platform": platform.platform(),
             "host.cpu_count": str(os.cpu_count()),
@@ -125,7 +160,7 @@ class RunTracker:
             **{f"data.{k}": v for k, v in data_hashes.items()},
         }
         run = client.create_run(experiment_id, tags=tags)
-        tracker = cls(client, uri, experiment_id, run.info.run_id, [run.info.run_id])
+        tracker = cls(client, uri, experiment_id, run.info.run_id, [run.info.run_id], source_tags=source_tags)
         tracker.log_params(tracker.parent_run_id, flatten(params))
         return tracker
 
@@ -149,14 +184,29 @@ class RunTracker:
             elif path.is_file():
                 self.client.log_artifact(run_id, str(path), folder)
 
-    def start_child(self, name: str, params: dict[str, str], kind: str | None = None) -> str:
-        """A child run of the parent run; `kind` becomes its yoloq.kind tag (e.g. VARIANT_KIND)."""
-        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": name}
+    def log_datasets(self, sets: list[ImageSet]) -> None:
+        """`sets` as MLflow datasets of the parent run (the runs table's Dataset column); children name them by role."""
+        self.client.log_inputs(self.parent_run_id, [s.dataset_input() for s in sets])
+        self.datasets.update({s.role: s for s in sets})
+
+    def start_child(
+        self, name: str, params: dict[str, str], kind: str | None = None, datasets: tuple[str, ...] = ()
+    ) -> str:
+        """A child run of the parent run; `kind` becomes its yoloq.kind tag (e.g. VARIANT_KIND), `datasets` the roles
+        of the parent's datasets it reads (those the parent has)."""
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "mlflow.runName": name,
+            **self.source_tags,
+        }
         if kind is not None:
             tags[KIND_TAG] = kind
         run = self.client.create_run(self.experiment_id, tags=tags)
         self.open_runs.append(run.info.run_id)
         self.log_params(run.info.run_id, params)
+        inputs = [self.datasets[role].dataset_input() for role in datasets if role in self.datasets]
+        if inputs:
+            self.client.log_inputs(run.info.run_id, inputs)
         return run.info.run_id
 
     def finish(self, run_id: str) -> None:
@@ -172,6 +222,41 @@ class RunTracker:
                 self.client.set_terminated(run_id, "FAILED")
             finally:
                 self.open_runs.remove(run_id)
+
+
+def runs_page(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment. MLflow 3.17's UI opens an experiment on what its sidebar switch
+    (GenAI / Model training, remembered per browser, GenAI at first) says, whatever the experiment's kind tag; this
+    link asks for the model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def mlflow_ui_hint(tracking_uri: str, run_id: str) -> str:
+    """Where to see run `run_id`'s experiment: its runs page on a tracking server, else how to start the UI."""
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        return runs_page(tracking_uri, experiment_id)
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then {runs_page('http://127.0.0.1:5000', experiment_id)}"
+
+
+def model_training_experiment(client: MlflowClient, name: str, project_dir: Path) -> str:
+    """The id of experiment `name`, created when missing, tagged as model training unless it has a kind already;
+    InputError (exit 2, before any run exists) when it was deleted."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        uri = client.tracking_uri
+        location = (project_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        return client.create_experiment(name, artifact_location=location, tags=tags)
+    if experiment.lifecycle_stage == "deleted":
+        raise InputError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted at {client.tracking_uri}: restore "
+            f"it (mlflow experiments restore --experiment-id {experiment.experiment_id}) or set mlflow.experiment to "
+            "another name"
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def error_message(error: BaseException) -> str:

@@ -1,34 +1,66 @@
-"""The deployment's flat parameter form: enums and ranges in its schema; a set field overrides only its key."""
+"""The deployment's flat parameter form: params.yaml's values, enums and ranges in its schema; a changed field
+overrides only its key."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from prefect.exceptions import ParameterTypeError
-from prefect.utilities.callables import parameter_schema
 
 from flows.deploy import checkpoint_trigger, declared_schedule, flat_overrides, quantize_deployment, run_key
+from flows.form import changed_fields, form_values, parameter_schema
 from flows.tracking import code_versions
 from tests.conftest import PROJECT, shipped, write_params
 from yoloq.config import load_params
 
 
-def test_schema_has_dropdowns_and_ranges():
-    properties = parameter_schema(quantize_deployment).model_dump()["properties"]
-    algorithm = properties["calibration_algorithm"]["anyOf"][0]
-    assert algorithm["enum"] == ["minmax", "entropy", "percentile", "mse"]
-    assert properties["backend"]["anyOf"][0]["enum"] == ["auto", "onnxruntime", "tensorrt"]
-    images = properties["calibration_images"]["anyOf"][0]
-    assert (images["minimum"], images["maximum"], images["type"]) == (8, 4096, "integer")
-    drop = properties["max_map_drop"]["anyOf"][0]
-    assert (drop["minimum"], drop["maximum"]) == (0.0, 1.0)
-    assert properties["search_enabled"]["anyOf"][0]["type"] == "boolean"
-    speedup = properties["min_speedup_vs_fp16"]["anyOf"][0]
-    assert (speedup["minimum"], speedup["maximum"]) == (0.0, 100.0)
-    assert all(not isinstance(p.get("default"), dict) for p in properties.values())  # flat: no nested sections
+def form(params_path: Path = PROJECT / "params.yaml") -> dict:
+    return parameter_schema(load_params(params_path), params_path)
+
+
+def test_the_form_shows_params_yaml_values_typed_with_dropdowns_ranges_and_descriptions():
+    properties = form()["properties"]
+    assert properties["calibration_algorithm"]["enum"] == ["minmax", "entropy", "percentile", "mse"]
+    assert properties["calibration_algorithm"]["default"] == "minmax"
+    assert properties["backend"]["enum"] == ["auto", "onnxruntime", "tensorrt"]
+    images = properties["calibration_images"]
+    assert (images["minimum"], images["maximum"], images["type"], images["default"]) == (1, 100_000, "integer", 128)
+    drop = properties["max_map_drop"]
+    assert (drop["minimum"], drop["maximum"], drop["default"]) == (0.0, 1.0, 0.005)
+    assert properties["search_enabled"] == {**properties["search_enabled"], "type": "boolean", "default": True}
+    assert properties["validation_images"]["default"] == 0 and properties["validation_images"]["minimum"] == 0
+    assert properties["model_path"]["default"] == str(PROJECT / "data/models/yolov5n.pt")
+    for name, prop in properties.items():  # no `X | None` toggles, a description each, in the flow's order
+        assert "anyOf" not in prop and prop["type"] != "null" and prop["description"], name
+        assert not isinstance(prop.get("default"), dict), name  # flat: no nested sections
+    assert list(properties) == list(parameter_schema_of_flow()["properties"])
+    assert properties["max_map_drop"]["description"].startswith("gate.max_map_drop: largest mAP50-95 drop")
+
+
+def parameter_schema_of_flow() -> dict:
+    from prefect.utilities.callables import parameter_schema as signature_schema
+
+    return signature_schema(quantize_deployment).model_dump()
+
+
+def test_the_form_follows_params_yaml(tmp_path):
+    data = shipped()
+    data["gate"]["max_map_drop"] = 0.02
+    data["validation"]["num_images"] = 16
+    properties = form(write_params(tmp_path, data))["properties"]
+    assert properties["max_map_drop"]["default"] == 0.02 and properties["validation_images"]["default"] == 16
+
+
+def test_a_field_left_as_shown_keeps_params_yaml_and_a_changed_one_overrides_only_its_key():
+    shown = form_values(load_params(PROJECT / "params.yaml"))
+    submitted = {**shown, "max_map_drop": 0.05}  # what the UI form sends: every field, one changed
+    assert flat_overrides(**changed_fields(submitted, shown)) == ["gate.max_map_drop=0.05"]
+    assert flat_overrides(**changed_fields({"calibration_images": 64}, {})) == ["calibration.num_images=64"]
+    assert flat_overrides(validation_images=0) == ["validation.num_images=null"]  # 0 = all images
 
 
 def test_one_field_overrides_one_key_and_keeps_the_rest():
@@ -101,11 +133,15 @@ def test_the_schedule_comes_from_params_unless_cron_is_given(tmp_path):
     assert declared_schedule(PROJECT / "params.yaml", None)[0] is None
 
 
-def test_out_of_range_and_unknown_choices_are_rejected():
-    assert quantize_deployment.validate_parameters({"max_map_drop": 0.05})["max_map_drop"] == 0.05
-    with pytest.raises(ParameterTypeError, match="greater than or equal to 8"):
-        quantize_deployment.validate_parameters({"calibration_images": 2})
-    with pytest.raises(ParameterTypeError, match="calibration_algorithm"):
+def test_out_of_range_and_unknown_choices_are_rejected_by_the_form_schema():
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    schema = form()
+    validate({"max_map_drop": 0.05}, schema, raise_on_error=True, ignore_required=True)  # what the server checks
+    for bad in ({"calibration_images": 0}, {"max_map_drop": 2.0}, {"calibration_algorithm": "kl"}):
+        with pytest.raises(ValidationError):
+            validate(bad, schema, raise_on_error=True, ignore_required=True)
+    with pytest.raises(ParameterTypeError, match="calibration_algorithm"):  # the flow's own signature, too
         quantize_deployment.validate_parameters({"calibration_algorithm": "kl"})
 
 
@@ -179,7 +215,11 @@ def test_serving_with_the_trigger_needs_a_watched_folder(tmp_path, monkeypatch, 
     assert flows.deploy.main(["serve", "-p", params, "--watch-root", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     env = flows.deploy.deployment_env(PROJECT / "params.yaml", tmp_path)
-    assert env == {"YOLOQ_PARAMS": str(PROJECT / "params.yaml"), "YOLOQ_WATCH_ROOT": str(tmp_path.resolve())}
+    assert env["YOLOQ_PARAMS"] == str(PROJECT / "params.yaml") and env["YOLOQ_WATCH_ROOT"] == str(tmp_path.resolve())
+    assert json.loads(env["YOLOQ_FORM_VALUES"]) == form_values(load_params(PROJECT / "params.yaml"))
+    (tmp_path / "bad.yaml").write_text("calibration: {num_images: many}\n")
+    assert flows.deploy.main(["serve", "-p", str(tmp_path / "bad.yaml"), "--no-trigger"]) == 2
+    assert "calibration.num_images" in capsys.readouterr().err
 
 
 def test_run_key_changes_when_the_images_or_labels_change_under_the_same_paths(tmp_path):

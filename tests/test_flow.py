@@ -69,6 +69,13 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     assert parent.data.tags["data.model_sha256"].startswith("4f180cf2")
     assert len(parent.data.tags["data.validation_set_sha256"]) == 64  # images scored and their labels
     assert "version.onnxruntime" in parent.data.tags and "mlflow.source.git.commit" in parent.data.tags
+    assert (parent.data.tags["mlflow.source.name"], parent.data.tags["mlflow.source.type"]) == ("yoloq run", "JOB")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # model training, not GenAI
+    datasets = {d.dataset.name: d.dataset for d in parent.inputs.dataset_inputs}
+    assert set(datasets) == {"validation", "calibration"}  # no selection set: the search is off here
+    assert datasets["validation"].digest == parent.data.tags["data.validation_set_sha256"][:16]
+    assert datasets["calibration"].digest == parent.data.tags["data.calibration_images_sha256"][:16]
     assert parent.data.metrics["int8.delta_map50_95_vs_fp32"] >= -0.015
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.png", "results.md", "results.json"} <= parent_files
@@ -81,6 +88,8 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     assert [c.data.tags["mlflow.runName"] for c in children] == ["fp32", "int8"]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["yoloq.kind"] == "variant"
+        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["validation"]
+        assert child.data.tags["mlflow.source.name"] == "yoloq run"
         assert {"map50_95", "map50", "delta_map50_95_vs_fp32", "latency_ms_b1", "throughput_ips"} <= set(
             child.data.metrics
         )
@@ -121,7 +130,10 @@ def test_a_failed_gate_exits_3_and_tags_the_run(first_run, project, capsys, capl
     assert run.data.tags["gate"] == "failed" and run.info.status == "FINISHED"
 
 
-def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, project, tmp_path):
+def test_a_bad_label_exits_2_before_the_mlflow_run_exists(first_run, project, tmp_path):
+    client = MlflowClient(first_run["tracking_uri"])
+    experiment = client.get_experiment_by_name("yoloq")
+    before = client.search_runs([experiment.experiment_id])
     labels = tmp_path / "labels"
     shutil.copytree(PROJECT / "data/coco/val/labels", labels)
     (labels / "000000000139.txt").write_text("58 0.38 0.41 0.03 0.16\n91 0.5 0.5 0.1 0.1\n")
@@ -135,11 +147,8 @@ def test_bad_label_mid_run_exits_2_and_marks_the_mlflow_run_failed(first_run, pr
     assert done.returncode == 2 and "yoloq: error: " in err and "000000000139.txt:2" in err, err[-3000:]
     assert "Encountered exception during execution: InputError" in err  # Prefect's line, kept
     assert "Traceback" not in done.stdout + err
-    client = MlflowClient(first_run["tracking_uri"])
-    experiment = client.get_experiment_by_name("yoloq")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
-    latest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert latest.info.status == "FAILED" and "000000000139.txt:2" in latest.data.tags["error"]
+    after = client.search_runs([experiment.experiment_id])
+    assert {r.info.run_id for r in after} == {r.info.run_id for r in before}  # no run, not even a FAILED one
 
 
 def test_fp32_run_needs_no_calibration_folder(project, tmp_path, capsys):
@@ -193,6 +202,8 @@ def test_search_logs_every_candidate_and_ships_the_chosen_one(first_run, project
     assert chosen_name in candidates and {"fp32", "int8"} <= set(by_name)
     # candidates were judged on the selection images only: no report (validation) number in their runs
     assert all("map50_95" not in c.data.metrics for c in candidates.values())
+    assert all([d.dataset.name for d in c.inputs.dataset_inputs] == ["selection"] for c in candidates.values())
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"validation", "calibration", "selection"}
     assert all(c.data.params["selection.images"].endswith("(8 images)") for c in candidates.values())
     chosen_score = candidates[chosen_name].data.metrics["selection.score"]
     assert parent.data.metrics["int8.search.selection_score"] == pytest.approx(chosen_score)

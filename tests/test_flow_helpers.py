@@ -129,7 +129,7 @@ class FakeTracker:
         self.metrics: dict[str, dict[str, float]] = {}
         self.tags: dict[str, dict[str, str]] = {}
 
-    def start_child(self, name: str, params: dict[str, str], kind: str | None = None) -> str:
+    def start_child(self, name: str, params: dict[str, str], kind: str | None = None, datasets: tuple = ()) -> str:
         return f"run-{name}"
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:

@@ -218,6 +218,7 @@ def test_deployment_run_through_the_api_with_one_changed_parameter(servers, proj
     assert parent.data.params["gate.max_map_drop"] == "0.05"  # the field that was set
     assert parent.data.params["calibration.num_images"] == "16"  # every other field as in params.yaml
     assert parent.data.params["validation.num_images"] == "8"
+    assert parent.data.tags["mlflow.source.name"] == "prefect:ops-test"  # the deployment, in MLflow's Source column
     assert {"comparison.png", "results.md"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     runs = children(client, parent)
     assert set(runs) == {"fp32", "int8"} and all(r.info.status == "FINISHED" for r in runs.values())

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.cli import main
-from tests.conftest import CALIB_IMAGES, MODEL_PT, PROJECT
+from tests.conftest import CALIB_IMAGES, MODEL_PT, PROJECT, VAL_IMAGES, VAL_LABELS
 from tests.test_checkpoint_sniff import instance_of, malicious_checkpoint, zipped_pickle
 from yoloq.config import load_params
-from yoloq.preflight import check_inputs, count_images
+from yoloq.errors import InputError
+from yoloq.preflight import check_data, check_inputs, count_images
 
 
 def run_cli(tmp_path: Path, *overrides: str) -> int:
@@ -136,3 +138,62 @@ def test_missing_selection_labels_are_named_before_any_run(tmp_path, capfd):
     err = capfd.readouterr().err
     assert f"selection.labels: {missing} not found" in err and "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def mistaken_params(tmp_path: Path, *overrides: str):
+    data = {
+        "model": {"path": str(MODEL_PT)},
+        "calibration": {"images": str(CALIB_IMAGES), "num_images": 16},
+        "validation": {"images": str(VAL_IMAGES), "labels": str(VAL_LABELS)},
+        "selection": {"images": str(PROJECT / "data/coco/select/images")},
+        "search": {"calibration_sizes": [8, 16]},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_params(path, list(overrides))
+
+
+def labels_with_class(tmp_path: Path, class_id: int) -> Path:
+    labels = tmp_path / "labels"
+    shutil.copytree(VAL_LABELS, labels)
+    first = sorted(labels.glob("*.txt"))[0]
+    first.write_text(f"{class_id} 0.5 0.5 0.1 0.1\n")
+    return labels
+
+
+def test_the_data_checks_pass_on_the_shipped_data(tmp_path):
+    check_data(mistaken_params(tmp_path), num_classes=80)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("calibration_is_validation", "calibration images .* are also validation images"),
+        ("selection_is_validation", "selection images are also validation"),
+        ("selection_is_calibration", "selection images are also calibration"),
+        ("labels_of_another_model", "class"),
+    ],
+)
+def test_data_mistakes_are_found_before_the_run(tmp_path, case, message):
+    """Each of these used to fail inside the run, after its MLflow run was created (and left FAILED)."""
+    overrides = {
+        "calibration_is_validation": [f"calibration.images={VAL_IMAGES}"],
+        "selection_is_validation": [f"selection.images={VAL_IMAGES}"],
+        "selection_is_calibration": [f"selection.images={CALIB_IMAGES}"],
+        "labels_of_another_model": [f"validation.labels={labels_with_class(tmp_path, 95)}"],
+    }[case]
+    with pytest.raises(InputError, match=message):
+        check_data(mistaken_params(tmp_path, *overrides), num_classes=80)
+
+
+def test_a_search_size_that_calibrates_on_validation_images_is_found(tmp_path):
+    """The search's smaller calibration sets are checked too: 4 of the first 8 images are validation images."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for index, image in enumerate(sorted(VAL_IMAGES.iterdir())[:4] + sorted(CALIB_IMAGES.iterdir())[:28]):
+        shutil.copy(image, calib / f"{index:03d}{image.suffix}")
+    params = mistaken_params(tmp_path, f"calibration.images={calib}", "calibration.max_validation_overlap=0.2")
+    with pytest.raises(InputError, match="4 of 8 calibration images"):
+        check_data(params, num_classes=80)
+    check_data(mistaken_params(tmp_path, f"calibration.images={calib}", "search.enabled=false",
+                               "calibration.num_images=32", "calibration.max_validation_overlap=0.2"), 80)  # fmt: skip

@@ -62,10 +62,10 @@ class SimplifyConfig(Section):
 
 class CalibrationConfig(Section):
     images: Path = Path("data/coco/calib/images")
-    num_images: int = Field(128, ge=1, le=100_000)
+    num_images: int = Field(128, ge=1, le=100_000, description="first N readable calibration images (sorted by name)")
     min_images: int = Field(8, ge=1, description="fail when fewer readable images remain")
     batch_size: int = Field(8, ge=1, le=256)
-    algorithm: CalibrationAlgorithm = "minmax"
+    algorithm: CalibrationAlgorithm = Field("minmax", description="INT8 calibration used when search.enabled is false")
     percentile: float = Field(99.99, gt=90.0, le=100.0, description="used by algorithm: percentile")
     max_validation_overlap: float = Field(
         0.05, ge=0.0, le=1.0, description="largest share of calibration images that may also be validation images"
@@ -285,7 +285,9 @@ class SearchConfig(Section):
     most sensitive convs in float, a few more at a time, until one scores within selection.tolerance of the best
     calibration on the selection set (see yoloq.search)."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="search each INT8 variant's calibration and float convs (else plain calibration)"
+    )
     algorithms: list[CalibrationAlgorithm] = Field(
         default_factory=lambda: ["minmax", "percentile", "mse", "entropy"], min_length=1
     )
@@ -343,7 +345,7 @@ class Params(Section):
     selection: SelectionConfig = SelectionConfig()
     mlflow: MlflowConfig = MlflowConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
-    output_dir: Path = Path("runs")
+    output_dir: Path = Field(Path("runs"), description="cached exports, Q/DQ models, engines and per-run reports")
     build: BuildConfig = Field(default_factory=lambda: BuildConfig())
     registry: RegistryConfig = Field(default_factory=lambda: RegistryConfig())
     targets: list[TargetConfig] = Field(

@@ -1,7 +1,10 @@
-"""Checks of the files a run needs, made before any work starts (and before Prefect starts a server).
+"""Checks of the files a run needs, made before any work starts (and before Prefect starts a server), and of the
+data they hold, made before the run's MLflow run exists.
 
-Cheap and static: the model file is classified without unpickling it (yoloq/checkpoint_sniff.py), and image folders
-are counted by reading each file's first bytes, so a bad input fails in about a second with exit 2.
+`check_inputs` is cheap and static: the model file is classified without unpickling it (yoloq/checkpoint_sniff.py),
+and image folders are counted by reading each file's first bytes, so a bad input fails in about a second with exit
+2. `check_data` reads the labels and images (it needs the exported model's class count): a mistake found there fails
+with exit 2 too, before any MLflow run is created.
 """
 
 from __future__ import annotations
@@ -71,3 +74,27 @@ def image_folder_problems(key: str, folder: Path, what: str, minimum: int = 1, m
         f"{key}: folder {folder} holds only {readable} readable images{bad}, fewer than {minimum_key}={minimum}: "
         f"add {what} or lower {minimum_key}"
     ]
+
+
+def check_data(params: Params, num_classes: int) -> None:
+    """Read what the run will read, so that a mistake in the data fails (InputError, exit 2) before the MLflow run
+    exists: the validation labels (against the model's `num_classes`), the calibration images at every size the
+    run calibrates on and their overlap with the validation images, and the selection set (disjoint from both)."""
+    from yoloq.calibrate import check_overlap  # imported here: check_inputs runs before the heavy modules load
+    from yoloq.calibration_data import CalibrationSet, select_calibration_images
+    from yoloq.selection import load_selection_set
+    from yoloq.validate import load_validation_set
+
+    validation = load_validation_set(params.validation, num_classes)
+    validation_images = [t.path for t in validation.truths]
+    calibration_images: list[Path] = []
+    if params.needs_calibration:
+        config = params.calibration
+        sizes = {config.num_images, *(params.search.calibration_sizes if params.search.enabled else [])}
+        largest = select_calibration_images(config.images, max(sizes), config.min_images)
+        for size in sorted(sizes):  # the search's smaller sets are the first images of the largest
+            first = CalibrationSet(largest.images[:size], largest.skipped, largest.image_hashes[:size])
+            check_overlap(first, validation_images, config.max_validation_overlap)
+        calibration_images = list_images(config.images)
+    if params.needs_selection:
+        load_selection_set(params.selection, num_classes, validation_images, calibration_images)
