@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.outcome import FlowOutcome
 from flows.tracking import VARIANT_KIND, RunTracker
-from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key
+from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key, read_json
 from yoloq.config import Params
 from yoloq.report import VariantResult, comparison_plot, results_table, variant_metrics
 
@@ -33,6 +33,16 @@ def log_variant_run(
     per_class_path = atomic_write_text(folder / "per_class_ap.md", per_class.rstrip("\n") + "\n")
     tracker.log_artifacts(child, [per_class_path, result.model_path, *artifacts])
     return child
+
+
+def engine_companions(model_path: Path) -> list[Path]:
+    """What a registered engine needs beside it to be used elsewhere (flows/model_uri.py): its build record
+    (`<engine>.json`, with the model facts) and the ONNX it was built from; [] for an ONNX model."""
+    record = model_path.with_suffix(".json")
+    if model_path.suffix == ".onnx" or not record.is_file():
+        return []
+    source = Path(read_json(record).get("details", {}).get("source_onnx", ""))
+    return [record] + ([source] if source.is_file() else [])
 
 
 def log_run_summary(params: Params, tracker: RunTracker, outcome: FlowOutcome, note: str, tags: dict[str, str]) -> str:

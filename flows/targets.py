@@ -35,7 +35,7 @@ from flows.context import RunContext
 from flows.outcome import FlowOutcome
 from flows.prepare import prepare_models
 from flows.registry import register_champion, register_variants
-from flows.results import log_run_summary, log_variant_run
+from flows.results import engine_companions, log_run_summary, log_variant_run
 from flows.tracking import RunTracker
 from tasks.build import build_task
 from tasks.speed import speed_task
@@ -255,7 +255,14 @@ def _log_target(
         folder = report_dir / run.target.name / result.name
         name = f"{run.target.name}/{result.name}"
         child = log_variant_run(
-            tracker, name, run_params, result, row["per_class_ap"], folder, [], {"build_seconds": row["build_seconds"]}
+            tracker,
+            name,
+            run_params,
+            result,
+            row["per_class_ap"],
+            folder,
+            engine_companions(result.model_path),
+            {"build_seconds": row["build_seconds"]},
         )
         children[result.name] = child
         tracker.finish(child)

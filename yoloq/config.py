@@ -21,6 +21,7 @@ ResolvedBackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 """A concrete backend, after `auto` is resolved on this machine (yoloq.backends.resolve_backend)."""
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
+EngineNms = Literal["none", "efficient_nms"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
 
 
@@ -183,6 +184,11 @@ class TensorRTConfig(Section):
     )
     fp16_fallback: bool = Field(
         True, description="INT8 engines may run layers in FP16 where faster or unquantized (else FP32)"
+    )
+    nms: EngineNms = Field(
+        "none",
+        description="efficient_nms: append TensorRT's EfficientNMS_TRT plugin (validation's conf, IoU and max "
+        "detections) to the ONNX before the build, so the engine outputs final detections; none: NMS on the CPU",
     )
     timing: TensorRTTimingConfig = TensorRTTimingConfig()
     layer_profile: TensorRTLayerProfileConfig = TensorRTLayerProfileConfig()
