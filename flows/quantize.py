@@ -20,7 +20,7 @@ from flows.context import RunContext
 from flows.outcome import FlowOutcome
 from flows.prepare import PreparedModels, prepare_models
 from flows.registry import register_champion, register_variants
-from flows.results import log_run_summary, log_variant_run
+from flows.results import log_run_summary, log_variant_run, preview_images
 from flows.search import search_variant
 from flows.targets import run_targets
 from flows.tracking import RunTracker
@@ -148,8 +148,23 @@ def _run_stages(ctx: RunContext) -> FlowOutcome:
     ship = ship_decision(results, params.gate, reference)
     data = data_roles(params, prepared)
     outcome = FlowOutcome(results, gate, tracker.parent_run_id, tracker.tracking_uri, ctx.report_dir, ship, data)
+    _log_previews(ctx, prepared, builds)
     _log_results(ctx, outcome, per_class, builds, calibration)
     return outcome
+
+
+def _log_previews(ctx: RunContext, prepared: PreparedModels, builds: dict[str, BuiltModel]) -> None:
+    """A few validation images with every variant's detections side by side, on the parent run (`previews/`):
+    people look before they ship. A failure here only tags the run."""
+    variants = [v.name for v in ctx.params.variants]
+    folder = ctx.report_dir / "previews"
+    try:
+        paths = preview_images(ctx.params, builds, variants, prepared.dataset, prepared.facts, folder)
+    except Exception as exc:  # drawing is not worth a failed run
+        get_run_logger().warning("previews not drawn: %s", exc)
+        ctx.tracker.set_tags(ctx.tracker.parent_run_id, {"previews.error": f"{type(exc).__name__}: {exc}"})
+        return
+    ctx.tracker.log_artifacts(ctx.tracker.parent_run_id, paths, "previews")
 
 
 def data_roles(params: Params, prepared: PreparedModels) -> dict[str, str]:

@@ -268,3 +268,21 @@ def test_models_uri_resolves_the_champion_on_a_real_mlflow_store(simplified, tmp
     assert "running its source ONNX on ONNX Runtime" in messages[-1]
     with pytest.raises(BackendUnavailable, match="TensorRT engine"):
         load_detector("models:/yoloq-yolov5n/2", "tensorrt", tracking_uri=uri, cache_dir=tmp_path / "cache")
+
+
+def test_previews_draw_every_variants_validation_detections_side_by_side(exported, simplified, tmp_path):
+    from flows.results import preview_images
+    from yoloq.backends import BuiltModel
+    from yoloq.config import VariantConfig, load_params
+    from yoloq.validate import load_validation_set
+
+    params = load_params(PROJECT / "params.yaml", [f"output_dir={tmp_path}", "validation.num_images=3"])
+    builds = {name: BuiltModel(VariantConfig(name=name), simplified.onnx_path, 1.0, 0.0) for name in ("fp32", "int8")}
+    dataset = load_validation_set(params.validation, 80)
+    paths = preview_images(params, builds, ["fp32", "int8"], dataset, exported.facts, tmp_path / "previews")
+    assert [p.name for p in paths] == [t.path.with_suffix(".jpg").name for t in dataset.truths[:3]]
+    picture = cv2.imread(str(paths[0]))
+    original = cv2.imread(str(dataset.truths[0].path))
+    assert picture.shape[1] > 2 * picture.shape[0] * original.shape[1] / original.shape[0] * 0.9  # two panels
+    params.validation.preview_images = 0
+    assert preview_images(params, builds, ["fp32"], dataset, exported.facts, tmp_path / "none") == []

@@ -230,6 +230,13 @@ class ValidationConfig(Section):
     conf_threshold: float = Field(0.001, ge=0.0, lt=1.0)
     iou_threshold: float = Field(0.6, gt=0.0, le=1.0)
     max_detections: int = Field(300, ge=1)
+    preview_images: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="first N validation images drawn with every variant's detections side by side "
+        "(MLflow artifact previews/); 0 = none",
+    )
     timing: TimingConfig = TimingConfig()
 
 
