@@ -11,7 +11,8 @@ For each batch size and preprocessing thread count, on the same loaded model (yo
 - end-to-end ms/img: wall clock of `Detector.stream` over --num-images image files (decoded from disk, letterboxed,
   batched, inferred, decoded with class-aware NMS, mapped to original pixels), after one warm-up pass; with
   workers > 0 reading and letterboxing run in that many threads one batch ahead of inference;
-- ratio (end-to-end / engine) and images/s end to end.
+- ratio (end-to-end / engine) and images/s end to end;
+- each row is the median of --rounds interleaved rounds (engine, then end to end, per thread count).
 Decoding uses --conf (0.25, a deployment's threshold; validation's 0.001 makes NMS see far more candidates).
 Without --model the FP32 model of params.yaml is exported and simplified (reused from runs/cache).
 Imports only the core package (no Prefect, no MLflow), so it runs with the GPU kit's Python.
@@ -124,6 +125,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="preprocessing threads (0 4)")
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=5, help="engine timings per batch (TensorRT: x20)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row is their median (3)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     model = args.engine or args.model or default_model()
@@ -139,11 +141,16 @@ def main() -> int:
                 frames = np.stack([load_preprocessed(p, detector.imgsz)[0] for p in images[: max(args.batches)]])
             repeats = args.repeats * (20 if detector.backend == "tensorrt" else 1)
             warmup = max(2, repeats // 5)
-            for workers in args.workers:  # engine time right before each end-to-end pass (a shared machine drifts)
-                engine = engine_ms_per_image(detector, frames, batch, repeats, warmup)
-                e2e_ms, ips = end_to_end(detector, images, workers)
+            measured: dict[int, list[tuple[float, float, float]]] = {w: [] for w in args.workers}
+            for turn in range(args.rounds):  # interleaved rounds, engine right before end to end: a shared machine
+                for workers in args.workers:  # drifts, so each row is the median of its rounds
+                    engine = engine_ms_per_image(detector, frames, batch, repeats, warmup)
+                    e2e_ms, ips = end_to_end(detector, images, workers)
+                    measured[workers].append((engine, e2e_ms, ips))
+                    print(f"batch {batch}, {workers} workers, round {turn + 1}: {engine:.2f} / {e2e_ms:.2f} ms/img")
+            for workers, values in measured.items():
+                engine, e2e_ms, ips = (statistics.median(column) for column in zip(*values, strict=True))
                 rows.append(Row(detector.backend, batch, workers, engine, e2e_ms, ips, len(images)))
-                print(f"batch {batch}, {workers} workers: engine {engine:.2f}, e2e {e2e_ms:.2f} ms/img", flush=True)
     print()
     print(markdown(rows, Path(model), args.conf))
     if args.json:

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 unexpected error, 2 bad input or configuration, 3 accur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -271,38 +272,28 @@ def _write_json(path: Path | None, document: dict[str, Any]) -> None:
     print(f"results written to {path}")
 
 
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
 def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
-    """A TensorRT runner for an engine built by yoloq; its model facts come from the source ONNX in its record."""
-    from yoloq.artifacts import read_json
-    from yoloq.backends import get_backend
+    """A TensorRT runner for an engine built by yoloq; its model facts come from its build record."""
     from yoloq.config import TensorRTConfig
-    from yoloq.errors import InputError
-    from yoloq.export import facts_for_onnx
+    from yoloq.detector import engine_facts, require_tensorrt
 
-    get_backend("tensorrt")  # BackendUnavailable (exit 2) with the reason and the install hint
+    require_tensorrt()  # BackendUnavailable (exit 2) with the reason and the install hint
     from yoloq.backends.tensorrt.runner import TensorRTRunner
     from yoloq.backends.tensorrt.timing import device_timing_fn
 
-    record = engine.with_suffix(".json")
-    if not record.is_file():
-        raise InputError(
-            f"engine {engine}: its build record {record.name} is missing; validate the source ONNX instead"
-        )
-    source = Path(read_json(record)["details"]["source_onnx"])
-    if not source.is_file():
-        raise InputError(f"engine {engine}: its source ONNX {source} is gone; validate that ONNX instead")
-    facts = facts_for_onnx(source, imgsz)
+    facts = engine_facts(engine, imgsz)
     timing_fn = device_timing_fn(facts.imgsz, TensorRTConfig())
-    return TensorRTRunner(engine), facts, timing_fn  # the runner last: the caller closes it
+    runner = TensorRTRunner(engine)  # last: the caller closes it
+    if runner.has_nms:
+        facts = dataclasses.replace(facts, head_format="end2end")
+    return runner, facts, timing_fn
 
 
 def _validate(args: argparse.Namespace) -> int:
     from yoloq.backends import closing_runner
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
     from yoloq.config import ValidationConfig
+    from yoloq.detector import ENGINE_SUFFIXES
     from yoloq.errors import InputError
     from yoloq.export import facts_for_onnx
     from yoloq.validate import load_validation_set, score_variant
