@@ -269,6 +269,32 @@ def test_models_uri_resolves_the_champion_on_a_real_mlflow_store(simplified, tmp
     with pytest.raises(BackendUnavailable, match="TensorRT engine"):
         load_detector("models:/yoloq-yolov5n/2", "tensorrt", tracking_uri=uri, cache_dir=tmp_path / "cache")
 
+    # with TensorRT here (the fakes): the engine runs; one that does not load here is rebuilt from its source ONNX
+    install(monkeypatch, FakeDevice())
+    monkeypatch.setattr("yoloq.backends.tensorrt_availability", lambda: Availability(()))
+    cache = tmp_path / "cache"
+    downloaded = cache / "registry" / "yoloq-yolov5n-v2" / engine.name
+    downloaded.write_bytes(b"built for another GPU")  # TensorRT cannot deserialize it
+    with pytest.raises(InputError, match="implicit INT8 calibrates in TensorRT"):  # int8 from a float ONNX
+        load_detector("models:/yoloq-yolov5n/2", tracking_uri=uri, cache_dir=cache)
+    fp16 = VariantResult("fp16", "fp16", "tensorrt", 0.33, 0.5, 1.0, 950.0, 32, 3.0, engine)
+    register_champion(client, params, ShipDecision("fp16", "fastest"), [fp16], {"fp16": engine_run})
+    with load_detector("models:/yoloq-yolov5n@champion", tracking_uri=uri, cache_dir=cache) as detector:
+        assert detector.backend == "tensorrt" and detector.model_path.parent.name == "yoloq-yolov5n-v3"
+    (cache / "registry" / "yoloq-yolov5n-v3" / engine.name).write_bytes(b"built for another GPU")
+    rebuilt = fake_engine(tmp_path, list(COCO80_NAMES), "yolov5")
+    built: list[tuple[Path, str]] = []
+    monkeypatch.setattr(
+        "yoloq.detector.build_engine", lambda onnx, precision, *rest: built.append((onnx, precision)) or rebuilt
+    )
+    messages.clear()
+    with load_detector(
+        "models:/yoloq-yolov5n@champion", tracking_uri=uri, cache_dir=cache, progress=messages.append
+    ) as detector:
+        assert detector.backend == "tensorrt" and detector.model_path == rebuilt
+    assert [(p.name, precision) for p, precision in built] == [(onnx_path.name, "fp16")]
+    assert "building one from" in messages[-1]
+
 
 def test_previews_draw_every_variants_validation_detections_side_by_side(exported, simplified, tmp_path):
     from flows.results import preview_images
@@ -286,3 +312,23 @@ def test_previews_draw_every_variants_validation_detections_side_by_side(exporte
     assert picture.shape[1] > 2 * picture.shape[0] * original.shape[1] / original.shape[0] * 0.9  # two panels
     params.validation.preview_images = 0
     assert preview_images(params, builds, ["fp32"], dataset, exported.facts, tmp_path / "none") == []
+
+
+def test_the_end_to_end_benchmark_prints_its_table(simplified, tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    out = tmp_path / "e2e.json"
+    argv = ["predict_e2e.py", "--model", str(simplified.onnx_path), "--num-images", "3", "--batches", "1", "2"]
+    argv += ["--workers", "0", "2", "--rounds", "1", "--repeats", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(PROJECT / "benchmarks" / "predict_e2e.py"), run_name="__main__")
+    assert done.value.code == 0
+    assert (
+        "| backend | batch | workers | engine ms/img | end-to-end ms/img | ratio | images/s e2e |"
+        in capsys.readouterr().out
+    )
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["workers"]) for r in rows] == [(1, 0), (1, 2), (2, 0), (2, 2)]
+    assert all(r["engine_ms_per_image"] > 0 and r["e2e_images_per_s"] > 0 and r["images"] == 3 for r in rows)
