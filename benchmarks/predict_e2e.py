@@ -10,7 +10,7 @@ For each batch size and preprocessing thread count, on the same loaded model (yo
   copies to and from the GPU excluded);
 - end-to-end ms/img: wall clock of `Detector.stream` over --num-images image files (decoded from disk, letterboxed,
   batched, inferred, decoded with class-aware NMS, mapped to original pixels), after one warm-up pass; with
-  workers > 0 reading and letterboxing run in that many threads one batch ahead of inference;
+  workers > 0 that many threads read + letterbox the next batch and decode + NMS the previous one during inference;
 - ratio (end-to-end / engine) and images/s end to end;
 - each row is the median of --rounds interleaved rounds (engine, then end to end, per thread count).
 Decoding uses --conf (0.25, a deployment's threshold; validation's 0.001 makes NMS see far more candidates).
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--images", type=Path, default=PROJECT / "data/coco/val/images")
     parser.add_argument("--num-images", type=int, default=64, help="images timed end to end (default 64)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="preprocessing threads (0 4)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 4], help="pipeline threads (0 4)")
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=5, help="engine timings per batch (TensorRT: x20)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row is their median (3)")

@@ -63,10 +63,14 @@ def test_paths_arrays_threads_unreadable_images_and_closing(simplified, tmp_path
         assert from_path.to_json()[0].keys() == {"box", "score", "class_id", "class_name"}
         with pytest.raises(InputError, match="broken.jpg"):
             detector([path, broken])
-        streamed = list(detector.stream([broken, path, path], workers=2, keep_images=True))
-        assert [p.detections is None for p in streamed] == [True, False, False]
+        sources = [broken, path, path, image, broken]  # batches of 2: the pipeline runs over three of them
+        streamed = list(detector.stream(sources, workers=2, keep_images=True))
+        assert [p.key for p in streamed] == [0, 1, 2, 3, 4]
+        assert [p.detections is None for p in streamed] == [True, False, False, False, True]
         assert streamed[1].image is not None and streamed[1].image.shape == image.shape
-        assert_same(streamed[2].detections, from_path.as_detections())
+        for found in streamed[1:4]:
+            assert_same(found.detections, from_path.as_detections())
+        assert [p.detections is None for p in detector.stream([broken, broken, broken], workers=1)] == [True] * 3
     assert detector.runner is None
     with pytest.raises(RuntimeError, match="closed"):
         detector([path])

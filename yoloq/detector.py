@@ -32,7 +32,7 @@ from yoloq.export import ModelFacts, facts_for_onnx
 from yoloq.heads import DecodeSettings, Detections, HeadFormat
 from yoloq.labels import COCO80_NAMES, COCO80_TO_COCO91
 from yoloq.preprocess import Letterbox, letterbox, read_image
-from yoloq.validate import detect_frames
+from yoloq.validate import decode_frames, detect_frames
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 PredictBackend = Literal["auto", "onnxruntime", "tensorrt"]
@@ -199,39 +199,55 @@ class Detector:
         keep_images: bool = False,
     ) -> Iterator[Prediction]:
         """Detections of each image as it comes (batched), for folders and videos: an unreadable image yields a
-        Prediction without detections. With `workers` > 0, reading and letterboxing run in that many threads, one
-        batch ahead of inference (OpenCV releases the GIL), so preprocessing does not starve a GPU."""
+        Prediction without detections. With `workers` > 0, that many threads read and letterbox the next batch and
+        decode (+ NMS) the previous one while this thread runs inference (OpenCV releases the GIL), so the CPU
+        work does not starve a GPU; the detections are the same either way."""
         keyed = zip(keys, images, strict=False) if keys is not None else enumerate(images)
         if workers <= 0:
             for chunk in _chunks(keyed, self.batch_size):
-                yield from self._finish(chunk, [_prepare(image, self.imgsz) for _, image in chunk], keep_images)
+                prepared = [_prepare(image, self.imgsz) for _, image in chunk]
+                readable = [p for p in prepared if p is not None]
+                yield from _emit(chunk, prepared, self.detect_prepared(readable) if readable else [], keep_images)
             return
-        with ThreadPoolExecutor(workers, thread_name_prefix="yoloq-preprocess") as pool:
-            pending: tuple[list[tuple[Any, ImageSource]], list[Future[_Prepared | None]]] | None = None
-            for chunk in _chunks(keyed, self.batch_size):
-                submitted = [pool.submit(_prepare, image, self.imgsz) for _, image in chunk]
-                if pending is not None:
-                    yield from self._finish(pending[0], [f.result() for f in pending[1]], keep_images)
-                pending = (chunk, submitted)
-            if pending is not None:
-                yield from self._finish(pending[0], [f.result() for f in pending[1]], keep_images)
+        # Three stages: threads read + letterbox batch k+1 and decode + NMS batch k-1 while batch k is inferred here
+        # (the runner is only ever called from this thread).
+        with ThreadPoolExecutor(workers, thread_name_prefix="yoloq-predict") as pool:
 
-    def _finish(
-        self, chunk: list[tuple[Any, ImageSource]], prepared: list[_Prepared | None], keep_images: bool
-    ) -> Iterator[Prediction]:
-        if self.runner is None:
-            raise RuntimeError("the detector is closed")
-        readable = [p for p in prepared if p is not None]
-        found = iter(self.detect_prepared(readable)) if readable else iter(())
-        for (key, _), item in zip(chunk, prepared, strict=True):
-            if item is None:
-                yield Prediction(key, None, None)
-            else:
-                yield Prediction(key, item.image if keep_images else None, next(found))
+            def submit(chunk: list[tuple[Any, ImageSource]] | None) -> Any:
+                if chunk is None:
+                    return None
+                return chunk, [pool.submit(_prepare, image, self.imgsz) for _, image in chunk]
+
+            chunks = _chunks(keyed, self.batch_size)
+            pending = submit(next(chunks, None))
+            decoding: tuple[Any, list[_Prepared | None], Future[list[ImageDetections]] | None] | None = None
+            while pending is not None:
+                chunk, futures = pending
+                pending = submit(next(chunks, None))  # one batch ahead
+                prepared = [future.result() for future in futures]
+                readable = [p for p in prepared if p is not None]
+                output = self._infer(readable) if readable else None
+                if decoding is not None:
+                    yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
+                decoded = pool.submit(self._decode, output, readable) if output is not None else None
+                decoding = (chunk, prepared, decoded)
+            if decoding is not None:
+                yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
 
     def detect_prepared(self, prepared: list[_Prepared]) -> list[ImageDetections]:
+        if self.runner is None:
+            raise RuntimeError("the detector is closed")
         frames = [(p.chw, p.box) for p in prepared]
         detections = detect_frames(self.runner, frames, self.head_format, self.decoding)
+        return [self._typed(d, p.box) for d, p in zip(detections, prepared, strict=True)]
+
+    def _infer(self, prepared: list[_Prepared]) -> np.ndarray:
+        if self.runner is None:
+            raise RuntimeError("the detector is closed")
+        return self.runner.infer(np.stack([p.chw for p in prepared]))
+
+    def _decode(self, output: np.ndarray, prepared: list[_Prepared]) -> list[ImageDetections]:
+        detections = decode_frames(output, [p.box for p in prepared], self.head_format, self.decoding)
         return [self._typed(d, p.box) for d, p in zip(detections, prepared, strict=True)]
 
     def _typed(self, found: Detections, box: Letterbox) -> ImageDetections:
@@ -240,6 +256,25 @@ class Detector:
         return ImageDetections(
             found.boxes_xyxy, found.scores, found.classes, class_names, box.original_width, box.original_height
         )
+
+
+def _emit(
+    chunk: list[tuple[Any, ImageSource]],
+    prepared: list[_Prepared | None],
+    detections: list[ImageDetections],
+    keep_images: bool,
+) -> Iterator[Prediction]:
+    """One Prediction per input of `chunk`, in order; `detections` are those of its readable images."""
+    found = iter(detections)
+    for (key, _), item in zip(chunk, prepared, strict=True):
+        if item is None:
+            yield Prediction(key, None, None)
+        else:
+            yield Prediction(key, item.image if keep_images else None, next(found))
+
+
+def _result(future: Future[list[ImageDetections]] | None) -> list[ImageDetections]:
+    return future.result() if future is not None else []
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -158,9 +158,16 @@ def detect_frames(
     """One batch of letterboxed images (`load_preprocessed` / `letterbox` output) through `runner`, decoded with NMS:
     detections in original-image pixels. Validation and prediction (yoloq.detector) both run exactly this."""
     output = runner.infer(np.stack([chw for chw, _ in frames]))
+    return decode_frames(output, [box for _, box in frames], head_format, decoding)
+
+
+def decode_frames(
+    output: np.ndarray, boxes: list[Letterbox], head_format: HeadFormat, decoding: DecodeSettings
+) -> list[Detections]:
+    """A batch's raw output decoded with NMS, each image's boxes mapped back to its original pixels."""
     decoded = decode(output, head_format, decoding.conf_threshold, decoding.iou_threshold, decoding.max_detections)
     detections = []
-    for item, (_, box) in zip(decoded, frames, strict=True):
+    for item, box in zip(decoded, boxes, strict=True):
         original = boxes_to_original(item.boxes_xyxy, box).astype(np.float32)
         detections.append(dataclasses.replace(item, boxes_xyxy=original))
     return detections
