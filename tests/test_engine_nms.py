@@ -116,7 +116,7 @@ def test_the_build_appends_nms_to_its_source_when_asked_and_records_end2end_fact
     assert source.name.endswith(".nms.onnx") and source.parent == tmp_path
     assert [o.name for o in onnx.load(str(source), load_external_data=False).graph.output] == [*NMS_OUTPUTS]
     assert efficient_nms_onnx(simplified.onnx_path, "yolov5", DecodeSettings(0.001, 0.6, 100), tmp_path) == source
-    facts = engine_facts_record(source, backend.settings)
+    facts = engine_facts_record(simplified.onnx_path, backend.settings)
     assert facts is not None and facts["head_format"] == "end2end" and len(facts["names"]) == 80
     plain = TensorRTBackend(TensorRTConfig())._source_onnx(variant, plan, simplified.onnx_path, None, tmp_path)
     assert plain == simplified.onnx_path

@@ -146,7 +146,8 @@ class TensorRTBackend:
             variant, plan, source, model_input, env, calibration, timing_cache, engine_path, log_path, details
         )
         details["build_seconds"] = f"{seconds:.1f}"
-        record = {"details": details, "build_seconds": seconds, "facts": engine_facts_record(source, self.settings)}
+        facts = engine_facts_record(fp32_onnx, self.settings)
+        record = {"details": details, "build_seconds": seconds, "facts": facts}
         atomic_write_json(record_path, record)
         self.progress(f"TensorRT {variant.name}: built {engine_path.name} in {seconds:.0f} s")
         return BuiltModel(variant, engine_path, file_size_mb(engine_path), seconds, details)
@@ -186,7 +187,11 @@ class TensorRTBackend:
         else:
             source = fp32_onnx
         if self.settings.nms == "efficient_nms":
-            source = efficient_nms_onnx(source, read_facts(source).head_format, self.decoding, out_dir)
+            head_format = read_facts(fp32_onnx).head_format  # the Q/DQ and FP16 models derive from it
+            if head_format == "end2end":
+                self.progress(f"TensorRT {variant.name}: tensorrt.nms ignored: the end-to-end head has no NMS")
+                return source
+            source = efficient_nms_onnx(source, head_format, self.decoding, out_dir)
             self.progress(f"TensorRT {variant.name}: EfficientNMS_TRT appended ({source.name}): NMS in the engine")
         return source
 
@@ -332,12 +337,12 @@ class TensorRTBackend:
         return seconds
 
 
-def engine_facts_record(source: Path, settings: TensorRTConfig) -> dict[str, Any] | None:
+def engine_facts_record(fp32_onnx: Path, settings: TensorRTConfig) -> dict[str, Any] | None:
     """The model facts of an engine for its build record (what predict and validate need: head format, names,
-    input size), from its source ONNX's metadata; an engine with NMS inside outputs end2end rows. None when the
-    ONNX carries no yoloq metadata (readers then fall back to the source ONNX itself)."""
+    input size), from the metadata of the FP32 ONNX every variant derives from; an engine with NMS inside outputs
+    end2end rows. None when the ONNX carries no yoloq metadata (readers then fall back to the source ONNX)."""
     try:
-        facts = read_facts(source)
+        facts = read_facts(fp32_onnx)
     except InputError:
         return None
     if settings.nms == "efficient_nms":
