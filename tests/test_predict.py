@@ -330,9 +330,10 @@ def test_the_end_to_end_benchmark_prints_its_table(simplified, tmp_path, monkeyp
         runpy.run_path(str(PROJECT / "benchmarks" / "predict_e2e.py"), run_name="__main__")
     assert done.value.code == 0
     assert (
-        "| backend | batch | workers | engine ms/img | end-to-end ms/img | ratio | images/s e2e |"
+        "| backend | batch | workers | engine ms/img | end-to-end ms/img | ratio | infer in e2e ms/img "
         in capsys.readouterr().out
     )
     rows = json.loads(out.read_text())
     assert [(r["batch"], r["workers"]) for r in rows] == [(1, 0), (1, 2), (2, 0), (2, 2)]
     assert all(r["engine_ms_per_image"] > 0 and r["e2e_images_per_s"] > 0 and r["images"] == 3 for r in rows)
+    assert all(0 < r["infer_ms_per_image"] <= r["e2e_ms_per_image"] for r in rows)

@@ -27,6 +27,7 @@ import numpy as np
 
 from yoloq.artifacts import read_json
 from yoloq.backends.base import Runner
+from yoloq.config import TensorRTConfig, VariantConfig
 from yoloq.errors import InputError
 from yoloq.export import ModelFacts, facts_for_onnx
 from yoloq.heads import DecodeSettings, Detections, HeadFormat
@@ -121,12 +122,12 @@ class Detector:
         imgsz: int = 640,
         precision: Literal["fp32", "fp16"] = "fp32",
         build_dir: Path = Path("runs/cache/build"),
-        tensorrt: Any = None,
+        tensorrt: TensorRTConfig | None = None,
     ) -> Detector:
         """Load an ONNX model (ONNX Runtime; `backend="tensorrt"` builds an engine from it on this GPU, in
         `precision` unless it is a Q/DQ INT8 model, reused from `build_dir`) or an engine built by yoloq (TensorRT).
-        `auto`: an engine runs on TensorRT, an ONNX model on ONNX Runtime. `tensorrt` takes a
-        yoloq.config.TensorRTConfig for builds (default: its defaults). Missing or unusable models raise InputError,
+        `auto`: an engine runs on TensorRT, an ONNX model on ONNX Runtime. `tensorrt`: the settings of
+        such builds (default: TensorRTConfig's defaults). Missing or unusable models raise InputError,
         a backend that cannot run here BackendUnavailable (both say what to do)."""
         if str(model).startswith("models:/"):
             raise InputError(
@@ -359,11 +360,10 @@ def tensorrt_runner(engine: Path) -> Runner:
 
 
 def build_engine(
-    onnx_path: Path, precision: str, build_dir: Path, settings: Any, decoding: DecodeSettings | None
+    onnx_path: Path, precision: str, build_dir: Path, settings: TensorRTConfig | None, decoding: DecodeSettings | None
 ) -> Path:
     """An engine for `onnx_path` on this GPU (reused when built before): INT8 for a Q/DQ model, else `precision`."""
     from yoloq.backends.onnxruntime import has_qdq
-    from yoloq.config import VariantConfig
 
     require_tensorrt()
     from yoloq.backends.tensorrt.build import TensorRTBackend
