@@ -69,12 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold (default 0.6, as validation)")
     predict.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
     predict.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
-    predict.add_argument("--workers", type=int, default=2, help="threads reading and letterboxing images (2)")
+    predict.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads that read + letterbox and decode + NMS around inference (2; 0 = none)",
+    )
     predict.add_argument("--imgsz", type=int, default=640, help="input size when the model does not say (640)")
     predict.add_argument(
         "--precision", choices=("fp32", "fp16"), default="fp32", help="engine built from a float ONNX (fp32)"
     )
-    predict.add_argument("-p", "--params", type=Path, default=Path("params.yaml"), help="for mlflow and output_dir")
+    predict.add_argument(
+        "-p",
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file for mlflow.tracking_uri and output_dir (default params.yaml, if present)",
+    )
     predict.add_argument(
         "--tracking-uri", help="MLflow tracking URI for models:/ (default: as yoloq run: params, $MLFLOW_TRACKING_URI)"
     )

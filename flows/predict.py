@@ -38,7 +38,8 @@ class PredictSummary:
 
     def line(self, source: Path, what: str = "images") -> str:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
-        text = f"predict: {self.images} {what} of {source}, {self.detections} detections"
+        noun = what if self.images != 1 else what.rstrip("s")
+        text = f"predict: {self.images} {noun} of {source}, {self.detections} detections"
         text += f", {rate:.1f} {what}/s end to end"
         if self.unreadable:
             shown = ", ".join(self.unreadable[:5]) + (", ..." if len(self.unreadable) > 5 else "")
@@ -185,8 +186,8 @@ def coco_results(image_id: int, found: ImageDetections, names: list[str]) -> lis
             {
                 "image_id": int(image_id),
                 "category_id": coco_category_id(int(class_id), names),
-                "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                "score": round(float(score), 5),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(score),
             }
         )
     return rows

@@ -184,6 +184,11 @@ def test_yoloq_predict_on_a_folder_draws_writes_json_and_counts_unreadable(simpl
     assert [Path(i["file"]).name for i in document["images"]] == [p.name for p in list_images(VAL_IMAGES)[:2]]
     assert document["unreadable"] == ["zz-broken.jpg"] and document["backend"] == "onnxruntime"
     assert all(d["score"] >= 0.25 for i in document["images"] for d in i["detections"])
+    with Detector.load(simplified.onnx_path) as detector:  # the JSON holds the detections unrounded
+        first = detector([Path(document["images"][0]["file"])])[0]
+    written = document["images"][0]["detections"]
+    np.testing.assert_array_equal(np.array([d["box"] for d in written], np.float32), first.boxes_xyxy)
+    np.testing.assert_array_equal(np.array([d["score"] for d in written], np.float32), first.scores)
     coco = json.loads(coco_path.read_text())
     assert len(coco) == sum(len(i["detections"]) for i in document["images"]) > 0
     assert {row["image_id"] for row in coco} <= {139, 285} and all(1 <= row["category_id"] <= 90 for row in coco)

@@ -61,10 +61,10 @@ class ImageDetections:
         return Detections(self.boxes_xyxy, self.scores, self.class_ids)
 
     def to_json(self) -> list[dict[str, Any]]:
-        """One dict per detection: box [x1, y1, x2, y2] (pixels, 2 decimals), score, class_id, class_name."""
+        """One dict per detection: box [x1, y1, x2, y2] (pixels), score, class_id, class_name. Box and score are
+        not rounded: rounding boxes to 0.01 px moved yolov5n's mAP50-95 on data/coco/val by 0.0004."""
         return [
-            {"box": [round(float(v), 2) for v in box], "score": round(float(score), 5), "class_id": int(cls)}
-            | {"class_name": name}
+            {"box": [float(v) for v in box], "score": float(score), "class_id": int(cls)} | {"class_name": name}
             for box, score, cls, name in zip(
                 self.boxes_xyxy, self.scores, self.class_ids, self.class_names, strict=True
             )
