@@ -1,4 +1,5 @@
-"""The `yoloq` command: `run` the quantize flow, `validate` one model, `profile` a TensorRT engine layer by layer.
+"""The `yoloq` command: `run` the quantize flow, `validate` one model, `predict` with one, `profile` a TensorRT engine
+layer by layer.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad input or configuration, 3 accuracy gate failed.
 """
@@ -6,6 +7,7 @@ Exit codes: 0 success, 1 unexpected error, 2 bad input or configuration, 3 accur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +48,49 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--num-images", type=int, default=None, help="first N images only")
     validate.add_argument("--json", type=Path, help="write the result as JSON to this file")
 
+    predict = commands.add_parser(
+        "predict", help="detections of a model on an image, a folder of images or a video (drawn, JSON, COCO)"
+    )
+    predict.add_argument(
+        "--model", required=True, help="ONNX model, TensorRT engine built by yoloq, or models:/NAME@ALIAS (registry)"
+    )
+    predict.add_argument("--source", type=Path, required=True, help="an image, a folder of images, or a video file")
+    predict.add_argument("--save", type=Path, metavar="DIR", help="write drawn images (a drawn .mp4 for a video) here")
+    predict.add_argument("--json", type=Path, metavar="F", help="write the detections of every image as JSON")
+    predict.add_argument("--coco", type=Path, metavar="F", help="write COCO results JSON (image_id, bbox, score)")
+    predict.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "tensorrt"),
+        default="auto",
+        help="auto: an engine on TensorRT, an ONNX model on ONNX Runtime; tensorrt with an ONNX model builds an "
+        "engine on this GPU (reused)",
+    )
+    predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    predict.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold (default 0.6, as validation)")
+    predict.add_argument("--max-det", type=int, default=300, help="detections kept per image (default 300)")
+    predict.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
+    predict.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads that read + letterbox and decode + NMS around inference (2; 0 = none)",
+    )
+    predict.add_argument("--imgsz", type=int, default=640, help="input size when the model does not say (640)")
+    predict.add_argument(
+        "--precision", choices=("fp32", "fp16"), default="fp32", help="engine built from a float ONNX (fp32)"
+    )
+    predict.add_argument(
+        "-p",
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file for mlflow.tracking_uri and output_dir (default params.yaml, if present)",
+    )
+    predict.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for models:/ (default: as yoloq run: params, $MLFLOW_TRACKING_URI)"
+    )
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     profile = commands.add_parser(
         "profile", help="per-layer time, kernel precision, reformats and Q/DQ of a TensorRT engine (needs a GPU)"
     )
@@ -84,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return _watch(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "predict":
+            return _predict(args)
         return _validate(args)
     except GateFailed as exc:
         if exc.document:
@@ -162,6 +209,54 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from flows.model_uri import is_model_uri, load_detector
+    from flows.predict import image_sources, is_video, predict_images, predict_video
+    from flows.tracking import resolve_tracking_uri
+    from yoloq.config import MlflowConfig, load_params
+    from yoloq.errors import InputError
+    from yoloq.heads import DecodeSettings
+
+    source: Path = args.source
+    if not source.exists():
+        raise InputError(f"source {source} not found: give an image, a folder of images or a video file")
+    images = None if is_video(source) else image_sources(source)  # bad sources exit 2 before the model loads
+    mlflow_config, project_dir, cache_dir = MlflowConfig(), Path.cwd(), Path("runs") / "cache"
+    if args.params.is_file():
+        params = load_params(args.params)
+        mlflow_config, project_dir = params.mlflow, args.params.resolve().parent
+        cache_dir = params.output_dir / "cache"
+    if args.tracking_uri:
+        mlflow_config = MlflowConfig(tracking_uri=args.tracking_uri)
+    tracking_uri = resolve_tracking_uri(mlflow_config, project_dir) if is_model_uri(args.model) else None
+    try:
+        decoding = DecodeSettings(args.conf, args.iou, args.max_det)
+    except ValueError as exc:
+        raise InputError(f"--conf/--iou/--max-det: {exc}") from exc
+    detector = load_detector(
+        args.model,
+        args.backend,
+        tracking_uri=tracking_uri,
+        cache_dir=cache_dir,
+        decoding=decoding,
+        batch_size=args.batch,
+        imgsz=args.imgsz,
+        precision=args.precision,
+    )
+    with detector:  # frees the runner (GPU memory) on every exit
+        print(f"model: {detector.model_path} on {detector.backend} ({detector.head_format} head, {detector.imgsz})")
+        progress = not args.no_progress
+        if images is None:
+            summary = predict_video(detector, source, args.save, args.json, args.coco, args.workers, progress)
+            print(summary.line(source, "frames"))
+        else:
+            summary = predict_images(detector, images, args.save, args.json, args.coco, args.workers, progress)
+            print(summary.line(source))
+    for path in summary.written:
+        print(f"written: {path}")
+    return 0
+
+
 def _print_document(document: dict[str, Any]) -> None:
     from flows.tracking import mlflow_ui_hint
     from yoloq.report import VariantResult, results_table
@@ -189,38 +284,28 @@ def _write_json(path: Path | None, document: dict[str, Any]) -> None:
     print(f"results written to {path}")
 
 
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
 def _engine_runner(engine: Path, imgsz: int) -> tuple[Any, Any, Any]:
-    """A TensorRT runner for an engine built by yoloq; its model facts come from the source ONNX in its record."""
-    from yoloq.artifacts import read_json
-    from yoloq.backends import get_backend
+    """A TensorRT runner for an engine built by yoloq; its model facts come from its build record."""
     from yoloq.config import TensorRTConfig
-    from yoloq.errors import InputError
-    from yoloq.export import facts_for_onnx
+    from yoloq.detector import engine_facts, require_tensorrt
 
-    get_backend("tensorrt")  # BackendUnavailable (exit 2) with the reason and the install hint
+    require_tensorrt()  # BackendUnavailable (exit 2) with the reason and the install hint
     from yoloq.backends.tensorrt.runner import TensorRTRunner
     from yoloq.backends.tensorrt.timing import device_timing_fn
 
-    record = engine.with_suffix(".json")
-    if not record.is_file():
-        raise InputError(
-            f"engine {engine}: its build record {record.name} is missing; validate the source ONNX instead"
-        )
-    source = Path(read_json(record)["details"]["source_onnx"])
-    if not source.is_file():
-        raise InputError(f"engine {engine}: its source ONNX {source} is gone; validate that ONNX instead")
-    facts = facts_for_onnx(source, imgsz)
+    facts = engine_facts(engine, imgsz)
     timing_fn = device_timing_fn(facts.imgsz, TensorRTConfig())
-    return TensorRTRunner(engine), facts, timing_fn  # the runner last: the caller closes it
+    runner = TensorRTRunner(engine)  # last: the caller closes it
+    if runner.has_nms:
+        facts = dataclasses.replace(facts, head_format="end2end")
+    return runner, facts, timing_fn
 
 
 def _validate(args: argparse.Namespace) -> int:
     from yoloq.backends import closing_runner
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
     from yoloq.config import ValidationConfig
+    from yoloq.detector import ENGINE_SUFFIXES
     from yoloq.errors import InputError
     from yoloq.export import facts_for_onnx
     from yoloq.validate import load_validation_set, score_variant

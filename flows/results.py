@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 from prefect.artifacts import create_markdown_artifact
 
 from flows.outcome import FlowOutcome
 from flows.tracking import VARIANT_KIND, RunTracker
-from yoloq.artifacts import atomic_write_json, atomic_write_text, content_key
+from tasks.validate import cached_detect
+from yoloq.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, content_key
+from yoloq.backends import BuiltModel
 from yoloq.config import Params
+from yoloq.drawing import comparison_image
+from yoloq.export import ModelFacts
+from yoloq.preprocess import read_image
 from yoloq.report import VariantResult, comparison_plot, results_table, variant_metrics
+from yoloq.validate import ValidationSet
 
 
 def log_variant_run(
@@ -33,6 +40,37 @@ def log_variant_run(
     per_class_path = atomic_write_text(folder / "per_class_ap.md", per_class.rstrip("\n") + "\n")
     tracker.log_artifacts(child, [per_class_path, result.model_path, *artifacts])
     return child
+
+
+PREVIEW_MIN_SCORE = 0.25
+"""Detections drawn on the previews: validation keeps everything above 0.001, people look at confident ones."""
+
+
+def preview_images(
+    params: Params,
+    builds: dict[str, BuiltModel],
+    variants: list[str],
+    dataset: ValidationSet,
+    facts: ModelFacts,
+    folder: Path,
+) -> list[Path]:
+    """The first `validation.preview_images` validation images, each with every variant's detections side by side
+    (JPEGs in `folder`). The detections are validation's own, read from the detection cache."""
+    count = params.validation.preview_images
+    if count == 0:
+        return []
+    images = [t.path for t in dataset.truths]
+    found = {name: cached_detect(builds[name], images, facts, params)[0] for name in variants}
+    paths = []
+    for index, path in enumerate(images[:count]):
+        image = read_image(path)
+        if image is None:
+            continue
+        picture = comparison_image(image, {n: d[index] for n, d in found.items()}, facts.names, PREVIEW_MIN_SCORE)
+        ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 88])
+        if ok:
+            paths.append(atomic_write_bytes(folder / f"{path.stem}.jpg", encoded.tobytes()))
+    return paths
 
 
 def log_run_summary(params: Params, tracker: RunTracker, outcome: FlowOutcome, note: str, tags: dict[str, str]) -> str:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect import get_run_logger
+
 from flows.context import RunContext
 from flows.outcome import FlowOutcome
 from flows.prepare import PreparedModels
 from flows.registry import register_champion, register_variants
-from flows.results import log_run_summary, log_variant_run
+from flows.results import log_run_summary, log_variant_run, preview_images
 from flows.search import CalibrationSource, search_variant
 from tasks.build import build_task
 from tasks.profile import profile_task
@@ -91,8 +93,23 @@ def run_variants(
     ship = ship_decision(results, params.gate, reference)
     data = data_roles(params, prepared)
     outcome = FlowOutcome(results, gate, tracker.parent_run_id, tracker.tracking_uri, ctx.report_dir, ship, data)
+    _log_previews(ctx, prepared, builds)
     variant_runs = _log_results(ctx, outcome, per_class, builds, plain, target)
     return StagesResult(outcome, variant_runs)
+
+
+def _log_previews(ctx: RunContext, prepared: PreparedModels, builds: dict[str, BuiltModel]) -> None:
+    """A few validation images with every variant's detections side by side, on the parent run (`previews/`):
+    people look before they ship. A failure here only tags the run."""
+    variants = [v.name for v in ctx.params.variants]
+    folder = ctx.report_dir / "previews"
+    try:
+        paths = preview_images(ctx.params, builds, variants, prepared.dataset, prepared.facts, folder)
+    except Exception as exc:  # drawing is not worth a failed run
+        get_run_logger().warning("previews not drawn: %s", exc)
+        ctx.tracker.set_tags(ctx.tracker.parent_run_id, {"previews.error": f"{type(exc).__name__}: {exc}"})
+        return
+    ctx.tracker.log_artifacts(ctx.tracker.parent_run_id, paths, "previews")
 
 
 def data_roles(params: Params, prepared: PreparedModels) -> dict[str, str]:
@@ -180,8 +197,9 @@ def fp16_vs_int8(results: list[VariantResult]) -> dict[str, float]:
 
 
 def _build_artifacts(built: BuiltModel) -> list[Path]:
-    """Files a build left beside the model that belong in MLflow: build log, caches, the build record."""
-    keys = ("build_log", "timing_cache", "calibration_cache", "calibration_manifest")
+    """Files a build left beside the model that belong in MLflow: build log, caches, the build record, and the ONNX
+    an engine was built from (so a registered engine can be rebuilt on another GPU: flows/model_uri.py)."""
+    keys = ("build_log", "timing_cache", "calibration_cache", "calibration_manifest", "source_onnx")
     paths = [Path(built.details[k]) for k in keys if built.details.get(k)]
     record = built.path.with_suffix(".json")
     if built.details and record.is_file():

@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from yoloq.artifacts import file_sha256, files_sha256
-from yoloq.backends import BuiltModel, closing_runner, get_backend
+from yoloq.backends import BuiltModel, closing_runner, get_backend, output_head_format
 from yoloq.cache import cached_detections
 from yoloq.calibration_data import PREPROCESSING_ID
 from yoloq.config import Params
@@ -23,12 +23,13 @@ def cached_detect(
     """Detections of `built` on `images`, reused when the same model content saw the same image contents with the
     same decoding settings (a re-run with nothing changed scores every search candidate in seconds)."""
     config = params.validation
+    head_format = output_head_format(built, facts.head_format)
     key = [
         "detections-v1",
         PREPROCESSING_ID,
         file_sha256(built.path),
         files_sha256(images),
-        facts.head_format,
+        head_format,
         facts.imgsz,
         config.conf_threshold,
         config.iou_threshold,
@@ -38,7 +39,7 @@ def cached_detect(
 
     def run() -> list[Detections]:
         with closing_runner(get_backend(built.variant.backend, params).load(built)) as runner:
-            return detect(runner, images, facts.head_format, facts.imgsz, config, progress)
+            return detect(runner, images, head_format, facts.imgsz, config, progress)
 
     return cached_detections(params.output_dir / "cache" / "detections", key, run)
 

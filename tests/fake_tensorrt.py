@@ -6,14 +6,17 @@ driver state (`FakeDevice`)."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import sys
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 
 INPUT, OUTPUT = "images", "output0"
@@ -36,6 +39,12 @@ class FakeDevice:
     executions: int = 0
     inspected_with_context: bool = False
     objects: list[weakref.ref] = field(default_factory=list)  # runtime, engine, context
+    input_hw: int = 64  # the engine's input is (N, 3, input_hw, input_hw)
+    outputs: dict[str, tuple[tuple[int, ...], str]] = field(
+        default_factory=lambda: {OUTPUT: ((84, 10), "FLOAT")}
+    )  # output name -> (shape of one image's output, TensorRT type name)
+    compute: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None  # input batch -> outputs, run on execute
+    memory: dict[int, bytearray] = field(default_factory=dict)  # device bytes (pointer -> contents)
 
     def alive(self) -> list[str]:
         return [type(o).__name__ for o in (ref() for ref in self.objects) if o is not None]
@@ -67,14 +76,19 @@ def fake_cuda(device: FakeDevice) -> types.ModuleType:
                 raise RuntimeError("cudaMalloc: out of memory")
             pointer = next(pointers)
             device.allocated[pointer] = nbytes
+            device.memory[pointer] = bytearray(nbytes)
             return pointer
 
         def free(self, pointer: int) -> None:
             del device.allocated[pointer]
+            device.memory.pop(pointer, None)
             device.freed.append(pointer)
 
         def memcpy(self, dst: int, src: int, nbytes: int, kind: str, stream_ptr: int | None = None) -> None:
-            pass
+            if kind == "h2d" and dst in device.memory:
+                device.memory[dst][:nbytes] = ctypes.string_at(src, nbytes)
+            elif kind == "d2h" and src in device.memory:
+                ctypes.memmove(dst, bytes(device.memory[src][:nbytes]), nbytes)
 
     class Stream:
         def __init__(self) -> None:
@@ -104,7 +118,7 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")  # type: ignore[attr-defined]
     trt.LayerInformationFormat = types.SimpleNamespace(ONELINE="oneline", JSON="json")  # type: ignore[attr-defined]
     trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="names", DETAILED="detailed")  # type: ignore[attr-defined]
-    float32 = types.SimpleNamespace(name="FLOAT")
+    tensor_names = (INPUT, *device.outputs)
 
     class IProfiler:
         def __init__(self) -> None:
@@ -124,6 +138,7 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
             self.engine = engine
             self.profiler: Any = None
             self.batch = engine.profile[2]
+            self.addresses: dict[str, int] = {}
             device.objects.append(weakref.ref(self))
 
         def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
@@ -131,37 +146,46 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
             return device.profile[0] <= self.batch <= device.profile[2]
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return (self.batch, 3, 64, 64) if name == INPUT else (self.batch, 84, 10)
+            size = device.input_hw
+            return (self.batch, 3, size, size) if name == INPUT else (self.batch, *device.outputs[name][0])
 
         def set_tensor_address(self, name: str, pointer: int) -> bool:
+            self.addresses[name] = pointer
             return name != device.reject_address_of
 
         def execute_async_v3(self, stream: int) -> bool:
             factor = 10.0 if device.executions < device.slow_executions else 1.0
             device.executions += 1
+            if device.compute is not None:
+                shape = self.get_tensor_shape(INPUT)
+                data = device.memory[self.addresses[INPUT]][: int(np.prod(shape)) * 4]
+                results = device.compute(np.frombuffer(bytes(data), np.float32).reshape(shape))
+                for name, value in results.items():
+                    raw = np.ascontiguousarray(value).tobytes()
+                    device.memory[self.addresses[name]][: len(raw)] = raw
             if self.profiler is not None:
                 for name, ms in device.layers:
                     self.profiler.report_layer_time(name, ms * factor)
             return True
 
     class Engine:
-        num_io_tensors = 2
+        num_io_tensors = len(tensor_names)
         profile = device.profile
 
         def __init__(self) -> None:
             device.objects.append(weakref.ref(self))
 
         def get_tensor_name(self, index: int) -> str:
-            return (INPUT, OUTPUT)[index]
+            return tensor_names[index]
 
         def get_tensor_mode(self, name: str) -> str:
             return "input" if name == INPUT else "output"
 
         def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-            return [(b, 3, 64, 64) for b in device.profile]
+            return [(b, 3, device.input_hw, device.input_hw) for b in device.profile]
 
         def get_tensor_dtype(self, name: str) -> Any:
-            return float32
+            return types.SimpleNamespace(name="FLOAT" if name == INPUT else device.outputs[name][1])
 
         def create_execution_context(self) -> Context:
             return Context(self)

@@ -78,7 +78,9 @@ def test_mlflow_holds_parent_and_child_runs_with_metrics_and_artifacts(first_run
     assert datasets["calibration"].digest == parent.data.tags["data.calibration_images_sha256"][:16]
     assert parent.data.metrics["int8.delta_map50_95_vs_fp32"] >= -0.015
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.png", "results.md", "results.json"} <= parent_files
+    assert {"comparison.png", "results.md", "results.json", "previews"} <= parent_files
+    previews = [f.path for f in client.list_artifacts(parent.info.run_id, "previews")]
+    assert len(previews) == 4 and all(p.endswith(".jpg") for p in previews)  # FP32 and INT8 side by side
 
     children = client.search_runs(
         [parent.info.experiment_id],

@@ -21,6 +21,7 @@ ResolvedBackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 """A concrete backend, after `auto` is resolved on this machine (yoloq.backends.resolve_backend)."""
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
+EngineNms = Literal["none", "efficient_nms"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
 
 
@@ -184,6 +185,11 @@ class TensorRTConfig(Section):
     fp16_fallback: bool = Field(
         True, description="INT8 engines may run layers in FP16 where faster or unquantized (else FP32)"
     )
+    nms: EngineNms = Field(
+        "none",
+        description="efficient_nms: append TensorRT's EfficientNMS_TRT plugin (validation's conf, IoU and max "
+        "detections) to the ONNX before the build, so the engine outputs final detections; none: NMS on the CPU",
+    )
     timing: TensorRTTimingConfig = TensorRTTimingConfig()
     layer_profile: TensorRTLayerProfileConfig = TensorRTLayerProfileConfig()
 
@@ -224,6 +230,13 @@ class ValidationConfig(Section):
     conf_threshold: float = Field(0.001, ge=0.0, lt=1.0)
     iou_threshold: float = Field(0.6, gt=0.0, le=1.0)
     max_detections: int = Field(300, ge=1)
+    preview_images: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="first N validation images drawn with every variant's detections side by side "
+        "(MLflow artifact previews/); 0 = none",
+    )
     timing: TimingConfig = TimingConfig()
 
 

@@ -25,6 +25,18 @@ SUPPORTED_SHAPES = (
 )
 
 
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How raw outputs become detections: score threshold, class-aware NMS IoU threshold, detections kept per image."""
+
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.6
+    max_detections: int = 300
+
+    def __post_init__(self) -> None:
+        _check_decode_args(self.conf_threshold, self.iou_threshold, self.max_detections, MAX_NMS_CANDIDATES)
+
+
 @dataclass
 class Detections:
     """Detections of one image: boxes (n, 4) float32 x1 y1 x2 y2, scores (n,) float32, classes (n,) int64."""

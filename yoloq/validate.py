@@ -15,10 +15,10 @@ from yoloq.artifacts import content_key, file_sha256
 from yoloq.backends.base import Runner
 from yoloq.config import TimingConfig, ValidationConfig
 from yoloq.errors import InputError
-from yoloq.heads import Detections, HeadFormat, decode
+from yoloq.heads import DecodeSettings, Detections, HeadFormat, decode
 from yoloq.labels import GroundTruthStats, ImageTruth, load_ground_truth, yolo_label_path
 from yoloq.metrics import MapResult, coco_map
-from yoloq.preprocess import boxes_to_original, list_images, load_preprocessed
+from yoloq.preprocess import Letterbox, boxes_to_original, list_images, load_preprocessed
 from yoloq.speed import tile_batch
 
 Progress = Callable[[str], None]
@@ -134,21 +134,42 @@ def detect(
     report_every = max(1, total // 4)
     for start in range(0, total, config.batch_size):
         chunk = images[start : start + config.batch_size]
-        inputs, boxes = [], []
+        frames = []
         for path in chunk:
             loaded = load_preprocessed(path, imgsz)
             if loaded is None:
                 raise InputError(f"image {path} is unreadable: remove or replace it")
-            inputs.append(loaded[0])
-            boxes.append(loaded[1])
-        output = runner.infer(np.stack(inputs))
-        decoded = decode(output, head_format, config.conf_threshold, config.iou_threshold, config.max_detections)
-        for item, box in zip(decoded, boxes, strict=True):
-            original = boxes_to_original(item.boxes_xyxy, box).astype(np.float32)
-            detections.append(dataclasses.replace(item, boxes_xyxy=original))
+            frames.append(loaded)
+        detections += detect_frames(runner, frames, head_format, decode_settings(config))
         done = start + len(chunk)
         if progress and (done // report_every != start // report_every or done == total):
             progress(f"  detected {done}/{total} images")
+    return detections
+
+
+def decode_settings(config: ValidationConfig) -> DecodeSettings:
+    """Validation's decoding settings (conf, IoU, max detections)."""
+    return DecodeSettings(config.conf_threshold, config.iou_threshold, config.max_detections)
+
+
+def detect_frames(
+    runner: Runner, frames: list[tuple[np.ndarray, Letterbox]], head_format: HeadFormat, decoding: DecodeSettings
+) -> list[Detections]:
+    """One batch of letterboxed images (`load_preprocessed` / `letterbox` output) through `runner`, decoded with NMS:
+    detections in original-image pixels. Validation and prediction (yoloq.detector) both run exactly this."""
+    output = runner.infer(np.stack([chw for chw, _ in frames]))
+    return decode_frames(output, [box for _, box in frames], head_format, decoding)
+
+
+def decode_frames(
+    output: np.ndarray, boxes: list[Letterbox], head_format: HeadFormat, decoding: DecodeSettings
+) -> list[Detections]:
+    """A batch's raw output decoded with NMS, each image's boxes mapped back to its original pixels."""
+    decoded = decode(output, head_format, decoding.conf_threshold, decoding.iou_threshold, decoding.max_detections)
+    detections = []
+    for item, box in zip(decoded, boxes, strict=True):
+        original = boxes_to_original(item.boxes_xyxy, box).astype(np.float32)
+        detections.append(dataclasses.replace(item, boxes_xyxy=original))
     return detections
 
 

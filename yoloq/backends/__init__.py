@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable
 
 from yoloq.backend_registry import AUTO_ORDER, BACKENDS, backend_spec, backends_that_build, load_object
-from yoloq.backends.base import Backend, BuiltModel, Runner, closing_runner
+from yoloq.backends.base import Backend, BuiltModel, Runner, closing_runner, output_head_format
 from yoloq.backends.tensorrt.cuda import cuda_devices
 from yoloq.backends.tensorrt.versions import Availability, check_availability
 from yoloq.config import BackendName, Params, ResolvedBackendName, VariantConfig
@@ -92,6 +92,7 @@ __all__ = [
     "Runner",
     "backend_availability",
     "closing_runner",
+    "output_head_format",
     "get_backend",
     "resolve_backend",
     "resolve_variants",

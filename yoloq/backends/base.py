@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from yoloq.config import Params, VariantConfig
+from yoloq.heads import HeadFormat
 from yoloq.speed import SpeedMeasures
 
 
@@ -23,6 +24,12 @@ class BuiltModel:
     size_mb: float
     build_seconds: float
     details: dict[str, str] = field(default_factory=dict)
+
+
+def output_head_format(built: BuiltModel, head_format: HeadFormat) -> HeadFormat:
+    """How to decode what `built` outputs: the model's head format, or end2end rows for an engine with NMS inside
+    (`tensorrt.nms: efficient_nms`)."""
+    return "end2end" if built.details.get("nms", "none") != "none" else head_format
 
 
 class Runner(Protocol):

@@ -20,6 +20,7 @@ Caches (all under the build folder, all written atomically, named in `keys`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_i
 from yoloq.backends.tensorrt.environment import TrtEnvironment, has_module, load_environment
 from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
 from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
+from yoloq.backends.tensorrt.nms import efficient_nms_onnx
 from yoloq.backends.tensorrt.runner import TensorRTRunner
 from yoloq.backends.tensorrt.timing import time_device
 from yoloq.backends.tensorrt.versions import (
@@ -47,9 +49,12 @@ from yoloq.backends.tensorrt.versions import (
 )
 from yoloq.cache import get_or_create
 from yoloq.calibration_data import CalibrationDataLoader, select_calibration_images
-from yoloq.config import CalibrationConfig, Params, TensorRTConfig, VariantConfig
+from yoloq.config import CalibrationConfig, Params, TensorRTConfig, ValidationConfig, VariantConfig
 from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
+from yoloq.export import read_facts
+from yoloq.heads import DecodeSettings
 from yoloq.speed import SpeedMeasures, tile_batch
+from yoloq.validate import decode_settings
 
 Progress = Callable[[str], None]
 
@@ -72,14 +77,18 @@ class TensorRTBackend:
         settings: TensorRTConfig | None = None,
         calibration: CalibrationConfig | None = None,
         progress: Progress | None = None,
+        decoding: DecodeSettings | None = None,
     ) -> None:
         self.settings = settings or TensorRTConfig()
         self.calibration = calibration
         self.progress = progress or (lambda message: None)
+        self.decoding = decoding or decode_settings(ValidationConfig())  # in-engine NMS (tensorrt.nms) settings
 
     @classmethod
     def from_params(cls, params: Params | None) -> TensorRTBackend:
-        return cls() if params is None else cls(params.tensorrt, params.calibration)
+        if params is None:
+            return cls()
+        return cls(params.tensorrt, params.calibration, decoding=decode_settings(params.validation))
 
     # -- the Backend protocol ------------------------------------------------------------------------------------
 
@@ -117,6 +126,7 @@ class TensorRTBackend:
             "timing_cache_reused": str(timing_cache.is_file()).lower(),
             "build_log": str(log_path),
             "engine_key": key,
+            "nms": self.settings.nms,
             "reused": "false",
         }
         if calibration:
@@ -136,7 +146,9 @@ class TensorRTBackend:
             variant, plan, source, model_input, env, calibration, timing_cache, engine_path, log_path, details
         )
         details["build_seconds"] = f"{seconds:.1f}"
-        atomic_write_json(record_path, {"details": details, "build_seconds": seconds})
+        facts = engine_facts_record(fp32_onnx, self.settings)
+        record = {"details": details, "build_seconds": seconds, "facts": facts}
+        atomic_write_json(record_path, record)
         self.progress(f"TensorRT {variant.name}: built {engine_path.name} in {seconds:.0f} s")
         return BuiltModel(variant, engine_path, file_size_mb(engine_path), seconds, details)
 
@@ -169,10 +181,19 @@ class TensorRTBackend:
         if plan.onnx == "qdq":
             if qdq_onnx is None:
                 raise InputError(f"variant {variant.name!r} needs the Q/DQ model from the calibration stage")
-            return qdq_onnx
-        if plan.onnx == "fp16":
-            return fp16_typed_onnx(fp32_onnx, plan.fp16_converter or "", out_dir)
-        return fp32_onnx
+            source = qdq_onnx
+        elif plan.onnx == "fp16":
+            source = fp16_typed_onnx(fp32_onnx, plan.fp16_converter or "", out_dir)
+        else:
+            source = fp32_onnx
+        if self.settings.nms == "efficient_nms":
+            head_format = read_facts(fp32_onnx).head_format  # the Q/DQ and FP16 models derive from it
+            if head_format == "end2end":
+                self.progress(f"TensorRT {variant.name}: tensorrt.nms ignored: the end-to-end head has no NMS")
+                return source
+            source = efficient_nms_onnx(source, head_format, self.decoding, out_dir)
+            self.progress(f"TensorRT {variant.name}: EfficientNMS_TRT appended ({source.name}): NMS in the engine")
+        return source
 
     def _calibration_plan(
         self,
@@ -314,6 +335,19 @@ class TensorRTBackend:
             else:
                 details["calibration_cache"] = "not written: TensorRT returned no calibration cache"
         return seconds
+
+
+def engine_facts_record(fp32_onnx: Path, settings: TensorRTConfig) -> dict[str, Any] | None:
+    """The model facts of an engine for its build record (what predict and validate need: head format, names,
+    input size), from the metadata of the FP32 ONNX every variant derives from; an engine with NMS inside outputs
+    end2end rows. None when the ONNX carries no yoloq metadata (readers then fall back to the source ONNX)."""
+    try:
+        facts = read_facts(fp32_onnx)
+    except InputError:
+        return None
+    if settings.nms == "efficient_nms":
+        facts = dataclasses.replace(facts, head_format="end2end")
+    return dataclasses.asdict(facts)
 
 
 def config_options(trt: Any, plan: BuildPlan, settings: TensorRTConfig, timing_cache: Path) -> dict[str, Any]:

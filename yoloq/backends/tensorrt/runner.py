@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from yoloq.backends.tensorrt.nms import has_nms_outputs, pack_nms_outputs
 from yoloq.errors import InputError
 
 _NUMPY_DTYPES: dict[str, type] = {
@@ -150,30 +151,47 @@ class TensorRTRunner:
         self.context.profiler = profiler
         self._profiler = profiler
 
+    @property
+    def has_nms(self) -> bool:
+        """Whether the engine ends in EfficientNMS_TRT (`tensorrt.nms: efficient_nms`)."""
+        return has_nms_outputs(self.output_names)
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """The engine's (first) output for an NCHW batch; batches above the profile's max run in pieces."""
+        """The engine's detection output for an NCHW batch, float32: its (first) output, or for an engine that ends
+        in EfficientNMS_TRT its four outputs packed as end2end rows (yoloq.backends.tensorrt.nms). Batches above the
+        profile's max run in pieces."""
+        if self.has_nms:
+            return pack_nms_outputs(self.infer_outputs(batch))
+        return self.infer_outputs(batch, self.output_names[:1])[self.output_names[0]].astype(np.float32, copy=False)
+
+    def infer_outputs(self, batch: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The engine's outputs `names` (default: all) for an NCHW batch, in their own dtypes."""
+        names = names or self.output_names
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.sample_shape:
             raise InputError(
                 f"TensorRT engine takes (N, {', '.join(map(str, self.sample_shape))}) batches, got {batch.shape}"
             )
         if batch.shape[0] > self.max_batch:
-            pieces = [self.infer(batch[i : i + self.max_batch]) for i in range(0, batch.shape[0], self.max_batch)]
-            return np.concatenate(pieces)
+            steps = range(0, batch.shape[0], self.max_batch)
+            pieces = [self.infer_outputs(batch[i : i + self.max_batch], names) for i in steps]
+            return {name: np.concatenate([piece[name] for piece in pieces]) for name in names}
         if batch.shape[0] < self.min_batch:
             raise InputError(f"batch {batch.shape[0]} is below the engine profile's min batch {self.min_batch}")
         self.set_input(batch)
         self.execute()
-        name = self.output_names[0]
-        output = np.empty(tuple(int(d) for d in self.context.get_tensor_shape(name)), dtype=self._dtypes[name])
-        self._cuda.memcpy(
-            dst=output.ctypes.data,
-            src=self._buffers[name],
-            nbytes=output.nbytes,
-            kind=self._memcpy_kind.DeviceToHost,
-            stream_ptr=self.stream_ptr,
-        )
+        outputs = {}
+        for name in names:
+            output = np.empty(tuple(int(d) for d in self.context.get_tensor_shape(name)), dtype=self._dtypes[name])
+            self._cuda.memcpy(
+                dst=output.ctypes.data,
+                src=self._buffers[name],
+                nbytes=output.nbytes,
+                kind=self._memcpy_kind.DeviceToHost,
+                stream_ptr=self.stream_ptr,
+            )
+            outputs[name] = output
         self.synchronize()
-        return output.astype(np.float32, copy=False)
+        return outputs
 
     def set_input(self, batch: np.ndarray) -> None:
         """Copy `batch` (N within the profile) to the input buffer and set the input shape."""
