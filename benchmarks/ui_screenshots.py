@@ -21,13 +21,11 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,9 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # this checkout's flows and yoloq, when run as a script
+
+from benchmarks.loopback import free_port, http_ok, wait_until  # noqa: E402
+
 BIN = Path(sys.executable).parent
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_FLAGS = (
@@ -56,31 +57,6 @@ CHANGED_FIELD, CHANGED_VALUE = "max_map_drop", 0.05
 def chromium_path() -> str | None:
     """The system chromium (Debian's package), or None when it is not installed."""
     return next((p for p in CHROMIUM_CANDIDATES if Path(p).is_file()), None) or shutil.which("chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, logs: tuple[Path, ...] = ()) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception:  # not up yet
-            value = None
-        if value:
-            return value
-        time.sleep(1)
-    tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-3000:]}" for p in logs if p.is_file())
-    raise RuntimeError(f"{what}: not within {timeout_s:.0f} s\n{tails}")
-
-
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == 200
 
 
 @dataclass

@@ -16,12 +16,10 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,36 +27,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from benchmarks.loopback import free_port, http_ok, wait_until
 from tests.conftest import PROJECT, shipped
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "yoloq-quantize-deployment/ops-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, logs: list[Path] = ()) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception:  # not up yet
-            value = None
-        if value:
-            return value
-        time.sleep(1)
-    tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-3000:]}" for p in logs if p.is_file())
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s\n{tails}")
-
-
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == 200
 
 
 class Processes:
