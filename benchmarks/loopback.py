@@ -3,6 +3,7 @@ answers (with its logs' tails when it does not), and a health probe."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
@@ -36,3 +37,22 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str, logs: Sequ
 def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as response:
         return response.status == 200
+
+
+def server_env(root: Path, api_url: str, tracking_uri: str, project: Path, bin_dir: Path) -> dict[str, str]:
+    """The environment of Prefect/MLflow servers and the processes that use them: Prefect's home in `root`, the
+    two servers' URLs, `project` importable and `bin_dir` (the venv's scripts) first on PATH; no API key."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONPATH": str(project) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("PREFECT_API_KEY", None)
+    return env

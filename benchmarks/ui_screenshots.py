@@ -36,7 +36,7 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # this checkout's flows and yoloq, when run as a script
 
-from benchmarks.loopback import free_port, http_ok, wait_until  # noqa: E402
+from benchmarks.loopback import free_port, http_ok, server_env, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -76,19 +76,7 @@ def servers(root: Path) -> Iterator[Stack]:
     """Prefect and MLflow servers on free loopback ports and the served deployment; all stopped on exit."""
     prefect_port, mlflow_port = free_port(), free_port()
     prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_API_URL": f"{prefect_url}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_TRACKING_URI": mlflow_url,
-        "PYTHONPATH": str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("PREFECT_API_KEY", None)
+    env = server_env(root, f"{prefect_url}/api", mlflow_url, PROJECT, BIN)
     params_path = write_params(root, mlflow_url)
     running: list[tuple[subprocess.Popen[bytes], Any]] = []
 

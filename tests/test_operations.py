@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from benchmarks.loopback import free_port, http_ok, wait_until
+from benchmarks.loopback import free_port, http_ok, server_env, wait_until
 from tests.conftest import PROJECT, shipped
 
 pytestmark = pytest.mark.slow
@@ -73,21 +73,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     prefect_port, mlflow_port = free_port(), free_port()
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PYTHONPATH": str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("PREFECT_API_KEY", None)
+    env = server_env(root, api_url, tracking_uri, PROJECT, BIN)
+    env.update(PREFECT_LOGGING_LEVEL="INFO", PREFECT_WORKER_QUERY_SECONDS="2")  # workers pick up runs quickly
     processes = Processes(env, root)
     try:
         server_log = processes.start(
