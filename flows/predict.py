@@ -23,6 +23,7 @@ from yoloq.detector import Detector, ImageDetections, coco_category_id
 from yoloq.drawing import draw_detections
 from yoloq.errors import InputError
 from yoloq.labels import image_id_for
+from yoloq.metrics import result_rows
 from yoloq.preprocess import IMAGE_SUFFIXES, list_images
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -177,20 +178,8 @@ def _image_json(found: ImageDetections) -> dict[str, Any]:
 
 
 def coco_results(image_id: int, found: ImageDetections, names: list[str]) -> list[dict[str, Any]]:
-    """COCO results rows (bbox x y w h in pixels) of one image."""
-    rows = []
-    columns = (found.boxes_xyxy.tolist(), found.scores.tolist(), found.class_ids.tolist())
-    for box, score, class_id in zip(*columns, strict=True):
-        x1, y1, x2, y2 = box
-        rows.append(
-            {
-                "image_id": int(image_id),
-                "category_id": coco_category_id(int(class_id), names),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(score),
-            }
-        )
-    return rows
+    """COCO results rows (bbox x y w h in pixels) of one image, with COCO's own category ids for COCO models."""
+    return result_rows(image_id, found.as_detections(), lambda class_id: coco_category_id(class_id, names))
 
 
 def _write_outputs(

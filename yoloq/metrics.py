@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,14 +81,18 @@ def coco_ground_truth(truths: list[ImageTruth], class_names: list[str]) -> dict[
 
 def coco_results(truths: list[ImageTruth], detections: list[Detections]) -> list[dict[str, Any]]:
     """Detections as COCO result dicts (image_id, category_id, bbox xywh, score)."""
-    results: list[dict[str, Any]] = []
-    for truth, found in zip(truths, detections, strict=True):
-        boxes = _xyxy_to_xywh(found.boxes_xyxy).tolist()
-        for box, score, class_index in zip(boxes, found.scores.tolist(), found.classes.tolist(), strict=True):
-            results.append(
-                {"image_id": truth.image_id, "category_id": _category_id(class_index), "bbox": box, "score": score}
-            )
-    return results
+    return [row for truth, found in zip(truths, detections, strict=True) for row in result_rows(truth.image_id, found)]
+
+
+def result_rows(
+    image_id: int, found: Detections, category_id: Callable[[int], int] = _category_id
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result dicts; `category_id` maps a class index to the id written."""
+    boxes = _xyxy_to_xywh(found.boxes_xyxy).tolist()
+    return [
+        {"image_id": int(image_id), "category_id": category_id(int(class_index)), "bbox": box, "score": score}
+        for box, score, class_index in zip(boxes, found.scores.tolist(), found.classes.tolist(), strict=True)
+    ]
 
 
 def _per_class_ap(precision: np.ndarray, present: list[int], class_names: list[str]) -> dict[str, float]:
