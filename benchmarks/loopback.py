@@ -4,7 +4,9 @@ answers (with its logs' tails when it does not), and a health probe."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -56,3 +58,33 @@ def server_env(root: Path, api_url: str, tracking_uri: str, project: Path, bin_d
     }
     env.pop("PREFECT_API_KEY", None)
     return env
+
+
+class Processes:
+    """Background processes started in `cwd`, each in its own process group with its log in `log_dir`, stopped
+    together (SIGTERM, then SIGKILL after 15 s)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, cwd: Path) -> None:
+        self.env, self.log_dir, self.cwd = env, log_dir, cwd
+        self.running: list[tuple[subprocess.Popen[bytes], Any]] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Path:
+        log = self.log_dir / f"{name}.log"
+        handle = log.open("w")
+        process = subprocess.Popen(
+            command, cwd=self.cwd, env=env or self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.running.append((process, handle))
+        return log
+
+    def stop_all(self) -> None:
+        for process, _ in reversed(self.running):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, handle in reversed(self.running):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+            handle.close()

@@ -18,10 +18,7 @@ playwright package (dev extra; it drives /usr/bin/chromium, no browser download)
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -36,7 +33,7 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # this checkout's flows and yoloq, when run as a script
 
-from benchmarks.loopback import free_port, http_ok, server_env, wait_until  # noqa: E402
+from benchmarks.loopback import Processes, free_port, http_ok, server_env, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -78,17 +75,8 @@ def servers(root: Path) -> Iterator[Stack]:
     prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     env = server_env(root, f"{prefect_url}/api", mlflow_url, PROJECT, BIN)
     params_path = write_params(root, mlflow_url)
-    running: list[tuple[subprocess.Popen[bytes], Any]] = []
-
-    def start(name: str, command: list[str]) -> Path:
-        log = root / f"{name}.log"
-        handle = log.open("w")
-        process = subprocess.Popen(
-            command, cwd=PROJECT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        running.append((process, handle))
-        return log
-
+    processes = Processes(env, root, PROJECT)
+    start = processes.start
     try:
         prefect = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
         prefect_log = start("prefect-server", prefect)
@@ -122,16 +110,7 @@ def servers(root: Path) -> Iterator[Stack]:
         )
         yield Stack(root, prefect_url, mlflow_url, params_path, deployment["id"], env)
     finally:
-        for process, _ in reversed(running):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process, handle in reversed(running):
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
-            handle.close()
+        processes.stop_all()
 
 
 def api(prefect_url: str, path: str, body: dict[str, Any] | None = None) -> Any:

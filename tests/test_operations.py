@@ -12,10 +12,8 @@ make every run after the first reuse the export, simplified and Q/DQ models.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,40 +25,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from benchmarks.loopback import free_port, http_ok, server_env, wait_until
+from benchmarks.loopback import Processes, free_port, http_ok, server_env, wait_until
 from tests.conftest import PROJECT, shipped
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "yoloq-quantize-deployment/ops-test"
-
-
-class Processes:
-    """Background processes, each in its own process group, stopped together."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env, self.log_dir, self.running = env, log_dir, []
-
-    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Path:
-        log = self.log_dir / f"{name}.log"
-        handle = log.open("w")
-        process = subprocess.Popen(
-            command, cwd=PROJECT, env=env or self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.running.append((process, handle))
-        return log
-
-    def stop_all(self) -> None:
-        for process, _ in reversed(self.running):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process, handle in reversed(self.running):
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
-            handle.close()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +45,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     env = server_env(root, api_url, tracking_uri, PROJECT, BIN)
     env.update(PREFECT_LOGGING_LEVEL="INFO", PREFECT_WORKER_QUERY_SECONDS="2")  # workers pick up runs quickly
-    processes = Processes(env, root)
+    processes = Processes(env, root, PROJECT)
     try:
         server_log = processes.start(
             "prefect-server",
