@@ -25,7 +25,9 @@ Q/DQ model: every placement rule, the stem and head convs in float: the search's
 (every placement rule, no conv in float: the search's `top0` candidates, what it ships when they pass), qdq-conv
 (only rule 1, conv inputs: yoloq's placement before the rules, for the ablation), qdq-stem (only the stem conv in
 float), modelopt (NVIDIA ModelOpt ONNX
-PTQ, INT8, default settings; made in a throwaway venv).
+PTQ, INT8, default settings; made in a throwaway venv). `prepare --s2d` adds NAME-s2d: the model with its
+stride-2 stem rewritten (yoloq.stem, `simplify.stem_space_to_depth`), whose rows fp16-base and int8-implicit-base
+are built from the unrewritten FP32 model, so both forms are timed in one interleaved group.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from onnx import numpy_helper  # noqa: E402
 from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 MANIFEST = "manifest.json"
-ROWS = ("fp16", "int8-implicit", "qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt")
+BASE_ROWS = {"fp16-base": "fp16", "int8-implicit-base": "int8-implicit"}  # built from the entry's unrewritten model
+ROWS = ("fp16", "int8-implicit", "qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt", *BASE_ROWS)
 STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
 TENSORRT_86_MAX_OPSET = 17  # the newest ONNX opset TensorRT 8.6's parser reads
 
@@ -110,9 +113,39 @@ def relabel_opset(path: Path, target: int = TENSORRT_86_MAX_OPSET) -> None:
     onnx.save(model, str(path))
 
 
+def modelopt_model(args: argparse.Namespace, fp32: Path, input_name: str, images: list[Path], folder: Path) -> Path:
+    """NVIDIA ModelOpt's ONNX PTQ of `fp32` (INT8, max calibration), made by the throwaway venv's Python."""
+    from yoloq.calibration_data import CalibrationDataLoader
+
+    calib_npy = folder / "calib.npy"
+    loader = CalibrationDataLoader(images[: args.calib_images], input_name, 640, 8)
+    np.save(calib_npy, np.concatenate([batch[input_name] for batch in loader]))
+    target = folder / "modelopt.onnx"
+    script = PROJECT / "benchmarks" / "modelopt_ptq.py"
+    command = [str(args.modelopt_python), str(script), "--onnx", str(fp32), "--calib", str(calib_npy)]
+    subprocess.run([*command, "--out", str(target), "--method", "max"], check=True)
+    relabel_opset(target)
+    return target
+
+
+def manifest_entry(dest: Path, name: str, source: str, real: bool, files: dict[str, Path]) -> dict[str, Any]:
+    """Copy `files` (weights stripped from speed-only models) to DEST/name/ROW.onnx; the manifest's entry."""
+    entry: dict[str, Any] = {"name": name, "source": source, "real_weights": real, "files": {}}
+    for row, path in files.items():
+        target = dest / name / f"{row}.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if real:
+            shutil.copyfile(path, target)
+        else:
+            strip_weights(path, target)
+        entry["files"][row] = str(target.relative_to(dest))
+    sizes = ", ".join(f"{k} {(dest / v).stat().st_size / 1e6:.1f} MB" for k, v in entry["files"].items())
+    print(f"{name}: {sizes}")
+    return entry
+
+
 def prepare(args: argparse.Namespace) -> int:
     from yoloq.calibrate import calibration_statistics, write_qdq_model
-    from yoloq.calibration_data import CalibrationDataLoader
     from yoloq.config import CalibrationConfig, ExportConfig, ModelConfig, SimplifyConfig
     from yoloq.export import export_model
     from yoloq.preprocess import list_images
@@ -131,60 +164,49 @@ def prepare(args: argparse.Namespace) -> int:
     models = []
     for spec in args.model:
         name, source = spec.split("=", 1)
-        real = not source.endswith((".yaml", ".yml"))
-        exported = export_model(ModelConfig(path=Path(source)), ExportConfig(), cache / name / "export")
-        simplified = simplify_model(
-            exported.onnx_path, calib_images[:4], exported.input_name, 640, SimplifyConfig(), cache / name / "simplify"
-        )
-        fp32 = simplified.onnx_path
-        stats = calibration_statistics(fp32, exported.input_name, 640, calibration, [], cache / name, args.calib_images)
-        files: dict[str, Path] = {"fp32": fp32}
-        if name in overrides:
-            files["qdq"] = Path(overrides[name])
-        else:
-            files["qdq"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, None, cache / name, 640).path
-        files["qdq-all"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, [], cache / name, 640).path
-        model = prepare_model(fp32)
-        head = analyze_head(model)
-        stem = write_qdq_model(fp32, stats, args.algorithm, 99.99, head.stem_convs, cache / name, 640)
-        files["qdq-stem"] = stem.path
-        conv_only = place_qdq(model, head, default_float_convs(head), rules=["conv input"])
-        files["qdq-conv"] = cache / name / "qdq-conv.onnx"
-        onnx.save(insert_qdq(model, conv_only, amax_for(stats.stats, args.algorithm, 99.99)), str(files["qdq-conv"]))
-        if args.modelopt_python:
-            calib_npy = cache / name / "calib.npy"
-            loader = CalibrationDataLoader(calib_images[: args.calib_images], exported.input_name, 640, 8)
-            np.save(calib_npy, np.concatenate([batch[exported.input_name] for batch in loader]))
-            files["modelopt"] = cache / name / "modelopt.onnx"
-            subprocess.run(
-                [
-                    str(args.modelopt_python),
-                    str(PROJECT / "benchmarks" / "modelopt_ptq.py"),
-                    "--onnx",
-                    str(fp32),
-                    "--calib",
-                    str(calib_npy),
-                    "--out",
-                    str(files["modelopt"]),
-                    "--method",
-                    "max",
-                ],
-                check=True,
+        forms = [(name, SimplifyConfig())]
+        if args.s2d:
+            forms.append((f"{name}-s2d", SimplifyConfig(stem_space_to_depth=True)))
+        base: Path | None = None
+        for entry_name, simplify_config in forms:
+            real = not source.endswith((".yaml", ".yml"))
+            exported = export_model(ModelConfig(path=Path(source)), ExportConfig(), cache / name / "export")
+            simplified = simplify_model(
+                exported.onnx_path,
+                calib_images[:4],
+                exported.input_name,
+                640,
+                simplify_config,
+                cache / entry_name / "simplify",
             )
-            relabel_opset(files["modelopt"])
-        entry: dict[str, Any] = {"name": name, "source": source, "real_weights": real, "files": {}}
-        for row, path in files.items():
-            target = dest / name / f"{row}.onnx"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if real:
-                shutil.copyfile(path, target)
+            print(f"{entry_name}: {simplified.message}")
+            if entry_name != name and "SpaceToDepth" not in simplified.message:
+                continue  # no stride-2 stem to rewrite (YOLOv8): no second entry
+            fp32 = simplified.onnx_path
+            stats = calibration_statistics(
+                fp32, exported.input_name, 640, calibration, [], cache / entry_name, args.calib_images
+            )
+            files: dict[str, Path] = {"fp32": fp32}
+            if base is not None:
+                files["base"] = base  # the unrewritten FP32 model: rows fp16-base and int8-implicit-base
+            if entry_name in overrides:
+                files["qdq"] = Path(overrides[entry_name])
             else:
-                strip_weights(path, target)
-            entry["files"][row] = str(target.relative_to(dest))
-        models.append(entry)
-        print(
-            f"{name}: {', '.join(f'{k} {(dest / v).stat().st_size / 1e6:.1f} MB' for k, v in entry['files'].items())}"
-        )
+                files["qdq"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, None, cache / entry_name, 640).path
+            files["qdq-all"] = write_qdq_model(fp32, stats, args.algorithm, 99.99, [], cache / entry_name, 640).path
+            model = prepare_model(fp32)
+            head = analyze_head(model)
+            stem = write_qdq_model(fp32, stats, args.algorithm, 99.99, head.stem_convs, cache / entry_name, 640)
+            files["qdq-stem"] = stem.path
+            conv_only = place_qdq(model, head, default_float_convs(head), rules=["conv input"])
+            files["qdq-conv"] = cache / entry_name / "qdq-conv.onnx"
+            onnx.save(
+                insert_qdq(model, conv_only, amax_for(stats.stats, args.algorithm, 99.99)), str(files["qdq-conv"])
+            )
+            if args.modelopt_python:
+                files["modelopt"] = modelopt_model(args, fp32, exported.input_name, calib_images, cache / entry_name)
+            models.append(manifest_entry(dest, entry_name, source, real, files))
+            base = base or fp32
     atomic_write_json(dest / MANIFEST, {"models": models, "algorithm": args.algorithm, "calib": str(args.calib)})
     return 0
 
@@ -236,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
             for row in ("qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt")
         },
     }
+    for row, like in BASE_ROWS.items():
+        variants[row] = variants[like].model_copy(update={"name": row})
     wanted = [row for row in args.rows.split(",") if row]
     if set(wanted) - set(ROWS):
         raise SystemExit(f"--rows: unknown {sorted(set(wanted) - set(ROWS))}; choose from {', '.join(ROWS)}")
@@ -267,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
         built: dict[str, Any] = {}
         model_results = results["models"].setdefault(name, {"real_weights": entry["real_weights"], "rows": {}})
         for row in wanted:
-            if row not in files and row not in ("fp16", "int8-implicit"):
+            source_key = "base" if row in BASE_ROWS else "fp32"
+            if source_key not in files or (row not in files and row not in ("fp16", "int8-implicit", *BASE_ROWS)):
                 continue
             deadline = left() - args.reserve_s  # what is left after measuring the engines built so far
             if deadline < args.min_build_s:
@@ -278,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
             limited.build.timeout_s = deadline  # a build that would overrun the call is killed, the rest is kept
             try:
                 built[row] = build_variant_with_deadline(
-                    variants[row], limited, files["fp32"], qdq, folder / "engines", lambda m: print(m, flush=True)
+                    variants[row], limited, files[source_key], qdq, folder / "engines", lambda m: print(m, flush=True)
                 )
             except Exception as exc:  # record and go on: one failed build must not lose the others
                 model_results["rows"][row] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
@@ -380,6 +405,7 @@ def main() -> int:
     p.add_argument("--algorithm", default="mse")
     p.add_argument("--cache", type=Path, default=PROJECT / "runs/gpu-int8-prepare")
     p.add_argument("--modelopt-python", type=Path, help="python of a venv with nvidia-modelopt[onnx]")
+    p.add_argument("--s2d", action="store_true", help="also NAME-s2d: the stride-2 stem rewritten (yoloq.stem)")
     r = steps.add_parser("run")
     r.add_argument("--inputs", type=Path, default=PROJECT / ".trt-inputs")
     r.add_argument("--out", type=Path, required=True)

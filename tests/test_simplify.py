@@ -53,3 +53,13 @@ def test_tolerance_is_applied(exported, tmp_path, tolerance):
     result = simplify_model(exported.onnx_path, list_images(CALIB_IMAGES), exported.input_name, 640, config, tmp_path)
     # either bit-identical (equivalent) or rejected with the numbers in the message
     assert result.equivalent or "differs" in result.message
+
+
+def test_the_stem_rewrite_is_checked_with_the_simplification(exported, tmp_path):
+    config = SimplifyConfig(stem_space_to_depth=True)
+    result = simplify_model(exported.onnx_path, list_images(CALIB_IMAGES), exported.input_name, 640, config, tmp_path)
+    assert result.simplified and result.equivalent and result.max_rel_error <= 1e-3  # float summation order only
+    assert "stem /model.0/conv/Conv as SpaceToDepth" in result.message
+    model = onnx.load(str(result.onnx_path))
+    depth = next(node for node in model.graph.node if node.op_type == "SpaceToDepth")
+    assert depth.input[0] == exported.input_name and model.metadata_props

@@ -59,6 +59,11 @@ class SimplifyConfig(Section):
     check_images: int = Field(4, ge=1, le=64, description="calibration images used to prove equivalence")
     atol: float = Field(1e-3, gt=0)
     rtol: float = Field(1e-3, gt=0)
+    stem_space_to_depth: bool = Field(
+        False,
+        description="rewrite a stride-2 even-kernel stem (YOLOv5's 6x6) as SpaceToDepth + a stride-1 conv: same "
+        "outputs, an ordinary INT8 conv for TensorRT",
+    )
 
 
 class CalibrationConfig(Section):

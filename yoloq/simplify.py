@@ -1,4 +1,5 @@
-"""Stage 2, simplify: onnxsim, then prove numerical equivalence with Polygraphy's comparator on real images."""
+"""Stage 2, simplify: onnxsim (and the stem rewrite, yoloq.stem), then prove numerical equivalence with
+Polygraphy's comparator on real images."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from yoloq.artifacts import atomic_path, atomic_write_json, file_sha256, read_js
 from yoloq.cache import cache_path, get_or_create
 from yoloq.calibration_data import CalibrationDataLoader
 from yoloq.config import SimplifyConfig
+from yoloq.stem import space_to_depth_stem
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,20 @@ def _simplify(
             True,
             time.perf_counter() - start,
         )
+    rewrite = ""
+    if config.stem_space_to_depth:
+        simplified_model, stem = space_to_depth_stem(simplified_model)
+        rewrite = f"; stem {stem} as SpaceToDepth + a stride-1 conv" if stem else "; no stride-2 even-kernel stem"
     with atomic_path(final) as tmp:
         onnx.save(simplified_model, str(tmp))
         loader = CalibrationDataLoader(check, input_name, imgsz, batch_size=1)
         max_abs, max_rel, equivalent = compare_models(source, tmp, loader, config.atol, config.rtol)
     nodes_after = len(simplified_model.graph.node)
     if equivalent:
-        message = f"simplified {nodes_before} -> {nodes_after} nodes; outputs equal within atol {config.atol}"
+        message = f"simplified {nodes_before} -> {nodes_after} nodes{rewrite}; outputs equal within atol {config.atol}"
     else:
         message = (
-            f"simplified model differs (max abs {max_abs:.3g}, max rel {max_rel:.3g} > atol {config.atol}/"
+            f"simplified model{rewrite} differs (max abs {max_abs:.3g}, max rel {max_rel:.3g} > atol {config.atol}/"
             f"rtol {config.rtol}); continuing with the unsimplified model"
         )
     return SimplifyResult(
