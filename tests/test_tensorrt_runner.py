@@ -104,3 +104,18 @@ def test_yoloq_validate_on_an_engine_closes_its_runner_when_validation_fails(mon
     with pytest.raises(RuntimeError, match="execute_async_v3"):
         flows.cli.main([*args, "--num-images", "2"])
     assert runner.closed
+
+
+def test_plugins_are_registered_before_an_engine_is_deserialized() -> None:
+    """An engine holding EfficientNMS_TRT cannot be loaded unless TensorRT's plugins are registered first (measured
+    on the H200 kit); TensorRT builds without init_libnvinfer_plugins are left alone."""
+    from types import SimpleNamespace
+
+    from yoloq.backends.tensorrt.runner import load_plugins
+
+    calls: list[tuple[object, str]] = []
+    load_plugins(
+        SimpleNamespace(init_libnvinfer_plugins=lambda logger, namespace: calls.append((logger, namespace))), "L"
+    )
+    assert calls == [("L", "")]
+    load_plugins(SimpleNamespace(), "L")  # no such entry point: nothing to do, no error

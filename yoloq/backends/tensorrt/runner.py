@@ -63,6 +63,7 @@ class TensorRTRunner:
         except OSError as exc:
             raise InputError(f"cannot read the engine {engine_path}: {exc}") from exc
         self._stream = cuda.Stream()
+        load_plugins(trt, logger)
         self._runtime = trt.Runtime(logger)
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
@@ -233,3 +234,12 @@ def numpy_dtype(trt_dtype: Any) -> type:
     if name not in _NUMPY_DTYPES:
         raise InputError(f"TensorRT tensor type {name} has no NumPy equivalent in yoloq")
     return _NUMPY_DTYPES[name]
+
+
+def load_plugins(trt: Any, logger: Any) -> None:
+    """Register TensorRT's bundled plugins (EfficientNMS_TRT for `tensorrt.nms: efficient_nms`) before an engine is
+    deserialized: an engine that holds a plugin cannot be loaded otherwise (measured on the H200 kit: "getPluginCreator
+    could not find plugin: EfficientNMS_TRT"). The builder side gets them from Polygraphy's ONNX loader."""
+    init = getattr(trt, "init_libnvinfer_plugins", None)
+    if init is not None:
+        init(logger, "")
