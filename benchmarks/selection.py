@@ -11,8 +11,9 @@ score is "picked"; what matters is that pick's mAP50-95 on the report images, ag
 
 Selectors:
 - `map`: mAP50-95 against the selection set's labels (the paired delta vs FP32 on the same images);
-- `agree`: label-free, mAP50-95 of the candidate's detections against FP32's confident ones (yoloq.agreement) on
-  the selection images;
+- `agree`: label-free, mAP50-95 of the candidate's detections against FP32's confident ones (yoloq.agreement,
+  score >= 0.25) on the selection images; `agree@S` for each S of --min-scores: the same with FP32's detections of
+  score >= S as the pseudo labels;
 - `agree-calib`: the same on the calibration images (needs no extra images at all; they are never reported on).
 
 Printed: per candidate, every score; per selector and size, the Spearman rank correlation with the report delta
@@ -77,6 +78,9 @@ def main() -> int:
     parser.add_argument("--subsets", default="64,128,256,512")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--percentile", type=float, default=99.99)
+    parser.add_argument(
+        "--min-scores", default="", help="also agreement with FP32's detections of at least these scores, e.g. 0.1,0.05"
+    )
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -139,11 +143,11 @@ def main() -> int:
             truths, found = [truths[i] for i in index], [found[i] for i in index]
         return coco_map(truths, found, names).map50_95
 
-    def agree(name: str, set_name: str, index: np.ndarray | None = None) -> float:
+    def agree(name: str, set_name: str, index: np.ndarray | None = None, min_score: float = 0.25) -> float:
         truths, found, ref = sets[set_name], detections[(name, set_name)], detections[("fp32", set_name)]
         if index is not None:
             truths, found, ref = [truths[i] for i in index], [found[i] for i in index], [ref[i] for i in index]
-        return agreement(truths, ref, found, names).map50_95
+        return agreement(truths, ref, found, names, min_score).map50_95
 
     quantized = [c.name for c in candidates if c.name != "fp32"]
     fp32_report = labelled("fp32", "report")
@@ -179,6 +183,8 @@ def main() -> int:
         "map": lambda name, index: labelled(name, "select", index),
         "agree": lambda name, index: agree(name, "select", index),
     }
+    for min_score in (float(x) for x in args.min_scores.split(",") if x):
+        selectors[f"agree@{min_score:g}"] = lambda name, index, m=min_score: agree(name, "select", index, m)
     for selector, score in selectors.items():
         for n in sizes:
             draws = 1 if n == total else args.draws
