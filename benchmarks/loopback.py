@@ -13,6 +13,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def small_run_params(tracking_uri: str, output_dir: Path) -> dict[str, Any]:
+    """The shipped params.yaml as a dict, cut down for runs against the loopback servers: 16 calibration and 8
+    validation images, ONNX Runtime, no INT8 search, a gate 8 images can judge, logging to `tracking_uri`."""
+    data = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    data["model"]["path"] = str(PROJECT / "data/models/yolov5n.pt")
+    data["calibration"].update(images=str(PROJECT / "data/coco/calib/images"), num_images=16)
+    data["validation"].update(
+        images=str(PROJECT / "data/coco/val/images"),
+        labels=str(PROJECT / "data/coco/val/labels"),
+        num_images=8,
+        timing={"warmup": 1, "iterations": 2, "batch_size": 8},
+    )
+    data["backend"] = "onnxruntime"
+    data["search"]["enabled"] = False  # the INT8 search has its own end-to-end test (tests/test_flow.py)
+    data["gate"]["max_map_drop"] = 0.015  # 8 images cannot resolve the shipped 0.5 point
+    data["mlflow"]["tracking_uri"] = tracking_uri
+    data["output_dir"] = str(output_dir)
+    return data
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -33,7 +33,7 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # this checkout's flows and yoloq, when run as a script
 
-from benchmarks.loopback import Processes, free_port, http_ok, server_env, wait_until  # noqa: E402
+from benchmarks.loopback import Processes, free_port, http_ok, server_env, small_run_params, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -127,22 +127,9 @@ def api(prefect_url: str, path: str, body: dict[str, Any] | None = None) -> Any:
 
 def write_params(root: Path, tracking_uri: str) -> Path:
     """params.yaml with small data (16 calibration, 8 validation images, no search), logging to `tracking_uri`."""
-    data = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    data["model"]["path"] = str(PROJECT / "data/models/yolov5n.pt")
-    data["calibration"].update(images=str(PROJECT / "data/coco/calib/images"), num_images=16)
-    data["validation"].update(
-        images=str(PROJECT / "data/coco/val/images"),
-        labels=str(PROJECT / "data/coco/val/labels"),
-        num_images=8,
-        timing={"warmup": 1, "iterations": 2, "batch_size": 8},
-    )
+    data = small_run_params(tracking_uri, root / "runs")
     select = PROJECT / "data/coco/select"
     data["selection"].update(images=str(select / "images"), labels=str(select / "labels"))
-    data["backend"] = "onnxruntime"
-    data["search"]["enabled"] = False
-    data["gate"]["max_map_drop"] = 0.015  # 8 images cannot resolve the shipped 0.5 point
-    data["mlflow"]["tracking_uri"] = tracking_uri
-    data["output_dir"] = str(root / "runs")
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from benchmarks.loopback import Processes, free_port, http_ok, server_env, wait_until
-from tests.conftest import PROJECT, shipped
+from benchmarks.loopback import Processes, free_port, http_ok, server_env, small_run_params, wait_until
+from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -81,21 +81,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 @pytest.fixture(scope="module")
 def project(servers) -> Path:
     """A params.yaml with small data, logging to the MLflow server; one output_dir shared by every run."""
-    data = shipped()
-    data["model"]["path"] = str(PROJECT / "data/models/yolov5n.pt")
-    data["calibration"].update(images=str(PROJECT / "data/coco/calib/images"), num_images=16)
-    data["validation"].update(
-        images=str(PROJECT / "data/coco/val/images"),
-        labels=str(PROJECT / "data/coco/val/labels"),
-        num_images=8,
-        timing={"warmup": 1, "iterations": 2, "batch_size": 8},
-    )
-    data["backend"] = "onnxruntime"
-    data["search"]["enabled"] = False  # the INT8 search has its own end-to-end test (tests/test_flow.py)
-    data["gate"]["max_map_drop"] = 0.015  # 8 images cannot resolve the shipped 0.5 point
+    data = small_run_params(servers["tracking_uri"], servers["root"] / "runs")
     data["selection"].update(images=str(PROJECT / "data/coco/select/images"), num_images=8)
-    data["mlflow"]["tracking_uri"] = servers["tracking_uri"]
-    data["output_dir"] = str(servers["root"] / "runs")
     data["schedule"] = {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}  # the served deployment's schedule
     path = servers["root"] / "params.yaml"
     path.write_text(yaml.safe_dump(data))
