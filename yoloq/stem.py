@@ -34,10 +34,15 @@ def _attributes(node: onnx.NodeProto) -> dict[str, object]:
 def find_stride2_stem(model: onnx.ModelProto) -> onnx.NodeProto | None:
     """The Conv that reads the graph's image input with stride 2, an even square kernel, even symmetric pads,
     no dilation and no groups, and constant weights; None when the model has no such stem (YOLOv8's 3x3 stem)."""
+    index = _stem_index(model)
+    return None if index is None else model.graph.node[index]
+
+
+def _stem_index(model: onnx.ModelProto) -> int | None:
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     inputs = {i.name for i in graph.input} - initializers
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
         if node.op_type != "Conv" or node.input[0] not in inputs or node.input[1] not in initializers:
             continue
         attrs = _attributes(node)
@@ -54,7 +59,7 @@ def find_stride2_stem(model: onnx.ModelProto) -> onnx.NodeProto | None:
             and pads[0] % BLOCK == 0
             and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
         ):
-            return node
+            return index
     return None
 
 
@@ -71,13 +76,12 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | 
     """A copy of `model` with its stride-2 even-kernel stem (see `find_stride2_stem`) as SpaceToDepth + a stride-1
     conv, and the stem conv's name; `model` unchanged and None when it has no such stem. The conv keeps its node
     name, so float-conv lists and sensitivity rankings still name it."""
-    found = find_stride2_stem(model)
-    if found is None:
+    index = _stem_index(model)
+    if index is None:
         return model, None
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     graph = rewritten.graph
-    index = next(i for i, node in enumerate(graph.node) if node.name == found.name and node.output == found.output)
     conv = graph.node[index]
     attrs = _attributes(conv)
     kernel = int(attrs["kernel_shape"][0]) // BLOCK
