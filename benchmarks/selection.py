@@ -59,6 +59,17 @@ class Candidate:
     path: Path
 
 
+def score_list(text: str) -> list[float]:
+    """--min-scores: comma-separated scores in (0, 1)."""
+    try:
+        scores = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 0.1,0.05") from None
+    if not all(0.0 < score < 1.0 for score in scores):
+        raise argparse.ArgumentTypeError(f"{text!r}: every score must lie between 0 and 1")
+    return scores
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -79,7 +90,10 @@ def main() -> int:
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--percentile", type=float, default=99.99)
     parser.add_argument(
-        "--min-scores", default="", help="also agreement with FP32's detections of at least these scores, e.g. 0.1,0.05"
+        "--min-scores",
+        type=score_list,
+        default=[],
+        help="also agreement with FP32's detections of at least these scores, e.g. 0.1,0.05",
     )
     args = parser.parse_args()
     out = args.out
@@ -183,7 +197,7 @@ def main() -> int:
         "map": lambda name, index: labelled(name, "select", index),
         "agree": lambda name, index: agree(name, "select", index),
     }
-    for min_score in (float(x) for x in args.min_scores.split(",") if x):
+    for min_score in args.min_scores:
         selectors[f"agree@{min_score:g}"] = lambda name, index, m=min_score: agree(name, "select", index, m)
     for selector, score in selectors.items():
         for n in sizes:
