@@ -24,10 +24,15 @@ Rows: fp16 (FP16 flag), int8-implicit (TensorRT's MinMax calibrator on --calib i
 Q/DQ model: every placement rule, the stem and head convs in float: the search's `.default` candidates), qdq-all
 (every placement rule, no conv in float: the search's `top0` candidates, what it ships when they pass), qdq-conv
 (only rule 1, conv inputs: yoloq's placement before the rules, for the ablation), qdq-stem (only the stem conv in
-float), modelopt (NVIDIA ModelOpt ONNX
-PTQ, INT8, default settings; made in a throwaway venv). `prepare --s2d` adds NAME-s2d: the model with its
-stride-2 stem rewritten (yoloq.stem, `simplify.stem_space_to_depth`), whose rows fp16-base and int8-implicit-base
+float), modelopt (NVIDIA ModelOpt ONNX PTQ, INT8, default settings; made in a throwaway venv), and any qdq-NAME
+row that `prepare --row` added (a Q/DQ model made elsewhere, e.g. a search candidate: `--row
+yolov8n:qdq-top4=PATH`). `prepare --s2d` adds NAME-s2d: the model with its stride-2 stem rewritten (yoloq.stem,
+`simplify.stem_space_to_depth`), whose rows fp16-base and int8-implicit-base
 are built from the unrewritten FP32 model, so both forms are timed in one interleaved group.
+
+`run --val A --val B ...` scores mAP on A (the table's column) and, with --detections, writes every row's
+detections on A + B + ... (one set, in that order) to OUT/detections/MODEL-ROW.npz, to be scored on the CPU
+machine (yoloq.cache.load_detections): TensorRT's accuracy on many images without spending GPU time on COCO eval.
 """
 
 from __future__ import annotations
@@ -55,6 +60,25 @@ from yoloq.artifacts import atomic_write_json, atomic_write_text, read_json  # n
 MANIFEST = "manifest.json"
 BASE_ROWS = {"fp16-base": "fp16", "int8-implicit-base": "int8-implicit"}  # built from the entry's unrewritten model
 ROWS = ("fp16", "int8-implicit", "qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt", *BASE_ROWS)
+EXTRA_ROW_PREFIX = "qdq-"  # prepare --row MODEL:qdq-NAME=PATH: more Q/DQ rows, built like qdq
+
+
+def is_row(row: str) -> bool:
+    return row in ROWS or (row.startswith(EXTRA_ROW_PREFIX) and len(row) > len(EXTRA_ROW_PREFIX))
+
+
+def extra_rows(specs: list[str]) -> dict[str, dict[str, Path]]:
+    """`MODEL:ROW=PATH` specs of `prepare --row` -> {model: {row: path}}; raises SystemExit on a bad spec."""
+    rows: dict[str, dict[str, Path]] = {}
+    for spec in specs:
+        model, _, rest = spec.partition(":")
+        row, _, path = rest.partition("=")
+        if not (model and path and row.startswith(EXTRA_ROW_PREFIX) and row not in ROWS):
+            raise SystemExit(f"--row {spec!r}: give MODEL:{EXTRA_ROW_PREFIX}NAME=PATH, e.g. yolov8n:qdq-top4=m.onnx")
+        rows.setdefault(model, {})[row] = Path(path)
+    return rows
+
+
 STRIP_BYTES = 4096  # speed-only models travel without initializers larger than this
 TENSORRT_86_MAX_OPSET = 17  # the newest ONNX opset TensorRT 8.6's parser reads
 
@@ -161,6 +185,7 @@ def prepare(args: argparse.Namespace) -> int:
     calib_images = list_images(args.calib)
     calibration = CalibrationConfig(images=args.calib, num_images=args.calib_images)
     overrides = dict(item.split("=", 1) for item in args.qdq)
+    added = extra_rows(args.row)
     models = []
     for spec in args.model:
         name, source = spec.split("=", 1)
@@ -203,6 +228,7 @@ def prepare(args: argparse.Namespace) -> int:
             onnx.save(
                 insert_qdq(model, conv_only, amax_for(stats.stats, args.algorithm, 99.99)), str(files["qdq-conv"])
             )
+            files.update(added.get(entry_name, {}))
             if args.modelopt_python:
                 files["modelopt"] = modelopt_model(args, fp32, exported.input_name, calib_images, cache / entry_name)
             models.append(manifest_entry(dest, entry_name, source, real, files))
@@ -221,12 +247,13 @@ def run(args: argparse.Namespace) -> int:
     from yoloq.backends.tensorrt.runner import TensorRTRunner
     from yoloq.backends.tensorrt.timing import time_device
     from yoloq.build import build_variant_with_deadline
-    from yoloq.config import ValidationConfig, VariantConfig, load_params
+    from yoloq.cache import save_detections
+    from yoloq.config import LabelledSet, ValidationConfig, VariantConfig, load_params
     from yoloq.export import read_facts
+    from yoloq.metrics import coco_map
     from yoloq.preprocess import list_images, load_preprocessed
     from yoloq.speed import tile_batch, time_interleaved
-    from yoloq.validate import evaluate as score_map
-    from yoloq.validate import load_validation_set
+    from yoloq.validate import detect, load_validation_set
 
     started = time.perf_counter()
     out: Path = args.out
@@ -258,11 +285,15 @@ def run(args: argparse.Namespace) -> int:
             for row in ("qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt")
         },
     }
+    for row in args.rows.split(","):
+        if row.startswith(EXTRA_ROW_PREFIX) and row not in variants:
+            variants[row] = variants["qdq"].model_copy(update={"name": row})
     for row, like in BASE_ROWS.items():
         variants[row] = variants[like].model_copy(update={"name": row})
     wanted = [row for row in args.rows.split(",") if row]
-    if set(wanted) - set(ROWS):
-        raise SystemExit(f"--rows: unknown {sorted(set(wanted) - set(ROWS))}; choose from {', '.join(ROWS)}")
+    unknown = sorted(row for row in wanted if not is_row(row))
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)} or {EXTRA_ROW_PREFIX}NAME")
     results_path = out / "results.json"
     results: dict[str, Any] = read_json(results_path) if results_path.is_file() else {"models": {}}
     results["settings"] = {
@@ -312,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
                 shutil.copyfile(timing_cache, out / "timing.cache")
         if not built:
             continue
-        images = list_images(args.val / "images")
+        images = list_images(args.val[0] / "images")
         frames = [f[0] for p in images[:32] if (f := load_preprocessed(p, 640)) is not None]
         batches = {size: tile_batch(np.stack(frames), size) for size in (1, 32)}
         with ExitStack() as stack:  # every runner is closed, also when a later one fails to load
@@ -328,8 +359,13 @@ def run(args: argparse.Namespace) -> int:
                 )
             dataset = None
             if facts is not None:
-                config = ValidationConfig(images=args.val / "images", labels=args.val / "labels", batch_size=32)
+                main, *more = args.val
+                extra = [LabelledSet(images=f / "images", labels=f / "labels") for f in more] if args.detections else []
+                config = ValidationConfig(
+                    images=main / "images", labels=main / "labels", extra_sets=extra, batch_size=32
+                )
                 dataset = load_validation_set(config, len(facts.names))
+                first = len(list_images(main / "images"))
             for row, runner in runners.items():
                 b32, b1 = speeds[32][row], speeds[1][row]
                 record = {
@@ -342,9 +378,11 @@ def run(args: argparse.Namespace) -> int:
                     "reused": built[row].details.get("reused"),
                 }
                 if dataset is not None:
-                    record["map50_95_val"] = score_map(
-                        runner, dataset, facts.head_format, 640, facts.names, config
-                    ).map50_95
+                    found = detect(runner, [t.path for t in dataset.truths], facts.head_format, 640, config)
+                    record["map50_95_val"] = coco_map(dataset.truths[:first], found[:first], facts.names).map50_95
+                    if args.detections:
+                        save_detections(out / "detections" / f"{name}-{row}.npz", found)
+                        record["detections_images"] = len(found)
                 model_results["rows"][row] = record
         for row, b in built.items():
             try:
@@ -400,6 +438,7 @@ def main() -> int:
     p.add_argument("--dest", type=Path, default=PROJECT / ".trt-inputs")
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help=".pt/.onnx, or .yaml")
     p.add_argument("--qdq", action="append", default=[], metavar="NAME=PATH", help="use this Q/DQ model as 'qdq'")
+    p.add_argument("--row", action="append", default=[], metavar="MODEL:qdq-NAME=PATH", help="one more Q/DQ row")
     p.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
     p.add_argument("--calib-images", type=int, default=128)
     p.add_argument("--algorithm", default="mse")
@@ -418,7 +457,8 @@ def main() -> int:
     r.add_argument("--models", default="", help="comma-separated models of the manifest, in the order to run them")
     r.add_argument("--calib", type=Path, default=PROJECT / "data/coco/calib/images")
     r.add_argument("--calib-images", type=int, default=128)
-    r.add_argument("--val", type=Path, default=PROJECT / "data/coco/val")
+    r.add_argument("--val", type=Path, action="append", help="folder with images/, labels/ (default data/coco/val)")
+    r.add_argument("--detections", action="store_true", help="write each row's detections on every --val folder")
     r.add_argument("--rounds", type=int, default=15)
     r.add_argument("--iterations", type=int, default=50)
     r.add_argument("--profile-iterations", type=int, default=20)
@@ -426,6 +466,8 @@ def main() -> int:
     r.add_argument("--min-build-s", type=float, default=60, help="skip a build when less budget than this is left")
     r.add_argument("--reserve-s", type=float, default=60, help="kept for timing, profiling and mAP of a model")
     args = parser.parse_args()
+    if args.step == "run" and not args.val:
+        args.val = [PROJECT / "data/coco/val"]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return prepare(args) if args.step == "prepare" else run(args)
 

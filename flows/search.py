@@ -137,7 +137,7 @@ def search_variant(
     tolerance = selection.config.tolerance
     logger.info(
         "search: candidates judged on %s (FP32 scores %.4f there); fewer convs in float pass at most %.2f points "
-        "below the best calibration",
+        "below the best candidate's score",
         selection.describe(),
         scorer.reference_score,
         tolerance * 100,
@@ -183,8 +183,8 @@ def search_variant(
         if below > tolerance + 1e-12:
             reasons.append(
                 f"{result.name}: {selection.config.metric} {result.map50_95:.4f} on the selection set is "
-                f"{below * 100:.2f} points below the best calibration's {best.map50_95:.4f} (the search allows "
-                f"{tolerance * 100:.2f})"
+                f"{below * 100:.2f} points below the best candidate's {best.map50_95:.4f} ({best.name}; the search "
+                f"allows {tolerance * 100:.2f})"
             )
         if fp16_speed.get(result.name, 0.0) > 0:
             speedup = result.throughput_ips / fp16_speed[result.name]

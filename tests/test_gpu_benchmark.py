@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
-from benchmarks.gpu_int8 import refill_weights, relabel_opset, strip_weights, table
+from benchmarks.gpu_int8 import extra_rows, is_row, refill_weights, relabel_opset, strip_weights, table
 from tests.test_quantize import yolov5_like
 
 
@@ -44,3 +45,15 @@ def test_the_table_marks_failed_builds_and_random_weights() -> None:
     }
     text = table(results)
     assert "| yolov8s | qdq | 9,000 | 1.30 | 0.500 | random weights |" in text and "failed: EngineBuildError" in text
+
+
+def test_extra_qdq_rows_name_their_model_and_file() -> None:
+    rows = extra_rows(["yolov8n:qdq-top4=a.onnx", "yolov8n:qdq-top8=b.onnx", "yolov5n:qdq-top2=c.onnx"])
+    assert rows == {
+        "yolov8n": {"qdq-top4": Path("a.onnx"), "qdq-top8": Path("b.onnx")},
+        "yolov5n": {"qdq-top2": Path("c.onnx")},
+    }
+    assert is_row("qdq-top4") and is_row("fp16") and not is_row("qdq-") and not is_row("fp8")
+    for bad in ("qdq-top4=a.onnx", "yolov8n:fp16=a.onnx", "yolov8n:qdq-all=a.onnx", "yolov8n:qdq-top4"):
+        with pytest.raises(SystemExit, match="MODEL:qdq-NAME=PATH"):
+            extra_rows([bad])

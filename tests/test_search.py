@@ -14,11 +14,11 @@ RANKING = [LayerSensitivity(f"conv{i}", i, 1.0 / (i + 1), 10.0 + i) for i in ran
 
 
 def within(tolerance: float, slow: bool = False):
-    """The flow's judge: at most `tolerance` below the best calibration's score (and, with `slow`, too slow)."""
+    """The flow's judge: at most `tolerance` below the best candidate's score (and, with `slow`, too slow)."""
 
     def judge(result: VariantResult, best: VariantResult) -> list[str]:
         below = best.map50_95 - result.map50_95
-        reasons = [f"{result.name}: {below * 100:.2f} points below the best calibration"] if below > tolerance else []
+        reasons = [f"{result.name}: {below * 100:.2f} points below the best candidate"] if below > tolerance else []
         return reasons + ([f"{result.name}: 0.80x the FP16 throughput"] if slow else [])
 
     return judge
@@ -59,42 +59,65 @@ def _run(config: SearchConfig, evaluate, rank, judge):
     )
 
 
-def test_search_picks_the_best_calibration_then_the_fewest_float_convs_that_pass() -> None:
+def test_search_picks_the_best_calibration_then_the_fewest_float_convs_near_the_best_candidate() -> None:
     config = SearchConfig(algorithms=["minmax", "mse"], calibration_sizes=[64, 128], float_steps=[0, 2, 4])
     maps = {
         "minmax-64.default": 0.3340,
         "minmax-128.default": 0.3345,
         "mse-64.default": 0.3352,
-        "mse-128.default": 0.3360,  # best calibration
-        "mse-128.top0": 0.3300,  # 0.6 points below the best calibration: fails
-        "mse-128.top2": 0.3370,  # passes: chosen, top4 never tried
-        "mse-128.top4": 0.3390,
+        "mse-128.default": 0.3360,  # best calibration: its ranges and ranking make the precision candidates
+        "mse-128.top0": 0.3300,  # 0.9 points below the best candidate: fails
+        "mse-128.top2": 0.3370,  # 0.2 below: passes with the fewest float convs, chosen
+        "mse-128.top4": 0.3390,  # the best candidate: the reference
     }
     outcome, evaluated, ranked = _search(maps, config)
     assert ranked == [("mse", 128)]
-    assert [c.name for c in evaluated][-2:] == ["int8.mse-128.top0", "int8.mse-128.top2"]
+    assert [c.name for c in evaluated][-3:] == ["int8.mse-128.top0", "int8.mse-128.top2", "int8.mse-128.top4"]
     assert outcome.passed and outcome.chosen.candidate.name == "int8.mse-128.top2"
     assert outcome.chosen.candidate.float_nodes == ("conv0", "conv1")  # the two most sensitive
     assert outcome.calibration.name == "int8.mse-128.default"
+    assert outcome.reference.name == "int8.mse-128.top4"
     table = candidates_table(outcome)
-    assert table.count("**chosen**") == 1 and "fail: 0.60 points below the best calibration" in table
+    assert table.count("**chosen**") == 1 and "fail: 0.90 points below the best candidate" in table
+
+
+def test_a_candidate_as_good_as_the_default_fails_when_a_few_float_convs_do_much_better() -> None:
+    """yolov8n, 128 shipped selection images (agreement, %): all-INT8 scored above the default-float model but 1.2
+    points below top4, and lost 0.71 points on 525 held-apart images where top4 lost 0.35."""
+    config = SearchConfig(algorithms=["mse"], calibration_sizes=[128], float_steps=[0, 2, 4, 8])
+    maps = {
+        "mse-128.default": 0.9481,
+        "mse-128.top0": 0.9495,
+        "mse-128.top2": 0.9542,
+        "mse-128.top4": 0.9617,
+        "mse-128.top8": 0.9601,
+    }
+    outcome, evaluated, _ = _search(maps, config)
+    assert outcome.chosen.candidate.name == "int8.mse-128.top4" and outcome.reference.name == "int8.mse-128.top4"
+    verdicts = {r.candidate.name.split(".", 1)[1]: r.passed for r in outcome.evaluated}
+    assert verdicts == {
+        "mse-128.default": False,
+        "mse-128.top0": False,
+        "mse-128.top2": False,
+        "mse-128.top4": True,
+        "mse-128.top8": True,
+    }
 
 
 def test_search_falls_back_to_the_best_calibration_or_reports_the_best() -> None:
     config = SearchConfig(algorithms=["minmax"], calibration_sizes=[64, 128], float_steps=[0, 3, 4, 8])
     maps = {
         "minmax-64.default": 0.3300,
-        "minmax-128.default": 0.3380,
+        "minmax-128.default": 0.3380,  # the best candidate
         "minmax-128.top0": 0.3200,
         "minmax-128.top3": 0.3290,
-        "minmax-128.top4": 0.3300,  # tried only when nothing passes (every candidate too slow, below)
+        "minmax-128.top4": 0.3300,
         "minmax-128.top8": 0.3310,
     }
     outcome, tried, _ = _search(maps, config)
     assert outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
     assert outcome.chosen.candidate.float_nodes == DEFAULT_FLOAT
-    # top4 and top8 would keep as many convs in float as the passing default, or more: never tried
-    assert [c.name for c in tried][-2:] == ["int8.minmax-128.top0", "int8.minmax-128.top3"]
+    assert len(tried) == 6  # every float step is scored: the reference is the best of all
     outcome, tried, _ = _search(maps, config, within(0.005, slow=True))
     assert not outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
     assert "no candidate passes" in outcome.summary and len(tried) == 6

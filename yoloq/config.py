@@ -272,7 +272,7 @@ class SelectionConfig(Section):
         ge=0.0,
         le=1.0,
         description="a candidate with fewer convs in float passes the search when its selection score is at most "
-        "this below the best calibration's (0.005 = 0.5 points)",
+        "this below the best candidate's (0.005 = 0.5 points)",
     )
 
     @model_validator(mode="after")
