@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks.gpu_int8 import extra_rows, is_row, refill_weights, relabel_opset, strip_weights, table
+from tests.conftest import VAL_IMAGES, VAL_LABELS
 from tests.test_quantize import yolov5_like
 
 
@@ -57,3 +60,37 @@ def test_extra_qdq_rows_name_their_model_and_file() -> None:
     for bad in ("qdq-top4=a.onnx", "yolov8n:fp16=a.onnx", "yolov8n:qdq-all=a.onnx", "yolov8n:qdq-top4"):
         with pytest.raises(SystemExit, match="MODEL:qdq-NAME=PATH"):
             extra_rows([bad])
+
+
+def test_saved_detections_are_scored_per_set_against_the_reference(
+    tmp_path: Path, exported, capsys, monkeypatch
+) -> None:
+    from benchmarks import score_detections
+    from yoloq.cache import save_detections
+    from yoloq.heads import Detections
+    from yoloq.labels import load_ground_truth
+    from yoloq.preprocess import list_images
+
+    sets = []
+    for name, images in (("a", slice(0, 3)), ("b", slice(3, 5))):
+        folder = tmp_path / name
+        (folder / "images").mkdir(parents=True)
+        (folder / "labels").mkdir()
+        for image in list_images(VAL_IMAGES)[images]:
+            shutil.copy(image, folder / "images")
+            shutil.copy(VAL_LABELS / f"{image.stem}.txt", folder / "labels")
+        sets.append(folder)
+    names = exported.facts.names
+    truths = [t for f in sets for t in load_ground_truth(list_images(f / "images"), f / "labels", len(names))[0]]
+    perfect = [
+        Detections(t.boxes_xyxy.astype(np.float32), np.ones(len(t.classes), np.float32), t.classes) for t in truths
+    ]
+    save_detections(tmp_path / "m-fp16.npz", perfect)
+    save_detections(tmp_path / "m-int8.npz", [*perfect[:3], Detections.empty(), Detections.empty()])
+    argv = ["x", "--model", str(exported.onnx_path), "--set", str(sets[0]), "--set", str(sets[1])]
+    monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path / "m-fp16.npz"), str(tmp_path / "m-int8.npz")])
+    assert score_detections.main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| detections | all 5 | Δ | first 3 | Δ | rest 2 |")
+    assert lines[2] == "| m-fp16 | 100.00 | +0.00 | 100.00 | +0.00 | 100.00 | +0.00 |"
+    assert lines[3].startswith("| m-int8 |") and "| 100.00 | +0.00 | 0.00 | -100.00 |" in lines[3]

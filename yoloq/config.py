@@ -271,8 +271,8 @@ class SelectionConfig(Section):
         0.005,
         ge=0.0,
         le=1.0,
-        description="a candidate with fewer convs in float passes the search when its selection score is at most "
-        "this below the best candidate's (0.005 = 0.5 points)",
+        description="a candidate passes the search when its selection score is at most this below the reference, "
+        "the best score of the candidates with no more float convs than the default (0.005 = 0.5 points)",
     )
 
     @model_validator(mode="after")
