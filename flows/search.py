@@ -264,6 +264,7 @@ def search_variant(
         {
             f"{variant.name}.search.summary": outcome.summary,
             f"{variant.name}.search.chosen": outcome.chosen.candidate.name,
+            f"{variant.name}.search.reference": outcome.reference.name,
             f"{variant.name}.search.float_convs": ",".join(chosen.float_nodes),
             f"{variant.name}.search.selected_on": selection.describe(),
         },
@@ -367,7 +368,9 @@ def _write_report(
     report = (
         f"# INT8 search for {name}\n\n{outcome.summary}\n\nCandidates were judged on the selection set, "
         f"{selection.describe()}: scores are {selection.config.metric}, not report numbers (the validation set's "
-        "mAP of the chosen candidate is in the run's results table).\n\n## Candidates (in the order tried)\n\n"
+        "mAP of the chosen candidate is in the run's results table). The reference, the best score with no more "
+        f"convs in float than the default: {outcome.reference.name}; a candidate passes at most "
+        f"{selection.config.tolerance * 100:.2f} points below it.\n\n## Candidates (in the order tried)\n\n"
         f"{candidates_table(outcome)}\n\n## Convs kept in float\n\n" + "\n".join(lines) + "\n\n"
         f"## Sensitivity ({sensitivity.algorithm} ranges, {sensitivity.num_images} calibration images)\n\n"
         f"{sensitivity_table(sensitivity.layers, float_nodes)}\n"
@@ -381,6 +384,7 @@ def _write_report(
                 "passed": outcome.passed,
                 "chosen": outcome.chosen.candidate.name,
                 "calibration": outcome.calibration.name,
+                "reference": outcome.reference.name,
                 "float_convs": float_nodes,
                 "selection": {
                     "images": str(selection.config.images),

@@ -202,6 +202,8 @@ def test_search_logs_every_candidate_and_ships_the_chosen_one(first_run, project
     precision = [n for n, c in candidates.items() if c.data.params["search.stage"] == "precision"]
     assert precision and all(n.startswith(best.data.tags["mlflow.runName"].rsplit(".", 1)[0]) for n in precision)
     assert chosen_name in candidates and {"fp32", "int8"} <= set(by_name)
+    reference = candidates[parent.data.tags["int8.search.reference"]]  # a passing candidate is at most 0.5 below it
+    assert candidates[chosen_name].data.metrics["selection.score"] >= reference.data.metrics["selection.score"] - 0.005
     # candidates were judged on the selection images only: no report (validation) number in their runs
     assert all("map50_95" not in c.data.metrics for c in candidates.values())
     assert all([d.dataset.name for d in c.inputs.dataset_inputs] == ["selection"] for c in candidates.values())
