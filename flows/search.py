@@ -22,10 +22,12 @@ from flows.prepare import PreparedModels
 from flows.tracking import CANDIDATE_KIND, RunTracker
 from tasks.build import build_task
 from tasks.calibrate import qdq_task, sensitivity_task, statistics_task
+from tasks.profile import ProfileOutcome, profile_task
 from tasks.speed import speed_task
 from tasks.validate import detect_task, validate_task
 from yoloq.artifacts import atomic_write_json, atomic_write_text
 from yoloq.backends import BuiltModel
+from yoloq.backends.tensorrt.profile import profile_line
 from yoloq.calibrate import CalibrationStats
 from yoloq.config import Params, VariantConfig
 from yoloq.errors import EngineBuildError
@@ -62,6 +64,7 @@ class _Evaluated:
     built: BuiltModel
     float_nodes: list[str]
     manifest: Path | None  # the Q/DQ model's calibration manifest (Q/DQ variants)
+    profile: ProfileOutcome  # TensorRT candidates timed against FP16: their per-layer profile (else empty)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,8 @@ def search_variant(
     scorer = SelectionScorer(selection, detect_task(fp32_built, selection.images, facts, params), facts.names)
     tolerance = selection.config.tolerance
     logger.info(
-        "search: candidates judged on %s (FP32 scores %.4f there); fewer convs in float pass at most %.2f points "
-        "below the best candidate's score",
+        "search: candidates judged on %s (FP32 scores %.4f there); a candidate passes at most %.2f points below "
+        "the reference, the best score with no more convs in float than the default",
         selection.describe(),
         scorer.reference_score,
         tolerance * 100,
@@ -170,11 +173,15 @@ def search_variant(
             raise CandidateFailed(str(exc)) from exc
         score = round(scorer.score(detect_task(built, selection.images, facts, params)), 4)  # 0.01 points: no CPU noise
         timing = NOT_TIMED
+        profile = ProfileOutcome()
         if fp16 is not None and timed:
             timings = speed_task({"fp16": fp16, candidate.name: built}, dataset, facts, params)
             timing, fp16_speed[candidate.name] = timings[candidate.name], timings["fp16"].throughput_ips
+            profile = profile_task(
+                built, params, ctx.report_dir / f"search-{variant.name}" / "profiles" / candidate.name
+            )
         result = selection_result(candidate.name, built, score, scorer.reference_score, timing)
-        evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest)
+        evaluated[candidate.name] = _Evaluated(built, float_nodes, manifest, profile)
         return result
 
     def judge(result: VariantResult, best: VariantResult) -> list[str]:
@@ -189,9 +196,11 @@ def search_variant(
         if fp16_speed.get(result.name, 0.0) > 0:
             speedup = result.throughput_ips / fp16_speed[result.name]
             if speedup < params.gate.min_speedup_vs_fp16:
+                profile = evaluated[result.name].profile.metrics
+                why = f"; why, per layer: {profile_line(profile)}" if profile else ""
                 reasons.append(
                     f"{result.name}: {speedup:.2f}x the FP16 throughput at batch {result.throughput_batch} "
-                    f"(gate wants at least {params.gate.min_speedup_vs_fp16:.2f}x)"
+                    f"(gate wants at least {params.gate.min_speedup_vs_fp16:.2f}x{why})"
                 )
         return reasons
 
@@ -241,6 +250,7 @@ def search_variant(
             kept.manifest if kept else None,
             fp16_speed.get(tried.candidate.name),
             selection,
+            kept.profile if kept else ProfileOutcome(),
         )
     chosen = evaluated[outcome.chosen.candidate.name]
     details = dict(chosen.built.details)
@@ -306,6 +316,7 @@ def _log_candidate(
     manifest: Path | None,
     fp16_ips: float | None,
     selection: SelectionSet,
+    profile: ProfileOutcome,
 ) -> None:
     candidate, result = tried.candidate, tried.result
     params = {
@@ -335,9 +346,11 @@ def _log_candidate(
             metrics |= {"throughput_ips": result.throughput_ips, "latency_ms_b1": result.latency_ms_b1}
             if fp16_ips:
                 metrics["speedup_vs_fp16"] = result.throughput_ips / fp16_ips
-        tracker.log_metrics(run_id, metrics)
+        tracker.log_metrics(run_id, metrics | profile.metrics)
     if manifest:
         tracker.log_artifacts(run_id, [manifest])
+    if profile.files:
+        tracker.log_artifacts(run_id, profile.files, "profile")
     tracker.finish(run_id)
 
 

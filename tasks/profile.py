@@ -34,7 +34,7 @@ def profile_task(built: BuiltModel, params: Params, out_dir: Path) -> ProfileOut
     if not backend_spec(built.variant.backend).profiled or not settings.enabled:
         return ProfileOutcome()
     from yoloq.backends.tensorrt.environment import load_environment
-    from yoloq.backends.tensorrt.profile import profile_engine
+    from yoloq.backends.tensorrt.profile import profile_engine, profile_line
     from yoloq.backends.tensorrt.profile_report import write_profile
 
     try:
@@ -45,16 +45,5 @@ def profile_task(built: BuiltModel, params: Params, out_dir: Path) -> ProfileOut
         logger.warning("profile %s: no profile: %s", name, exc)
         return ProfileOutcome(error=f"{type(exc).__name__}: {exc}")
     metrics = files.metrics
-    logger.info(
-        "profile %s: %.3f ms per batch of %d, %d/%d/%d INT8/FP16/FP32 convs, %d reformats (%.3f ms); %s",
-        name,
-        metrics["profile.total_ms"],
-        profiled.batch,
-        metrics["profile.int8_convs"],
-        metrics["profile.fp16_convs"],
-        metrics["profile.fp32_convs"],
-        metrics["profile.reformat_count"],
-        metrics["profile.reformat_ms"],
-        files.markdown,
-    )
+    logger.info("profile %s: %s (batch %d); %s", name, profile_line(metrics), profiled.batch, files.markdown)
     return ProfileOutcome(files.paths, metrics)

@@ -23,6 +23,7 @@ from yoloq.backends.tensorrt.profile import (
     name_parts,
     precision_of_kernel,
     profile_engine,
+    profile_line,
     profile_metrics,
     summarize,
 )
@@ -208,6 +209,8 @@ def test_metrics_name_the_key_numbers():
     assert metrics["profile.tf32_convs"] == 1 and metrics["profile.unknown_convs"] == 0
     assert metrics["profile.fp32_conv_ms"] == 1.17
     assert "profile.bf16_convs" not in metrics  # rarer precisions only when present
+    total = sum(TIMES.values())
+    assert profile_line(metrics) == f"{total:.3f} ms per batch, 1/1/1 INT8/FP16/FP32 convs, 1 reformats (0.200 ms)"
 
 
 def test_findings_name_float_convs_reformats_and_qdq():

@@ -291,6 +291,15 @@ def profile_metrics(summary: ProfileSummary) -> dict[str, float]:
     return metrics
 
 
+def profile_line(metrics: dict[str, float]) -> str:
+    """`profile_metrics` in one line: "3.081 ms per batch, 51/3/10 INT8/FP16/FP32 convs, 44 reformats (0.859 ms)"."""
+    convs = "/".join(f"{metrics.get(f'profile.{p}_convs', 0.0):.0f}" for p in ("int8", "fp16", "fp32"))
+    return (
+        f"{metrics['profile.total_ms']:.3f} ms per batch, {convs} INT8/FP16/FP32 convs, "
+        f"{metrics['profile.reformat_count']:.0f} reformats ({metrics['profile.reformat_ms']:.3f} ms)"
+    )
+
+
 def findings(profile: EngineProfile, summary: ProfileSummary) -> list[str]:
     """Plain statements of where an engine spends time it might not need to (no advice beyond the facts)."""
     total = summary.total_ms or 1.0
