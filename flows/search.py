@@ -196,11 +196,8 @@ def search_variant(
         if fp16_speed.get(result.name, 0.0) > 0:
             speedup = result.throughput_ips / fp16_speed[result.name]
             if speedup < params.gate.min_speedup_vs_fp16:
-                profile = evaluated[result.name].profile.metrics
-                why = f"; why, per layer: {profile_line(profile)}" if profile else ""
                 reasons.append(
-                    f"{result.name}: {speedup:.2f}x the FP16 throughput at batch {result.throughput_batch} "
-                    f"(gate wants at least {params.gate.min_speedup_vs_fp16:.2f}x{why})"
+                    too_slow(result, speedup, params.gate.min_speedup_vs_fp16, evaluated[result.name].profile.metrics)
                 )
         return reasons
 
@@ -306,6 +303,15 @@ def selection_result(
         size_mb=built.size_mb,
         model_path=built.path,
         delta_map50_95=score - reference_score,
+    )
+
+
+def too_slow(result: VariantResult, speedup: float, minimum: float, profile: dict[str, float]) -> str:
+    """Why a candidate fails the speed gate, with its per-layer profile when there is one."""
+    why = f"; why, per layer: {profile_line(profile)}" if profile else ""
+    return (
+        f"{result.name}: {speedup:.2f}x the FP16 throughput at batch {result.throughput_batch} "
+        f"(gate wants at least {minimum:.2f}x{why})"
     )
 
 
