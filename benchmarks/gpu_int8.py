@@ -22,7 +22,7 @@ cache, so a later call (a fresh machine) starts warm.
 
 Rows: fp16 (FP16 flag), int8-implicit (TensorRT's MinMax calibrator on --calib images, FP16 fallback), qdq (yoloq's
 Q/DQ model: every placement rule, the stem and head convs in float: the search's `.default` candidates), qdq-all
-(every placement rule, no conv in float: the search's `top0` candidates, what it ships when they pass), qdq-conv
+(every placement rule, no conv in float: the search's `top0` candidates, the fastest it can ship), qdq-conv
 (only rule 1, conv inputs: yoloq's placement before the rules, for the ablation), qdq-stem (only the stem conv in
 float), modelopt (NVIDIA ModelOpt ONNX PTQ, INT8, default settings; made in a throwaway venv), and any qdq-NAME
 row that `prepare --row` added (a Q/DQ model made elsewhere, e.g. a search candidate: `--row
