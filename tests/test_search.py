@@ -101,9 +101,23 @@ def test_a_candidate_as_good_as_the_default_fails_when_a_few_float_convs_do_much
         "mse-128.top0": False,
         "mse-128.top2": False,
         "mse-128.top4": True,
-        "mse-128.top8": True,
-        "mse-128.top10": True,
-    }
+    }  # top8 and top10 keep more float convs than the default and a candidate with fewer passes: never built
+    assert [c.name for c in evaluated][-1] == "int8.mse-128.top4"
+
+
+def test_more_float_convs_than_the_default_are_tried_only_when_nothing_else_passes() -> None:
+    config = SearchConfig(algorithms=["mse"], calibration_sizes=[128], float_steps=[0, 4, 8, 10])
+    maps = {"mse-128.default": 0.95, "mse-128.top0": 0.94, "mse-128.top4": 0.96, "mse-128.top8": 0.958}
+    maps["mse-128.top10"] = 0.97
+    slow = {"int8.mse-128.default", "int8.mse-128.top0", "int8.mse-128.top4"}  # too slow: fail the speed gate
+
+    def judge(result: VariantResult, reference: VariantResult) -> list[str]:
+        return within(0.005)(result, reference) + ([f"{result.name}: 0.9x the FP16 throughput"] * (result.name in slow))
+
+    outcome, evaluated, _ = _search(maps, config, judge)
+    assert outcome.reference.name == "int8.mse-128.top4"  # top10 scores higher but does not set the reference
+    assert outcome.chosen.candidate.name == "int8.mse-128.top8" and outcome.passed
+    assert [c.name for c in evaluated][-2:] == ["int8.mse-128.top4", "int8.mse-128.top8"]  # top10 never built
 
 
 def test_search_falls_back_to_the_best_calibration_or_reports_the_best() -> None:
@@ -119,7 +133,7 @@ def test_search_falls_back_to_the_best_calibration_or_reports_the_best() -> None
     outcome, tried, _ = _search(maps, config)
     assert outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
     assert outcome.chosen.candidate.float_nodes == DEFAULT_FLOAT
-    assert len(tried) == 6  # every float step is scored: the reference is the best of all
+    assert len(tried) == 5  # top8 keeps more convs in float than the default, which passes: never built
     outcome, tried, _ = _search(maps, config, within(0.005, slow=True))
     assert not outcome.passed and outcome.chosen.candidate.name == "int8.minmax-128.default"
     assert "no candidate passes" in outcome.summary and len(tried) == 6

@@ -5,7 +5,7 @@
     2. sensitivity: with that calibration, every quantizable conv is ranked by how much keeping it float helps
        the all-INT8 model (yoloq.sensitivity).
     3. precision stage: candidates keep the k convs with the largest gain in float, for every k in
-       `search.float_steps`.
+       `search.float_steps` up to the default's number of float convs; larger k only when none of those passes.
     The reference is the best selection score of the candidates that keep no more convs in float than the
     default (the calibration candidates and the top-k with k up to that count): the most faithful model the
     search found within the default's float budget. A candidate passes when its selection score is at most
@@ -179,24 +179,40 @@ def run_search(
     best_candidate, _ = max(ok, key=lambda item: item[1].map50_95)  # the first listed wins a tie
     say(f"search: best calibration {best_candidate.algorithm} on {best_candidate.num_images} images")
     ranking = rank(best_candidate.algorithm, best_candidate.num_images)
-    for candidate in precision_candidates(
-        prefix, best_candidate.algorithm, best_candidate.num_images, ranking, float_steps
-    ):
-        attempt(candidate)
     budget = len(default_float)
+    precision = precision_candidates(prefix, best_candidate.algorithm, best_candidate.num_images, ranking, float_steps)
+    beyond = [c for c in precision if len(c.float_nodes) > budget]
+    for candidate in precision:
+        if candidate not in beyond:
+            attempt(candidate)
     reference_candidate, reference = max(
-        ((c, r) for c, r in scored if r is not None and (c.stage == "calibration" or len(c.float_nodes) <= budget)),
-        key=lambda item: item[1].map50_95,
-    )  # the first listed wins a tie
+        ((c, r) for c, r in scored if r is not None), key=lambda item: item[1].map50_95
+    )  # the first listed wins a tie; every candidate scored so far keeps at most `budget` convs in float
     say(
         f"search: reference: {reference_candidate.name}, selection score {reference.map50_95:.4f} (the best with "
         f"at most {budget} convs in float)"
     )
-    evaluated = [CandidateResult(c, r, judge(r, reference) if r is not None else [failures[c.name]]) for c, r in scored]
-    for outcome in evaluated:
-        if outcome.result is not None:
+    evaluated: list[CandidateResult] = []
+
+    def verdict(candidate: Candidate, result: VariantResult | None) -> CandidateResult:
+        outcome = CandidateResult(
+            candidate, result, judge(result, reference) if result is not None else [failures[candidate.name]]
+        )
+        if result is not None:
             why = "; ".join(reason.split(": ", 1)[-1] for reason in outcome.reasons)  # without the repeated name
-            say(f"search: {outcome.candidate.name}: {'passes' if outcome.passed else 'fails: ' + why}")
+            say(f"search: {candidate.name}: {'passes' if outcome.passed else 'fails: ' + why}")
+        evaluated.append(outcome)
+        return outcome
+
+    for candidate, result in list(scored):
+        verdict(candidate, result)
+    if pick_passing(evaluated) is None:  # nothing within the budget passes (too slow?): try more float convs
+        for candidate in beyond:
+            if verdict(candidate, attempt(candidate)).passed:
+                break
+    elif beyond:  # a candidate with fewer float convs passes: these could not be chosen
+        names = ", ".join(c.name for c in beyond)
+        say(f"search: not tried: {names} (more than {budget} convs in float; one with fewer passes)")
     chosen = pick_passing(evaluated)
     if chosen is not None:
         summary = f"{chosen.candidate.name} passes the search with {chosen.candidate.num_float} convs in float"
