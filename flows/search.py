@@ -190,7 +190,7 @@ def search_variant(
         if below > tolerance + 1e-12:
             reasons.append(
                 f"{result.name}: {selection.config.metric} {result.map50_95:.4f} on the selection set is "
-                f"{below * 100:.2f} points below the best candidate's {best.map50_95:.4f} ({best.name}; the search "
+                f"{below * 100:.2f} points below the reference, {best.name} at {best.map50_95:.4f} (the search "
                 f"allows {tolerance * 100:.2f})"
             )
         if fp16_speed.get(result.name, 0.0) > 0:
