@@ -14,11 +14,11 @@ RANKING = [LayerSensitivity(f"conv{i}", i, 1.0 / (i + 1), 10.0 + i) for i in ran
 
 
 def within(tolerance: float, slow: bool = False):
-    """The flow's judge: at most `tolerance` below the best candidate's score (and, with `slow`, too slow)."""
+    """The flow's judge: at most `tolerance` below the reference's score (and, with `slow`, too slow)."""
 
     def judge(result: VariantResult, best: VariantResult) -> list[str]:
         below = best.map50_95 - result.map50_95
-        reasons = [f"{result.name}: {below * 100:.2f} points below the best candidate"] if below > tolerance else []
+        reasons = [f"{result.name}: {below * 100:.2f} points below the reference"] if below > tolerance else []
         return reasons + ([f"{result.name}: 0.80x the FP16 throughput"] if slow else [])
 
     return judge
@@ -66,7 +66,7 @@ def test_search_picks_the_best_calibration_then_the_fewest_float_convs_near_the_
         "minmax-128.default": 0.3345,
         "mse-64.default": 0.3352,
         "mse-128.default": 0.3360,  # best calibration: its ranges and ranking make the precision candidates
-        "mse-128.top0": 0.3300,  # 0.9 points below the best candidate: fails
+        "mse-128.top0": 0.3300,  # 0.9 points below the reference: fails
         "mse-128.top2": 0.3370,  # 0.2 below: passes with the fewest float convs, chosen
         "mse-128.top4": 0.3390,  # the best candidate: the reference
     }
@@ -78,7 +78,7 @@ def test_search_picks_the_best_calibration_then_the_fewest_float_convs_near_the_
     assert outcome.calibration.name == "int8.mse-128.default"
     assert outcome.reference.name == "int8.mse-128.top4"
     table = candidates_table(outcome)
-    assert table.count("**chosen**") == 1 and "fail: 0.90 points below the best candidate" in table
+    assert table.count("**chosen**") == 1 and "fail: 0.90 points below the reference" in table
 
 
 def test_a_candidate_as_good_as_the_default_fails_when_a_few_float_convs_do_much_better() -> None:
