@@ -73,7 +73,7 @@ def extra_rows(specs: list[str]) -> dict[str, dict[str, Path]]:
     for spec in specs:
         model, _, rest = spec.partition(":")
         row, _, path = rest.partition("=")
-        if not (model and path and row.startswith(EXTRA_ROW_PREFIX) and row not in ROWS):
+        if not (model and path and is_row(row) and row not in ROWS):
             raise SystemExit(f"--row {spec!r}: give MODEL:{EXTRA_ROW_PREFIX}NAME=PATH, e.g. yolov8n:qdq-top4=m.onnx")
         rows.setdefault(model, {})[row] = Path(path)
     return rows
@@ -285,15 +285,15 @@ def run(args: argparse.Namespace) -> int:
             for row in ("qdq", "qdq-all", "qdq-stem", "qdq-conv", "modelopt")
         },
     }
-    for row in args.rows.split(","):
-        if row.startswith(EXTRA_ROW_PREFIX) and row not in variants:
-            variants[row] = variants["qdq"].model_copy(update={"name": row})
     for row, like in BASE_ROWS.items():
         variants[row] = variants[like].model_copy(update={"name": row})
     wanted = [row for row in args.rows.split(",") if row]
     unknown = sorted(row for row in wanted if not is_row(row))
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)} or {EXTRA_ROW_PREFIX}NAME")
+    for row in wanted:
+        if row not in variants:  # a prepare --row Q/DQ model: built like qdq
+            variants[row] = variants["qdq"].model_copy(update={"name": row})
     results_path = out / "results.json"
     results: dict[str, Any] = read_json(results_path) if results_path.is_file() else {"models": {}}
     results["settings"] = {

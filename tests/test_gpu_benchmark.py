@@ -94,3 +94,16 @@ def test_saved_detections_are_scored_per_set_against_the_reference(
     assert lines[0].startswith("| detections | all 5 | Δ | first 3 | Δ | rest 2 |")
     assert lines[2] == "| m-fp16 | 100.00 | +0.00 | 100.00 | +0.00 | 100.00 | +0.00 |"
     assert lines[3].startswith("| m-int8 |") and "| 100.00 | +0.00 | 0.00 | -100.00 |" in lines[3]
+
+
+def test_scoring_detections_names_a_missing_file_or_reference(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks import score_detections
+
+    base = ["x", "--model", str(tmp_path / "m.onnx"), "--set", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*base, str(tmp_path / "a-int8.npz")])
+    with pytest.raises(SystemExit, match="not found: .*m.onnx, .*a-int8.npz"):
+        score_detections.main()
+    for name in ("m.onnx", "a-int8.npz"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(SystemExit, match=r"--reference fp16: none of the files is named \*-fp16.npz"):
+        score_detections.main()

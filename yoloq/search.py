@@ -183,7 +183,7 @@ def run_search(
     precision = precision_candidates(prefix, best_candidate.algorithm, best_candidate.num_images, ranking, float_steps)
     beyond = [c for c in precision if len(c.float_nodes) > budget]
     for candidate in precision:
-        if candidate not in beyond:
+        if len(candidate.float_nodes) <= budget:
             attempt(candidate)
     reference_candidate, reference = max(
         ((c, r) for c, r in scored if r is not None), key=lambda item: item[1].map50_95
@@ -204,7 +204,7 @@ def run_search(
         evaluated.append(outcome)
         return outcome
 
-    for candidate, result in list(scored):
+    for candidate, result in scored:
         verdict(candidate, result)
     if pick_passing(evaluated) is None:  # nothing within the budget passes (too slow?): try more float convs
         for candidate in beyond:
