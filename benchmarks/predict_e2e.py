@@ -2,6 +2,8 @@
 
     python benchmarks/predict_e2e.py [--model M.onnx] [--images data/coco/val/images] [--batches 1 32]
     bash benchmarks/kit.sh benchmarks/predict_e2e.py --backend tensorrt --engine runs/cache/build/trt-...engine
+    bash benchmarks/kit.sh benchmarks/predict_e2e.py --backend tensorrt --model M.onnx --input uint8 \
+        --nms efficient_nms --level 2 --tactics EDGE_MASK_CONVOLUTIONS,JIT_CONVOLUTIONS --timing-cache T.cache
 
 For each batch size and preprocessing thread count, on the same loaded model (yoloq.detector.Detector, what
 `yoloq predict` runs):
@@ -16,7 +18,10 @@ For each batch size and preprocessing thread count, on the same loaded model (yo
 - each row is the best (minimum time) of --rounds interleaved rounds (engine, then end to end, per thread count):
   on a shared machine other jobs only ever add time, so the minimum is the least disturbed measurement.
 Decoding uses --conf (0.25, a deployment's threshold; validation's 0.001 makes NMS see far more candidates).
-Without --model the FP32 model of params.yaml is exported and simplified (reused from runs/cache).
+Without --model the FP32 model of params.yaml is exported and simplified (reused from runs/cache). With
+--backend tensorrt and an ONNX model, the engine is built here (reused from --build-dir) with --precision, --level,
+--tactics, --timing-cache, --input (uint8: the frames go to the GPU as uint8 and /255 runs in the engine) and --nms
+(efficient_nms: NMS in the engine, at --conf).
 Imports only the core package (no Prefect, no MLflow), so it runs with the GPU kit's Python.
 """
 
@@ -38,6 +43,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from yoloq.config import TensorRTConfig  # noqa: E402
 from yoloq.detector import Detector  # noqa: E402
 from yoloq.heads import DecodeSettings  # noqa: E402
 from yoloq.preprocess import list_images, load_preprocessed  # noqa: E402
@@ -124,9 +130,9 @@ def default_model() -> Path:
     return simplified.onnx_path
 
 
-def markdown(rows: list[Row], model: Path, conf: float) -> str:
+def markdown(rows: list[Row], model: Path, conf: float, about: str) -> str:
     lines = [
-        f"model {model.name}; conf {conf}; host {platform.node()} ({os.cpu_count()} CPUs)",
+        f"model {model.name}; conf {conf}; host {platform.node()} ({os.cpu_count()} CPUs){about}",
         "",
         "| backend | batch | workers | engine ms/img | end-to-end ms/img | ratio | infer in e2e ms/img "
         "| images/s e2e |",
@@ -153,15 +159,41 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="engine timings per batch (TensorRT: x20)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each row is their best (5)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    build = parser.add_argument_group("TensorRT builds from an ONNX model (--backend tensorrt --model M.onnx)")
+    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp16", help="float models (Q/DQ: INT8)")
+    build.add_argument("--level", type=int, default=3, help="builder optimization level (3)")
+    build.add_argument(
+        "--tactics", help="comma-separated tactic sources (kit: EDGE_MASK_CONVOLUTIONS,JIT_CONVOLUTIONS)"
+    )
+    build.add_argument("--timing-cache", type=Path, help="tactic timing cache to read and update")
+    build.add_argument("--input", choices=("float", "uint8"), default="float", help="engine input (float)")
+    build.add_argument("--nms", choices=("none", "efficient_nms"), default="none", help="NMS in the engine (none)")
+    build.add_argument("--build-dir", type=Path, default=PROJECT / "runs/cache/build")
     args = parser.parse_args()
     model = args.engine or args.model or default_model()
     backend = "tensorrt" if args.engine else args.backend
+    settings = TensorRTConfig(
+        builder_optimization_level=args.level,
+        tactic_sources=args.tactics.split(",") if args.tactics else None,
+        timing_cache=args.timing_cache,
+        input=args.input,
+        nms=args.nms,
+    )
+    load_options = {"precision": args.precision, "build_dir": args.build_dir, "tensorrt": settings}
     images = list_images(args.images)
     images = (images * (args.num_images // max(1, len(images)) + 1))[: args.num_images]
     frames = np.stack([load_preprocessed(p, 640)[0] for p in images[: max(args.batches)]])
     rows = []
     for batch in args.batches:
-        detector = Detector.load(model, backend, decoding=DecodeSettings(args.conf, 0.6, 300), batch_size=batch)
+        decoding = DecodeSettings(args.conf, 0.6, 300)
+        detector = Detector.load(model, backend, decoding=decoding, batch_size=batch, **load_options)  # type: ignore[arg-type]
+        if batch == args.batches[0]:
+            about = f"; engine {detector.model_path.name}" if detector.model_path != Path(model) else ""
+            layout = getattr(detector.runner, "input_layout", "nchw-float")
+            about += (
+                f"; input {layout}, pinned {getattr(detector.runner, 'pinned', False)}, head {detector.head_format}"
+            )
+            print(about.lstrip("; "), flush=True)
         with detector:
             if detector.imgsz != frames.shape[-1]:
                 frames = np.stack([load_preprocessed(p, detector.imgsz)[0] for p in images[: max(args.batches)]])
@@ -179,7 +211,7 @@ def main() -> int:
                 e2e_ms, ips, infer_ms = min(v[1:] for v in values)  # the best pass, with its own inference time
                 rows.append(Row(detector.backend, batch, workers, engine, e2e_ms, infer_ms, ips, len(images)))
     print()
-    print(markdown(rows, Path(model), args.conf))
+    print(markdown(rows, Path(model), args.conf, about))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=2) + "\n")
     return 0

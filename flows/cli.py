@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--params",
         type=Path,
         default=Path("params.yaml"),
-        help="params file for mlflow.tracking_uri and output_dir (default params.yaml, if present)",
+        help="params file for mlflow.tracking_uri, output_dir and engine builds (tensorrt; default params.yaml)",
     )
     predict.add_argument(
         "--tracking-uri", help="MLflow tracking URI for models:/ (default: as yoloq run: params, $MLFLOW_TRACKING_URI)"
@@ -222,10 +222,11 @@ def _predict(args: argparse.Namespace) -> int:
         raise InputError(f"source {source} not found: give an image, a folder of images or a video file")
     images = None if is_video(source) else image_sources(source)  # bad sources exit 2 before the model loads
     mlflow_config, project_dir, cache_dir = MlflowConfig(), Path.cwd(), Path("runs") / "cache"
+    tensorrt = None  # engines built here (--backend tensorrt with an ONNX model) use params.yaml's tensorrt section
     if args.params.is_file():
         params = load_params(args.params)
         mlflow_config, project_dir = params.mlflow, args.params.resolve().parent
-        cache_dir = params.output_dir / "cache"
+        cache_dir, tensorrt = params.output_dir / "cache", params.tensorrt
     if args.tracking_uri:
         mlflow_config = MlflowConfig(tracking_uri=args.tracking_uri)
     tracking_uri = resolve_tracking_uri(mlflow_config, project_dir) if is_model_uri(args.model) else None
@@ -242,6 +243,7 @@ def _predict(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         imgsz=args.imgsz,
         precision=args.precision,
+        tensorrt=tensorrt,
     )
     with detector:  # frees the runner (GPU memory) on every exit
         print(f"model: {detector.model_path} on {detector.backend} ({detector.head_format} head, {detector.imgsz})")

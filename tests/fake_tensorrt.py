@@ -39,7 +39,11 @@ class FakeDevice:
     executions: int = 0
     inspected_with_context: bool = False
     objects: list[weakref.ref] = field(default_factory=list)  # runtime, engine, context
-    input_hw: int = 64  # the engine's input is (N, 3, input_hw, input_hw)
+    input_hw: int = 64  # the engine's input is (N, 3, input_hw, input_hw), or (N, input_hw, input_hw, 3) uint8
+    uint8_input: bool = False  # an engine built with tensorrt.input uint8
+    pinned: bool = False  # the CUDA runtime hands out pinned host memory (cudaHostAlloc)
+    pinned_live: dict[int, Any] = field(default_factory=dict)  # pinned pointer -> its ctypes buffer
+    pinned_freed: int = 0
     outputs: dict[str, tuple[tuple[int, ...], str]] = field(
         default_factory=lambda: {OUTPUT: ((84, 10), "FLOAT")}
     )  # output name -> (shape of one image's output, TensorRT type name)
@@ -66,8 +70,22 @@ def install(monkeypatch: pytest.MonkeyPatch, device: FakeDevice | None = None) -
 def fake_cuda(device: FakeDevice) -> types.ModuleType:
     pointers = itertools.count(0x1000, 0x1000)
 
+    class Cudart:
+        """The two pinned-memory calls of the CUDA runtime, over ctypes buffers."""
+
+        def cudaHostAlloc(self, pointer: Any, nbytes: Any, flags: Any) -> int:  # noqa: N802 (CUDA's name)
+            buffer = ctypes.create_string_buffer(nbytes.value)
+            pointer._obj.value = ctypes.addressof(buffer)
+            device.pinned_live[ctypes.addressof(buffer)] = buffer
+            return 0
+
+        def cudaFreeHost(self, pointer: Any) -> int:  # noqa: N802
+            del device.pinned_live[pointer.value]
+            device.pinned_freed += 1
+            return 0
+
     class Cuda:
-        handle = "cudart"
+        handle: Any = Cudart() if device.pinned else "cudart"
 
         def malloc(self, nbytes: int) -> int:
             index = device.mallocs
@@ -120,6 +138,10 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
     trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="names", DETAILED="detailed")  # type: ignore[attr-defined]
     tensor_names = (INPUT, *device.outputs)
 
+    def input_sample() -> tuple[int, int, int]:
+        size = device.input_hw
+        return (size, size, 3) if device.uint8_input else (3, size, size)
+
     class IProfiler:
         def __init__(self) -> None:
             self.initialised = True
@@ -146,8 +168,7 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
             return device.profile[0] <= self.batch <= device.profile[2]
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            size = device.input_hw
-            return (self.batch, 3, size, size) if name == INPUT else (self.batch, *device.outputs[name][0])
+            return (self.batch, *input_sample()) if name == INPUT else (self.batch, *device.outputs[name][0])
 
         def set_tensor_address(self, name: str, pointer: int) -> bool:
             self.addresses[name] = pointer
@@ -158,8 +179,9 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
             device.executions += 1
             if device.compute is not None:
                 shape = self.get_tensor_shape(INPUT)
-                data = device.memory[self.addresses[INPUT]][: int(np.prod(shape)) * 4]
-                results = device.compute(np.frombuffer(bytes(data), np.float32).reshape(shape))
+                dtype = np.uint8 if device.uint8_input else np.float32
+                data = device.memory[self.addresses[INPUT]][: int(np.prod(shape)) * np.dtype(dtype).itemsize]
+                results = device.compute(np.frombuffer(bytes(data), dtype).reshape(shape))
                 for name, value in results.items():
                     raw = np.ascontiguousarray(value).tobytes()
                     device.memory[self.addresses[name]][: len(raw)] = raw
@@ -182,10 +204,12 @@ def fake_tensorrt(device: FakeDevice) -> types.ModuleType:
             return "input" if name == INPUT else "output"
 
         def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-            return [(b, 3, device.input_hw, device.input_hw) for b in device.profile]
+            return [(b, *input_sample()) for b in device.profile]
 
         def get_tensor_dtype(self, name: str) -> Any:
-            return types.SimpleNamespace(name="FLOAT" if name == INPUT else device.outputs[name][1])
+            if name == INPUT:
+                return types.SimpleNamespace(name="UINT8" if device.uint8_input else "FLOAT")
+            return types.SimpleNamespace(name=device.outputs[name][1])
 
         def create_execution_context(self) -> Context:
             return Context(self)

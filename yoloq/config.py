@@ -22,6 +22,7 @@ ResolvedBackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
 EngineNms = Literal["none", "efficient_nms"]
+EngineInput = Literal["float", "uint8"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
 
 
@@ -194,6 +195,13 @@ class TensorRTConfig(Section):
         "none",
         description="efficient_nms: append TensorRT's EfficientNMS_TRT plugin (validation's conf, IoU and max "
         "detections) to the ONNX before the build, so the engine outputs final detections; none: NMS on the CPU",
+    )
+    input: EngineInput = Field(
+        "float",
+        description="uint8: the engine takes letterboxed RGB uint8 (N, H, W, 3) frames and does the float "
+        "conversion (/255) itself, so the host sends a quarter of the bytes and skips the conversion (the fast path "
+        "of `yoloq predict`; validation feeds it the same frames); float: (N, 3, H, W) float32. TensorRT-calibrated "
+        "(implicit) INT8 keeps the float input",
     )
     timing: TensorRTTimingConfig = TensorRTTimingConfig()
     layer_profile: TensorRTLayerProfileConfig = TensorRTLayerProfileConfig()

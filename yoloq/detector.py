@@ -4,10 +4,12 @@
         for found in detector(["a.jpg", frame_bgr]):           # paths or BGR uint8 arrays, batched
             print(found.boxes_xyxy, found.scores, found.class_names)
 
-Preprocessing and decoding are validation's own (`yoloq.validate.detect_frames`: the one letterbox, the head's
-decoder, class-aware NMS), so a model predicts exactly the detections it was validated with. Model facts (head
-format, class names, input size) come from the ONNX metadata the export stage writes, or for an engine from its
-build record (`<engine>.json`, written by the TensorRT backend). The detector is a context manager: leaving it
+Preprocessing and decoding are validation's own (`yoloq.preprocess.letterbox`, then `yoloq.validate.decode_frames`:
+the head's decoder, class-aware NMS), so a model predicts exactly the detections it was validated with. Model facts
+(head format, class names, input size) come from the ONNX metadata the export stage writes, or for an engine from its
+build record (`<engine>.json`, written by the TensorRT backend). An engine with a uint8 input (`tensorrt.input:
+uint8`) gets `letterbox_rgb`'s frames, stacked straight into the runner's pinned input buffer: the same pixels
+without the host's float conversion. The detector is a context manager: leaving it
 frees the runner (a TensorRT runner's GPU memory). `models:/NAME@champion` URIs are resolved by
 `flows.model_uri.load_detector` (the core package does not import MLflow).
 """
@@ -32,8 +34,8 @@ from yoloq.errors import InputError
 from yoloq.export import ModelFacts, facts_for_onnx
 from yoloq.heads import DecodeSettings, Detections, HeadFormat
 from yoloq.labels import COCO80_NAMES, COCO80_TO_COCO91
-from yoloq.preprocess import Letterbox, letterbox, read_image
-from yoloq.validate import decode_frames, detect_frames
+from yoloq.preprocess import Letterbox, letterbox, letterbox_rgb, read_image
+from yoloq.validate import decode_frames
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 PredictBackend = Literal["auto", "onnxruntime", "tensorrt"]
@@ -84,7 +86,7 @@ class Prediction:
 @dataclass(frozen=True)
 class _Prepared:
     image: np.ndarray
-    chw: np.ndarray
+    frame: np.ndarray  # what the runner takes: C x H x W float32, or H x W x 3 RGB uint8 (a uint8-input engine)
     box: Letterbox
 
 
@@ -110,6 +112,7 @@ class Detector:
         self.decoding = decoding or DecodeSettings()
         self.batch_size = batch_size
         self.head_format: HeadFormat = head_format or facts.head_format
+        self.uint8_frames = getattr(runner, "input_layout", "nchw-float") == "nhwc-uint8"
 
     @classmethod
     def load(
@@ -206,7 +209,7 @@ class Detector:
         keyed = zip(keys, images, strict=False) if keys is not None else enumerate(images)
         if workers <= 0:
             for chunk in _chunks(keyed, self.batch_size):
-                prepared = [_prepare(image, self.imgsz) for _, image in chunk]
+                prepared = [_prepare(image, self.imgsz, self.uint8_frames) for _, image in chunk]
                 readable = [p for p in prepared if p is not None]
                 yield from _emit(chunk, prepared, self.detect_prepared(readable) if readable else [], keep_images)
             return
@@ -217,7 +220,7 @@ class Detector:
             def submit(chunk: list[tuple[Any, ImageSource]] | None) -> Any:
                 if chunk is None:
                     return None
-                return chunk, [pool.submit(_prepare, image, self.imgsz) for _, image in chunk]
+                return chunk, [pool.submit(_prepare, image, self.imgsz, self.uint8_frames) for _, image in chunk]
 
             chunks = _chunks(keyed, self.batch_size)
             pending = submit(next(chunks, None))
@@ -236,16 +239,18 @@ class Detector:
                 yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
 
     def detect_prepared(self, prepared: list[_Prepared]) -> list[ImageDetections]:
-        if self.runner is None:
-            raise RuntimeError("the detector is closed")
-        frames = [(p.chw, p.box) for p in prepared]
-        detections = detect_frames(self.runner, frames, self.head_format, self.decoding)
-        return [self._typed(d, p.box) for d, p in zip(detections, prepared, strict=True)]
+        return self._decode(self._infer(prepared), prepared)
 
     def _infer(self, prepared: list[_Prepared]) -> np.ndarray:
+        """One batch through the runner; frames are stacked into its pinned input buffer when it has one."""
         if self.runner is None:
             raise RuntimeError("the detector is closed")
-        return self.runner.infer(np.stack([p.chw for p in prepared]))
+        frames = [p.frame for p in prepared]
+        input_buffer = getattr(self.runner, "input_buffer", None)
+        staging = input_buffer(len(frames)) if input_buffer is not None else None
+        if staging is not None and staging.shape[1:] == frames[0].shape and staging.dtype == frames[0].dtype:
+            return self.runner.infer(np.stack(frames, out=staging))
+        return self.runner.infer(np.stack(frames))
 
     def _decode(self, output: np.ndarray, prepared: list[_Prepared]) -> list[ImageDetections]:
         detections = decode_frames(output, [p.box for p in prepared], self.head_format, self.decoding)
@@ -293,16 +298,17 @@ def _describe(image: ImageSource) -> str:
     return str(image) if isinstance(image, str | Path) else f"array {getattr(image, 'shape', '?')}"
 
 
-def _prepare(image: ImageSource, imgsz: int) -> _Prepared | None:
-    """Decode (paths) and letterbox one image; None when it cannot be read or is not an image array."""
+def _prepare(image: ImageSource, imgsz: int, uint8_frame: bool = False) -> _Prepared | None:
+    """Decode (paths) and letterbox one image (to RGB uint8 with `uint8_frame`, else to validation's float frame);
+    None when it cannot be read or is not an image array."""
     if isinstance(image, str | Path):
         decoded = read_image(Path(image)) if Path(image).is_file() else None
     else:
         decoded = as_bgr(image)
     if decoded is None:
         return None
-    chw, box = letterbox(decoded, imgsz)
-    return _Prepared(decoded, chw, box)
+    frame, box = letterbox_rgb(decoded, imgsz) if uint8_frame else letterbox(decoded, imgsz)
+    return _Prepared(decoded, frame, box)
 
 
 def as_bgr(image: np.ndarray) -> np.ndarray | None:

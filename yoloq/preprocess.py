@@ -1,4 +1,7 @@
-"""The one preprocessing function shared by calibration and validation: letterbox, pad 114, RGB, /255, NCHW."""
+"""The one preprocessing function shared by calibration and validation: letterbox, pad 114, RGB, /255, NCHW.
+
+`letterbox` = `to_chw_float(letterbox_rgb(...))`: engines with a uint8 input take `letterbox_rgb`'s frames.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +53,14 @@ def read_image(path: Path) -> np.ndarray | None:
 
 def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping aspect ratio, pad to size x size with 114 (centered), return (CHW float32 RGB /255, mapping)."""
+    rgb, box = letterbox_rgb(image_bgr, size)
+    return to_chw_float(rgb), box
+
+
+def letterbox_rgb(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """`letterbox` before its float conversion: (size x size x 3 RGB uint8, mapping). An engine with a uint8 input
+    (`tensorrt.input: uint8`) takes these as they are and divides by 255 itself; `to_chw_float` gives `letterbox`'s
+    frame."""
     height, width = image_bgr.shape[:2]
     scale = min(size / height, size / width)
     new_width, new_height = round(width * scale), round(height * scale)
@@ -58,11 +69,20 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     pad_x, pad_y = (size - new_width) / 2, (size - new_height) / 2
     top, bottom = round(pad_y - 0.1), round(pad_y + 0.1)
     left, right = round(pad_x - 0.1), round(pad_x + 0.1)
-    padded = cv2.copyMakeBorder(
-        image_bgr, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
-    )
-    chw = np.ascontiguousarray(padded[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
-    return chw, Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
+    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)  # before padding: fewer pixels, and the pad is grey either way
+    padded = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return padded, Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
+
+
+def to_chw_float(rgb: np.ndarray) -> np.ndarray:
+    """An H x W x 3 RGB uint8 frame as the network's float input: C x H x W float32, divided by 255."""
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def to_hwc_uint8(chw: np.ndarray) -> np.ndarray:
+    """The inverse of `to_chw_float` for (N x) C x H x W frames: exact, since every value is k / 255 in float32."""
+    axes = (0, 2, 3, 1) if chw.ndim == 4 else (1, 2, 0)
+    return np.ascontiguousarray(np.rint(chw * 255.0).transpose(axes), dtype=np.uint8)
 
 
 def load_preprocessed(path: Path, size: int) -> tuple[np.ndarray, Letterbox] | None:

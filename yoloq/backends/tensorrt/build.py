@@ -40,6 +40,7 @@ from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_c
 from yoloq.backends.tensorrt.nms import efficient_nms_onnx
 from yoloq.backends.tensorrt.runner import TensorRTRunner
 from yoloq.backends.tensorrt.timing import time_device
+from yoloq.backends.tensorrt.uint8_input import uint8_input_onnx
 from yoloq.backends.tensorrt.versions import (
     CALIBRATOR_CLASSES,
     BuildPlan,
@@ -127,6 +128,7 @@ class TensorRTBackend:
             "build_log": str(log_path),
             "engine_key": key,
             "nms": self.settings.nms,
+            "input": "uint8-nhwc" if model_input.layout == "nhwc" else "float-nchw",
             "reused": "false",
         }
         if calibration:
@@ -190,9 +192,18 @@ class TensorRTBackend:
             head_format = read_facts(fp32_onnx).head_format  # the Q/DQ and FP16 models derive from it
             if head_format == "end2end":
                 self.progress(f"TensorRT {variant.name}: tensorrt.nms ignored: the end-to-end head has no NMS")
-                return source
-            source = efficient_nms_onnx(source, head_format, self.decoding, out_dir)
-            self.progress(f"TensorRT {variant.name}: EfficientNMS_TRT appended ({source.name}): NMS in the engine")
+            else:
+                source = efficient_nms_onnx(source, head_format, self.decoding, out_dir)
+                self.progress(f"TensorRT {variant.name}: EfficientNMS_TRT appended ({source.name}): NMS in the engine")
+        if self.settings.input == "uint8":
+            if plan.calibrator is not None:
+                self.progress(
+                    f"TensorRT {variant.name}: tensorrt.input uint8 ignored: TensorRT's calibrator feeds float frames, "
+                    "so implicit INT8 keeps the float input"
+                )
+            else:
+                source = uint8_input_onnx(source, out_dir)
+                self.progress(f"TensorRT {variant.name}: uint8 NHWC input ({source.name}): /255 in the engine")
         return source
 
     def _calibration_plan(

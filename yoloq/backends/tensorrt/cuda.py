@@ -6,7 +6,9 @@ ctypes layer covers only what `polygraphy.cuda` lacks:
 - listing GPUs with the driver API (libcuda.so.1, present wherever an NVIDIA driver is), so the availability check
   needs neither TensorRT nor a CUDA toolkit;
 - CUDA events, on the CUDA runtime that Polygraphy loads for its device buffers (`polygraphy.cuda.wrapper().handle`),
-  so timing and inference share one runtime.
+  so timing and inference share one runtime;
+- page-locked (pinned) host memory on that runtime, which the runner stages its copies through: the GPU copies it
+  by DMA, asynchronously and at full bus speed, where pageable memory goes through the driver's own staging.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
@@ -114,3 +118,34 @@ class EventTimer:
     def _call(status: int, call: str) -> None:
         if status != 0:
             raise RuntimeError(f"CUDA runtime call {call} failed with error {status}")
+
+
+@dataclass
+class PinnedArray:
+    """A NumPy array over page-locked host memory from `cudaHostAlloc`; `free()` returns it (safe to call twice)."""
+
+    array: np.ndarray
+    _cudart: Any
+    _pointer: int
+
+    def free(self) -> None:
+        pointer, self._pointer = self._pointer, 0
+        if pointer:
+            status = self._cudart.cudaFreeHost(ctypes.c_void_p(pointer))
+            if status != 0:
+                raise RuntimeError(f"CUDA runtime call cudaFreeHost failed with error {status}")
+
+
+def pinned_array(cudart: Any, shape: tuple[int, ...], dtype: type) -> PinnedArray | None:
+    """`shape` x `dtype` in pinned host memory, or None where the runtime has none to give (a runtime without
+    cudaHostAlloc, or an allocation error): callers then copy from pageable memory, which only costs speed."""
+    allocate = getattr(cudart, "cudaHostAlloc", None)
+    if allocate is None or not hasattr(cudart, "cudaFreeHost"):
+        return None
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    pointer = ctypes.c_void_p()
+    if allocate(ctypes.byref(pointer), ctypes.c_size_t(max(nbytes, 1)), ctypes.c_uint(0)) != 0 or not pointer.value:
+        return None
+    raw = (ctypes.c_uint8 * max(nbytes, 1)).from_address(pointer.value)
+    array = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+    return PinnedArray(array, cudart, pointer.value)

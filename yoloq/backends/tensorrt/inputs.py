@@ -1,11 +1,14 @@
-"""The image input of an ONNX model, as a TensorRT build needs it: name and fixed (C, H, W)."""
+"""The image input of an ONNX model, as a TensorRT build needs it: name, fixed (C, H, W) and layout (float NCHW, or
+uint8 NHWC for `tensorrt.input: uint8`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import onnx
+from onnx import TensorProto
 
 from yoloq.errors import InputError
 
@@ -16,13 +19,17 @@ class OnnxInput:
     channels: int
     height: int
     width: int
+    layout: Literal["nchw", "nhwc"] = "nchw"
 
     def shape(self, batch: int) -> tuple[int, int, int, int]:
+        if self.layout == "nhwc":
+            return (batch, self.height, self.width, self.channels)
         return (batch, self.channels, self.height, self.width)
 
 
 def onnx_input(path: Path) -> OnnxInput:
-    """The image input of an ONNX model: name and (C, H, W), which must be fixed (the batch may be dynamic)."""
+    """The image input of an ONNX model: name and (C, H, W), which must be fixed (the batch may be dynamic); a uint8
+    input is (N, H, W, C) (`yoloq.backends.tensorrt.uint8_input`)."""
     model = onnx.load(str(path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -35,4 +42,6 @@ def onnx_input(path: Path) -> OnnxInput:
             f"{path}: input {inputs[0].name!r} has shape {values}; TensorRT builds need (batch, 3, H, W) with fixed "
             "C, H, W: export with a fixed model.imgsz"
         )
+    if inputs[0].type.tensor_type.elem_type == TensorProto.UINT8:
+        return OnnxInput(inputs[0].name, int(values[3]), int(values[1]), int(values[2]), "nhwc")  # type: ignore[arg-type]
     return OnnxInput(inputs[0].name, int(values[1]), int(values[2]), int(values[3]))  # type: ignore[arg-type]

@@ -384,7 +384,8 @@ def engine_information(runner: TensorRTRunner) -> str:
 def profile_engine(
     engine_path: Path, batch: int | None, iterations: int, warmup: int, environment: dict[str, str] | None = None
 ) -> EngineProfile:
-    """Profile `engine_path` at `batch` (default: its profile's max batch) on random input in [0, 1)."""
+    """Profile `engine_path` at `batch` (default: its profile's max batch) on random input: in [0, 1), or random
+    pixels for a uint8 input."""
     if iterations < 1 or warmup < 0:
         raise InputError(f"profile: iterations must be >= 1 and warm-up >= 0, got {iterations} and {warmup}")
     with TensorRTRunner(engine_path) as runner:
@@ -394,7 +395,12 @@ def profile_engine(
                 f"batch {size} is outside the engine's profile {runner.min_batch}..{runner.max_batch}: "
                 "pick --batch within it"
             )
-        sample = np.random.default_rng(0).random((size, *runner.sample_shape), dtype=np.float32)
+        rng = np.random.default_rng(0)
+        shape = (size, *runner.sample_shape)
+        if runner.input_layout == "nhwc-uint8":
+            sample = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            sample = rng.random(shape, dtype=np.float32)
         times = collect_layer_times(runner, sample, iterations, warmup)
         information = engine_information(runner)
     layers, detailed = layer_profiles(information, times)

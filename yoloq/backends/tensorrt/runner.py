@@ -1,8 +1,13 @@
 """`TensorRTRunner`: runs an engine on the TensorRT execution API directly, on one CUDA stream.
 
 `deserialize_cuda_engine`, name-based tensors, `set_input_shape`, `set_tensor_address`, `execute_async_v3`; device
-buffers and the stream come from `polygraphy.cuda`, sized once for the profile's max batch. Polygraphy's `TrtRunner`
-is not used (it segfaults with the 8.6 kit: ../shared/gpu/README.md).
+buffers and the stream come from `polygraphy.cuda`, sized once for the profile's max batch, and copies go through
+pinned host buffers of the same size (`cuda.pinned_array`; pageable memory where the runtime gives none). Polygraphy's
+`TrtRunner` is not used (it segfaults with the 8.6 kit: ../shared/gpu/README.md).
+
+An engine with a uint8 input (`tensorrt.input: uint8`) takes (N, H, W, 3) RGB uint8 frames
+(`yoloq.preprocess.letterbox_rgb`); given validation's float (N, 3, H, W) frames it converts them back first, exactly
+(`to_hwc_uint8`), so every stage can run it unchanged.
 
 The runner is a context manager: `close()` (or leaving the `with` block) drops the execution context, engine and
 runtime, in that order, and frees the device buffers and the stream. A constructor that fails half-way frees what it
@@ -19,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from yoloq.backends.tensorrt.cuda import PinnedArray, pinned_array
 from yoloq.backends.tensorrt.nms import has_nms_outputs, pack_nms_outputs
 from yoloq.errors import InputError
+from yoloq.preprocess import to_hwc_uint8
 
 _NUMPY_DTYPES: dict[str, type] = {
     "FLOAT": np.float32,
@@ -44,6 +51,7 @@ class TensorRTRunner:
         self._cuda = cuda.wrapper()
         self._memcpy_kind = cuda.MemcpyKind
         self._buffers: dict[str, int] = {}
+        self._host: dict[str, PinnedArray] = {}  # pinned staging per tensor, max-batch shape (absent: pageable)
         self._stream: Any = None
         self._runtime: Any = None
         self._engine: Any = None
@@ -91,6 +99,9 @@ class TensorRTRunner:
             self._buffers[name] = self._cuda.malloc(nbytes)
             if not self._context.set_tensor_address(name, self._buffers[name]):
                 raise RuntimeError(f"TensorRT rejected the device buffer of tensor {name!r} of {engine_path}")
+            pinned = pinned_array(self._cuda.handle, shape, self._dtypes[name])
+            if pinned is not None:
+                self._host[name] = pinned
 
     # -- the context manager -------------------------------------------------------------------------------------
 
@@ -108,13 +119,16 @@ class TensorRTRunner:
         Every handle is released even when one fails (the first failure is raised after). Safe to call twice, and on
         a runner whose constructor failed half-way."""
         buffers, self._buffers = self._buffers, {}
+        host, self._host = self._host, {}
         stream, self._stream = self._stream, None
         self._context = None  # context before engine before runtime
         self._profiler = None  # after the context that calls it
         self._engine = None
         self._runtime = None
         errors: list[Exception] = []
-        for free, handle in [*((self._cuda.free, pointer) for pointer in buffers.values()), (_free_stream, stream)]:
+        frees: list[tuple[Any, Any]] = [(self._cuda.free, pointer) for pointer in buffers.values()]
+        frees += [(PinnedArray.free, pinned) for pinned in host.values()]
+        for free, handle in [*frees, (_free_stream, stream)]:
             try:
                 free(handle)
             except Exception as exc:  # free the rest, then report the first failure
@@ -153,25 +167,38 @@ class TensorRTRunner:
         self._profiler = profiler
 
     @property
+    def input_layout(self) -> str:
+        """ "nhwc-uint8" for an engine with a uint8 input (`tensorrt.input: uint8`), else "nchw-float"."""
+        return "nhwc-uint8" if self._dtypes[self.input_name] is np.uint8 else "nchw-float"
+
+    @property
+    def pinned(self) -> bool:
+        """Whether copies go through pinned host buffers."""
+        return self.input_name in self._host
+
+    def input_buffer(self, batch: int) -> np.ndarray | None:
+        """The pinned host buffer of the input for `batch` images, for a caller to fill in place (`infer` then skips
+        its own copy into it); None without pinned memory. It is overwritten by the next `infer`."""
+        pinned = self._host.get(self.input_name)
+        return pinned.array[:batch] if pinned is not None and batch <= self.max_batch else None
+
+    @property
     def has_nms(self) -> bool:
         """Whether the engine ends in EfficientNMS_TRT (`tensorrt.nms: efficient_nms`)."""
         return has_nms_outputs(self.output_names)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """The engine's detection output for an NCHW batch, float32: its (first) output, or for an engine that ends
-        in EfficientNMS_TRT its four outputs packed as end2end rows (yoloq.backends.tensorrt.nms). Batches above the
-        profile's max run in pieces."""
+        """The engine's detection output for a batch (NCHW float, or NHWC uint8 for a uint8 input), float32: its
+        (first) output, or for an engine that ends in EfficientNMS_TRT its four outputs packed as end2end rows
+        (yoloq.backends.tensorrt.nms). Batches above the profile's max run in pieces."""
         if self.has_nms:
             return pack_nms_outputs(self.infer_outputs(batch))
         return self.infer_outputs(batch, self.output_names[:1])[self.output_names[0]].astype(np.float32, copy=False)
 
     def infer_outputs(self, batch: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The engine's outputs `names` (default: all) for an NCHW batch, in their own dtypes."""
+        """The engine's outputs `names` (default: all) for a batch, in their own dtypes."""
         names = names or self.output_names
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.sample_shape:
-            raise InputError(
-                f"TensorRT engine takes (N, {', '.join(map(str, self.sample_shape))}) batches, got {batch.shape}"
-            )
+        batch = self._as_input(batch)
         if batch.shape[0] > self.max_batch:
             steps = range(0, batch.shape[0], self.max_batch)
             pieces = [self.infer_outputs(batch[i : i + self.max_batch], names) for i in steps]
@@ -182,7 +209,9 @@ class TensorRTRunner:
         self.execute()
         outputs = {}
         for name in names:
-            output = np.empty(tuple(int(d) for d in self.context.get_tensor_shape(name)), dtype=self._dtypes[name])
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            pinned = self._host.get(name)
+            output = pinned.array[: shape[0]] if pinned is not None else np.empty(shape, dtype=self._dtypes[name])
             self._cuda.memcpy(
                 dst=output.ctypes.data,
                 src=self._buffers[name],
@@ -192,11 +221,32 @@ class TensorRTRunner:
             )
             outputs[name] = output
         self.synchronize()
-        return outputs
+        # pinned buffers are overwritten by the next batch: callers get their own copies
+        return {name: output.copy() if name in self._host else output for name, output in outputs.items()}
+
+    def _as_input(self, batch: np.ndarray) -> np.ndarray:
+        """`batch` in the engine's layout: validation's float NCHW frames become uint8 NHWC for a uint8 input."""
+        if self.input_layout == "nhwc-uint8" and batch.ndim == 4 and batch.dtype != np.uint8:
+            height, width, channels = self.sample_shape
+            if tuple(batch.shape[1:]) == (channels, height, width):
+                batch = to_hwc_uint8(batch)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.sample_shape:
+            layout = "uint8 NHWC" if self.input_layout == "nhwc-uint8" else "NCHW"
+            expected = ", ".join(map(str, self.sample_shape))
+            raise InputError(f"TensorRT engine takes {layout} (N, {expected}) batches, got {batch.shape}")
+        return batch
 
     def set_input(self, batch: np.ndarray) -> None:
-        """Copy `batch` (N within the profile) to the input buffer and set the input shape."""
-        host = np.ascontiguousarray(batch, dtype=self._dtypes[self.input_name])
+        """Copy `batch` (N within the profile; float NCHW frames are converted for a uint8 input) to the input
+        buffer and set the input shape."""
+        batch = self._as_input(batch)
+        staging = self.input_buffer(batch.shape[0])
+        if staging is None:
+            host = np.ascontiguousarray(batch, dtype=self._dtypes[self.input_name])
+        else:  # through the pinned buffer, unless the caller filled it already (`input_buffer`)
+            if batch.ctypes.data != staging.ctypes.data or batch.shape != staging.shape:
+                np.copyto(staging, batch, casting="unsafe")
+            host = staging
         if not self.context.set_input_shape(self.input_name, host.shape):
             raise InputError(f"TensorRT rejected input shape {host.shape} for {self.input_name!r}")
         self._cuda.memcpy(
