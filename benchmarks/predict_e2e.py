@@ -91,6 +91,9 @@ class TimedRunner:
         self.runner = runner
         self.seconds = 0.0
 
+    def __getattr__(self, name: str) -> Any:  # input_buffer, input_layout, ...: the detector sees the real runner
+        return getattr(self.runner, name)
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         try:

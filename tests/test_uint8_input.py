@@ -163,8 +163,12 @@ def test_copies_go_through_pinned_buffers_that_are_freed_and_never_handed_out(mo
         np.testing.assert_array_equal(filled, again)
         assert not np.shares_memory(filled, again)  # outputs are the caller's, not views of the pinned buffer
         assert runner.input_buffer(runner.max_batch + 1) is None
+        second = runner.input_buffer(3, 1)  # one more pinned buffer, for a pipeline's next batch
+        assert second is not None and not np.shares_memory(second, staging) and len(device.pinned_live) == 3
+        np.copyto(second, pixels)
+        np.testing.assert_array_equal(runner.infer(second), filled)
     gc.collect()
-    assert device.pinned_live == {} and device.pinned_freed == 2 and device.allocated == {}
+    assert device.pinned_live == {} and device.pinned_freed == 3 and device.allocated == {}
 
 
 def test_without_pinned_memory_the_runner_copies_from_pageable_memory(monkeypatch, engine):
@@ -174,7 +178,7 @@ def test_without_pinned_memory_the_runner_copies_from_pageable_memory(monkeypatc
         assert runner.infer(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, 84, 10)
 
 
-def test_the_detector_sends_uint8_frames_and_finds_what_the_float_path_finds(monkeypatch, engine):
+def test_the_detector_sends_uint8_frames_and_finds_what_the_float_path_finds(monkeypatch, engine, tmp_path):
     def head(batch: np.ndarray) -> dict[str, np.ndarray]:  # one box per image, its score from the pixels
         images = batch.astype(np.float32) / 255.0 if batch.dtype == np.uint8 else batch.transpose(0, 2, 3, 1)
         out = np.zeros((batch.shape[0], 84, 10), np.float32)
@@ -183,14 +187,33 @@ def test_the_detector_sends_uint8_frames_and_finds_what_the_float_path_finds(mon
         return {OUTPUT: out}
 
     facts = ModelFacts("yolov8", "yolov8", [str(i) for i in range(80)], 32, 64, "test")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    images = [*list_images(VAL_IMAGES)[:3], broken, *list_images(VAL_IMAGES)[3:6]]  # batches of 2: one has a gap
     found = {}
-    images = [p for p in list_images(VAL_IMAGES)[:3]]
     for uint8 in (False, True):
-        install(monkeypatch, FakeDevice(uint8_input=uint8, pinned=uint8, compute=head, profile=(1, 2, 4)))
+        device = install(monkeypatch, FakeDevice(uint8_input=uint8, pinned=uint8, compute=head, profile=(1, 2, 4)))
         runner = TensorRTRunner(engine)
         with Detector(runner, facts, engine, "tensorrt", DecodeSettings(0.25, 0.6, 300), batch_size=2) as detector:
             assert detector.uint8_frames is uint8
-            found[uint8] = [(d.boxes_xyxy.tolist(), d.scores.tolist()) for d in detector(images)]
-            streamed = [p.detections for p in detector.stream(images, workers=2)]
-            assert [(d.boxes_xyxy.tolist(), d.scores.tolist()) for d in streamed] == found[uint8]
-    assert found[True] == found[False] and all(scores for _, scores in found[True])
+            for workers in (0, 2):
+                streamed = [p.detections for p in detector.stream(images, workers=workers)]
+                assert streamed[3] is None  # the unreadable image, skipped
+                found[uint8, workers] = [(d.boxes_xyxy.tolist(), d.scores.tolist()) for d in streamed if d]
+            if uint8:  # letterboxed into pinned buffers 1 and 2 (beside the runner's own input and output)
+                assert len(device.pinned_live) == 4
+    assert found[True, 0] == found[True, 2] == found[False, 0] == found[False, 2]
+    assert len(found[True, 0]) == 6 and all(scores for _, scores in found[True, 0])
+
+
+def test_letterboxing_into_a_given_buffer_gives_the_same_frame_and_leaves_the_image_alone():
+    for path in list_images(VAL_IMAGES)[:4]:
+        image = read_image(path)
+        before = image.copy()
+        expected, box = letterbox_rgb(image, 320)
+        slots = np.zeros((2, 320, 320, 3), np.uint8)
+        frame, same_box = letterbox_rgb(image, 320, out=slots[1])
+        assert frame.ctypes.data == slots[1].ctypes.data and box == same_box
+        np.testing.assert_array_equal(slots[1], expected)
+        np.testing.assert_array_equal(image, before)
+        assert not slots[0].any()

@@ -17,6 +17,7 @@ frees the runner (a TensorRT runner's GPU memory). `models:/NAME@champion` URIs 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -209,28 +210,33 @@ class Detector:
         keyed = zip(keys, images, strict=False) if keys is not None else enumerate(images)
         if workers <= 0:
             for chunk in _chunks(keyed, self.batch_size):
-                prepared = [_prepare(image, self.imgsz, self.uint8_frames) for _, image in chunk]
+                slots = self._slots(len(chunk), 1)  # not the runner's staging buffer 0: _infer may stack into it
+                prepared = [self._prepare(image, slots, i) for i, (_, image) in enumerate(chunk)]
                 readable = [p for p in prepared if p is not None]
-                yield from _emit(chunk, prepared, self.detect_prepared(readable) if readable else [], keep_images)
+                output = self._infer(readable, slots) if readable else None
+                yield from _emit(chunk, prepared, self._decode(output, readable) if readable else [], keep_images)
             return
         # Three stages: threads read + letterbox batch k+1 and decode + NMS batch k-1 while batch k is inferred here
-        # (the runner is only ever called from this thread).
+        # (the runner is only ever called from this thread). A uint8-input engine's frames are letterboxed straight
+        # into pinned buffers 1 and 2, one per batch in flight, which the runner copies to the GPU as they are.
         with ThreadPoolExecutor(workers, thread_name_prefix="yoloq-predict") as pool:
+            turn = itertools.count()
 
             def submit(chunk: list[tuple[Any, ImageSource]] | None) -> Any:
                 if chunk is None:
                     return None
-                return chunk, [pool.submit(_prepare, image, self.imgsz, self.uint8_frames) for _, image in chunk]
+                slots = self._slots(len(chunk), 1 + next(turn) % 2)
+                return chunk, slots, [pool.submit(self._prepare, image, slots, i) for i, (_, image) in enumerate(chunk)]
 
             chunks = _chunks(keyed, self.batch_size)
             pending = submit(next(chunks, None))
             decoding: tuple[Any, list[_Prepared | None], Future[list[ImageDetections]] | None] | None = None
             while pending is not None:
-                chunk, futures = pending
+                chunk, slots, futures = pending
                 pending = submit(next(chunks, None))  # one batch ahead
                 prepared = [future.result() for future in futures]
                 readable = [p for p in prepared if p is not None]
-                output = self._infer(readable) if readable else None
+                output = self._infer(readable, slots) if readable else None
                 if decoding is not None:
                     yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
                 decoded = pool.submit(self._decode, output, readable) if output is not None else None
@@ -238,13 +244,25 @@ class Detector:
             if decoding is not None:
                 yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
 
-    def detect_prepared(self, prepared: list[_Prepared]) -> list[ImageDetections]:
-        return self._decode(self._infer(prepared), prepared)
+    def _slots(self, count: int, index: int) -> np.ndarray | None:
+        """Pinned input buffer `index` of the runner for `count` uint8 frames, or None (float frames, no pinned
+        memory, a batch above the engine's max)."""
+        input_buffer = getattr(self.runner, "input_buffer", None)
+        if not self.uint8_frames or input_buffer is None:
+            return None
+        slots = input_buffer(count, index)
+        return slots if slots is not None and slots.shape[1:] == (self.imgsz, self.imgsz, 3) else None
 
-    def _infer(self, prepared: list[_Prepared]) -> np.ndarray:
-        """One batch through the runner; frames are stacked into its pinned input buffer when it has one."""
+    def _prepare(self, image: ImageSource, slots: np.ndarray | None, index: int) -> _Prepared | None:
+        return _prepare(image, self.imgsz, self.uint8_frames, slots[index] if slots is not None else None)
+
+    def _infer(self, prepared: list[_Prepared], slots: np.ndarray | None = None) -> np.ndarray:
+        """One batch through the runner: the pinned `slots` the frames were letterboxed into when every image of the
+        batch was readable, else the frames stacked (into the runner's pinned staging buffer when it has one)."""
         if self.runner is None:
             raise RuntimeError("the detector is closed")
+        if slots is not None and len(prepared) == len(slots):
+            return self.runner.infer(slots)
         frames = [p.frame for p in prepared]
         input_buffer = getattr(self.runner, "input_buffer", None)
         staging = input_buffer(len(frames)) if input_buffer is not None else None
@@ -298,16 +316,18 @@ def _describe(image: ImageSource) -> str:
     return str(image) if isinstance(image, str | Path) else f"array {getattr(image, 'shape', '?')}"
 
 
-def _prepare(image: ImageSource, imgsz: int, uint8_frame: bool = False) -> _Prepared | None:
-    """Decode (paths) and letterbox one image (to RGB uint8 with `uint8_frame`, else to validation's float frame);
-    None when it cannot be read or is not an image array."""
+def _prepare(
+    image: ImageSource, imgsz: int, uint8_frame: bool = False, out: np.ndarray | None = None
+) -> _Prepared | None:
+    """Decode (paths) and letterbox one image (to RGB uint8 with `uint8_frame`, into `out` when given, else to
+    validation's float frame); None when it cannot be read or is not an image array."""
     if isinstance(image, str | Path):
         decoded = read_image(Path(image)) if Path(image).is_file() else None
     else:
         decoded = as_bgr(image)
     if decoded is None:
         return None
-    frame, box = letterbox_rgb(decoded, imgsz) if uint8_frame else letterbox(decoded, imgsz)
+    frame, box = letterbox_rgb(decoded, imgsz, out) if uint8_frame else letterbox(decoded, imgsz)
     return _Prepared(decoded, frame, box)
 
 

@@ -57,20 +57,29 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     return to_chw_float(rgb), box
 
 
-def letterbox_rgb(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+def letterbox_rgb(image_bgr: np.ndarray, size: int, out: np.ndarray | None = None) -> tuple[np.ndarray, Letterbox]:
     """`letterbox` before its float conversion: (size x size x 3 RGB uint8, mapping). An engine with a uint8 input
     (`tensorrt.input: uint8`) takes these as they are and divides by 255 itself; `to_chw_float` gives `letterbox`'s
-    frame."""
+    frame. `out` (size x size x 3 uint8, e.g. a slot of a pinned batch buffer) receives the frame, and is returned."""
     height, width = image_bgr.shape[:2]
     scale = min(size / height, size / width)
     new_width, new_height = round(width * scale), round(height * scale)
     if (new_width, new_height) != (width, height):
-        image_bgr = cv2.resize(image_bgr, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+        resized = cv2.resize(image_bgr, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+        rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=resized)  # in place: one allocation less per image
+    else:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)  # the caller's image stays as it is
     pad_x, pad_y = (size - new_width) / 2, (size - new_height) / 2
     top, bottom = round(pad_y - 0.1), round(pad_y + 0.1)
     left, right = round(pad_x - 0.1), round(pad_x + 0.1)
-    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)  # before padding: fewer pixels, and the pad is grey either way
-    padded = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    border = (top, bottom, left, right, cv2.BORDER_CONSTANT)
+    if out is None:  # the pad is grey in any channel order, so the colours are swapped before padding (fewer pixels)
+        padded = cv2.copyMakeBorder(rgb, *border, value=(PAD_VALUE,) * 3)
+    else:
+        padded = cv2.copyMakeBorder(rgb, *border, dst=out, value=(PAD_VALUE,) * 3)
+        if padded.ctypes.data != out.ctypes.data:  # OpenCV reallocates a dst it cannot write into
+            np.copyto(out, padded)
+            padded = out
     return padded, Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
 
 

@@ -52,6 +52,7 @@ class TensorRTRunner:
         self._memcpy_kind = cuda.MemcpyKind
         self._buffers: dict[str, int] = {}
         self._host: dict[str, PinnedArray] = {}  # pinned staging per tensor, max-batch shape (absent: pageable)
+        self._more_inputs: dict[int, PinnedArray] = {}  # input_buffer(batch, index >= 1), allocated when asked
         self._stream: Any = None
         self._runtime: Any = None
         self._engine: Any = None
@@ -120,6 +121,7 @@ class TensorRTRunner:
         a runner whose constructor failed half-way."""
         buffers, self._buffers = self._buffers, {}
         host, self._host = self._host, {}
+        more, self._more_inputs = self._more_inputs, {}
         stream, self._stream = self._stream, None
         self._context = None  # context before engine before runtime
         self._profiler = None  # after the context that calls it
@@ -127,7 +129,7 @@ class TensorRTRunner:
         self._runtime = None
         errors: list[Exception] = []
         frees: list[tuple[Any, Any]] = [(self._cuda.free, pointer) for pointer in buffers.values()]
-        frees += [(PinnedArray.free, pinned) for pinned in host.values()]
+        frees += [(PinnedArray.free, pinned) for pinned in [*host.values(), *more.values()]]
         for free, handle in [*frees, (_free_stream, stream)]:
             try:
                 free(handle)
@@ -176,11 +178,28 @@ class TensorRTRunner:
         """Whether copies go through pinned host buffers."""
         return self.input_name in self._host
 
-    def input_buffer(self, batch: int) -> np.ndarray | None:
-        """The pinned host buffer of the input for `batch` images, for a caller to fill in place (`infer` then skips
-        its own copy into it); None without pinned memory. It is overwritten by the next `infer`."""
-        pinned = self._host.get(self.input_name)
-        return pinned.array[:batch] if pinned is not None and batch <= self.max_batch else None
+    def input_buffer(self, batch: int, index: int = 0) -> np.ndarray | None:
+        """A pinned host buffer of the input for `batch` images, for a caller to fill in place: `infer` of it copies
+        it to the GPU directly. Index 0 is the runner's own staging buffer (overwritten by every `infer` of another
+        array); further indexes are more buffers, so a pipeline can fill one while another is inferred. None
+        without pinned memory or above the profile's max batch."""
+        staging = self._host.get(self.input_name)
+        if staging is None or not 1 <= batch <= self.max_batch or index < 0:
+            return None
+        if index == 0:
+            return staging.array[:batch]
+        if index not in self._more_inputs:
+            pinned = pinned_array(self._cuda.handle, staging.array.shape, self._dtypes[self.input_name])
+            if pinned is None:
+                return None
+            self._more_inputs[index] = pinned
+        return self._more_inputs[index].array[:batch]
+
+    def _pinned_input(self, batch: np.ndarray) -> bool:
+        """Whether `batch` is the start of one of the runner's pinned input buffers (then it is copied as it is)."""
+        start = batch.ctypes.data
+        buffers = [self._host[self.input_name], *self._more_inputs.values()] if self.pinned else []
+        return batch.flags.c_contiguous and any(start == b.array.ctypes.data for b in buffers)
 
     @property
     def has_nms(self) -> bool:
@@ -243,9 +262,10 @@ class TensorRTRunner:
         staging = self.input_buffer(batch.shape[0])
         if staging is None:
             host = np.ascontiguousarray(batch, dtype=self._dtypes[self.input_name])
-        else:  # through the pinned buffer, unless the caller filled it already (`input_buffer`)
-            if batch.ctypes.data != staging.ctypes.data or batch.shape != staging.shape:
-                np.copyto(staging, batch, casting="unsafe")
+        elif batch.dtype == staging.dtype and self._pinned_input(batch):
+            host = batch  # the caller filled one of the pinned buffers (`input_buffer`)
+        else:  # through the pinned staging buffer
+            np.copyto(staging, batch, casting="unsafe")
             host = staging
         if not self.context.set_input_shape(self.input_name, host.shape):
             raise InputError(f"TensorRT rejected input shape {host.shape} for {self.input_name!r}")
