@@ -217,3 +217,14 @@ def test_letterboxing_into_a_given_buffer_gives_the_same_frame_and_leaves_the_im
         np.testing.assert_array_equal(slots[1], expected)
         np.testing.assert_array_equal(image, before)
         assert not slots[0].any()
+
+
+def test_the_pipeline_turns_opencvs_own_threads_off_only_while_it_runs():
+    import cv2
+
+    from yoloq.detector import single_threaded_opencv
+
+    before = cv2.getNumThreads()
+    with single_threaded_opencv():
+        assert cv2.getNumThreads() == 1
+    assert cv2.getNumThreads() == before

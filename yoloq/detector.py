@@ -16,6 +16,7 @@ frees the runner (a TensorRT runner's GPU memory). `models:/NAME@champion` URIs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -219,7 +220,7 @@ class Detector:
         # Three stages: threads read + letterbox batch k+1 and decode + NMS batch k-1 while batch k is inferred here
         # (the runner is only ever called from this thread). A uint8-input engine's frames are letterboxed straight
         # into pinned buffers 1 and 2, one per batch in flight, which the runner copies to the GPU as they are.
-        with ThreadPoolExecutor(workers, thread_name_prefix="yoloq-predict") as pool:
+        with single_threaded_opencv(), ThreadPoolExecutor(workers, thread_name_prefix="yoloq-predict") as pool:
             turn = itertools.count()
 
             def submit(chunk: list[tuple[Any, ImageSource]] | None) -> Any:
@@ -280,6 +281,20 @@ class Detector:
         return ImageDetections(
             found.boxes_xyxy, found.scores, found.classes, class_names, box.original_width, box.original_height
         )
+
+
+@contextlib.contextmanager
+def single_threaded_opencv() -> Iterator[None]:
+    """OpenCV's own thread pool off while the pipeline's threads letterbox (restored after): each resize and colour
+    swap would otherwise fan out over every core from every worker at once."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _emit(
