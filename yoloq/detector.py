@@ -8,9 +8,9 @@ Preprocessing and decoding are validation's own (`yoloq.preprocess.letterbox`, t
 the head's decoder, class-aware NMS), so a model predicts exactly the detections it was validated with. Model facts
 (head format, class names, input size) come from the ONNX metadata the export stage writes, or for an engine from its
 build record (`<engine>.json`, written by the TensorRT backend). An engine with a uint8 input (`tensorrt.input:
-uint8`) gets `letterbox_rgb`'s frames, stacked straight into the runner's pinned input buffer: the same pixels
-without the host's float conversion. The detector is a context manager: leaving it
-frees the runner (a TensorRT runner's GPU memory). `models:/NAME@champion` URIs are resolved by
+uint8`) gets `letterbox_rgb`'s frames, letterboxed straight into the runner's pinned input buffers: the same
+pixels without the host's float conversion. The detector is a context manager: leaving it frees the runner (a
+TensorRT runner's GPU memory). `models:/NAME@champion` URIs are resolved by
 `flows.model_uri.load_detector` (the core package does not import MLflow).
 """
 

@@ -156,7 +156,8 @@ def detect_frames(
     runner: Runner, frames: list[tuple[np.ndarray, Letterbox]], head_format: HeadFormat, decoding: DecodeSettings
 ) -> list[Detections]:
     """One batch of letterboxed images (`load_preprocessed` / `letterbox` output) through `runner`, decoded with NMS:
-    detections in original-image pixels. Validation and prediction (yoloq.detector) both run exactly this."""
+    detections in original-image pixels. Prediction (yoloq.detector) runs the same two steps: the stacked batch
+    through the runner, then `decode_frames`."""
     output = runner.infer(np.stack([chw for chw, _ in frames]))
     return decode_frames(output, [box for _, box in frames], head_format, decoding)
 

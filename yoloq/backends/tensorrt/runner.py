@@ -182,7 +182,7 @@ class TensorRTRunner:
         """A pinned host buffer of the input for `batch` images, for a caller to fill in place: `infer` of it copies
         it to the GPU directly. Index 0 is the runner's own staging buffer (overwritten by every `infer` of another
         array); further indexes are more buffers, so a pipeline can fill one while another is inferred. None
-        without pinned memory or above the profile's max batch."""
+        without pinned memory or above the profile's max batch. The arrays are valid until `close()`."""
         staging = self._host.get(self.input_name)
         if staging is None or not 1 <= batch <= self.max_batch or index < 0:
             return None
