@@ -6,7 +6,9 @@
 For each pool (threads, processes) and worker count, images per second of:
 - decode: `yoloq.preprocess.read_image` (the JPEG/PNG decoding alone);
 - decode + letterbox: `read_image` then `letterbox_rgb` into a reused buffer, what `Detector.stream` does for an
-  engine with a uint8 input (threads: with OpenCV's own thread pool on, and off as the pipeline sets it).
+  engine with a uint8 input (threads: with OpenCV's own thread pool on, and off as the pipeline sets it);
+- decode + letterbox to float: `read_image` then `letterbox` (validation's float CHW frame /255), what a float-input
+  model needs.
 The files are read once before timing (the page cache holds them), each measurement is the best of --rounds.
 `benchmarks/predict_e2e.py` times the whole pipeline; compare its images/s with these.
 """
@@ -28,7 +30,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from yoloq.preprocess import letterbox_rgb, list_images, read_image  # noqa: E402
+from yoloq.preprocess import letterbox, letterbox_rgb, list_images, read_image  # noqa: E402
 
 _local = threading.local()
 
@@ -45,6 +47,11 @@ def decode_letterbox(path: Path) -> int:
         out = _local.out = np.empty((640, 640, 3), np.uint8)
     image = read_image(path)
     return 0 if image is None else letterbox_rgb(image, 640, out)[0].shape[0]
+
+
+def decode_letterbox_float(path: Path) -> int:
+    image = read_image(path)
+    return 0 if image is None else letterbox(image, 640)[0].shape[0]
 
 
 def images_per_s(pool: Executor, work: Callable[[Path], int], paths: list[Path], rounds: int) -> float:
@@ -81,6 +88,8 @@ def main() -> int:
             cv2.setNumThreads(1)
             label = "decode + letterbox, OpenCV pool off"
             rows.append(("threads", workers, label, images_per_s(pool, decode_letterbox, paths, args.rounds)))
+            label = "decode + letterbox to float, OpenCV pool off"
+            rows.append(("threads", workers, label, images_per_s(pool, decode_letterbox_float, paths, args.rounds)))
             cv2.setNumThreads(default_threads)
         with ProcessPoolExecutor(workers) as pool:
             rows.append(("processes", workers, "decode + letterbox", images_per_s(pool, decode_letterbox, paths, 1)))
