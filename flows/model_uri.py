@@ -32,7 +32,7 @@ class RegisteredModelFile:
     version: str
     run_id: str
     path: Path  # the registered file (ONNX model or engine)
-    source_onnx: Path | None  # an engine's source ONNX, when its run logged it
+    source_onnx: Path | None  # the ONNX an engine was built from (before NMS / uint8 surgery), when logged
     tags: dict[str, str]
 
     @property
@@ -86,8 +86,9 @@ def resolve_model_uri(uri: str, tracking_uri: str, cache_dir: Path) -> Registere
     if path.suffix.lower() in ENGINE_SUFFIXES:
         record_name = str(Path(artifact).with_suffix(".json"))
         record = _download_optional(client, run_id, record_name, folder)
-        if record is not None:
-            source_name = Path(read_json(record).get("details", {}).get("source_onnx", "")).name
+        if record is not None:  # the model before TensorRT-only surgery (NMS plugin, uint8 input) where logged
+            details = read_json(record).get("details", {})
+            source_name = Path(details.get("model_onnx") or details.get("source_onnx", "")).name
             if source_name:
                 source_onnx = _download_optional(client, run_id, source_name, folder)
     return RegisteredModelFile(uri, name, str(found.version), run_id, path, source_onnx, dict(found.tags or {}))

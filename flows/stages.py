@@ -198,8 +198,9 @@ def fp16_vs_int8(results: list[VariantResult]) -> dict[str, float]:
 
 def _build_artifacts(built: BuiltModel) -> list[Path]:
     """Files a build left beside the model that belong in MLflow: build log, caches, the build record, and the ONNX
-    an engine was built from (so a registered engine can be rebuilt on another GPU: flows/model_uri.py)."""
-    keys = ("build_log", "timing_cache", "calibration_cache", "calibration_manifest", "source_onnx")
+    an engine was built from, plus the model before TensorRT-only surgery (NMS plugin, uint8 input) when it differs
+    (so a registered engine can be rebuilt on another GPU, or run on ONNX Runtime: flows/model_uri.py)."""
+    keys = ("build_log", "timing_cache", "calibration_cache", "calibration_manifest", "source_onnx", "model_onnx")
     paths = [Path(built.details[k]) for k in keys if built.details.get(k)]
     record = built.path.with_suffix(".json")
     if built.details and record.is_file():

@@ -19,6 +19,7 @@ from tests.fake_tensorrt import OUTPUT, FakeDevice, install
 from yoloq.backends import closing_runner
 from yoloq.backends.onnxruntime import OnnxRuntimeRunner
 from yoloq.backends.tensorrt.nms import DET_BOXES, DET_CLASSES, DET_SCORES, NUM_DETS
+from yoloq.backends.tensorrt.uint8_input import uint8_input_onnx
 from yoloq.backends.tensorrt.versions import Availability
 from yoloq.config import ValidationConfig
 from yoloq.detector import Detector, engine_facts
@@ -258,13 +259,15 @@ def test_models_uri_resolves_the_champion_on_a_real_mlflow_store(simplified, tmp
     assert flows.cli.main([*base, "--model", "models:/yoloq-other@champion"]) == 2
     assert "no registered model 'yoloq-other'" in capsys.readouterr().err
 
-    # a registered engine: without TensorRT here, `auto` runs the ONNX it was built from (logged beside it)
+    # a registered engine: without TensorRT here, `auto` runs the ONNX it was built from (logged beside it): the model
+    # before the TensorRT-only surgery (here the uint8-input ONNX TensorRT parsed)
     engine = tmp_path / "trt-int8-qdq-abc.engine"
     engine.write_bytes(b"engine bytes")
-    record = {"details": {"source_onnx": str(onnx_path)}, "build_seconds": 1.0}
+    parsed = uint8_input_onnx(onnx_path, tmp_path / "surgery")
+    record = {"details": {"source_onnx": str(parsed), "model_onnx": str(onnx_path)}, "build_seconds": 1.0}
     engine.with_suffix(".json").write_text(json.dumps(record))
     engine_run = client.create_run(experiment).info.run_id
-    for path in (engine, engine.with_suffix(".json"), onnx_path):
+    for path in (engine, engine.with_suffix(".json"), onnx_path, parsed):
         client.log_artifact(engine_run, str(path))
     trt = VariantResult("int8", "int8", "tensorrt", 0.33, 0.5, 1.0, 900.0, 32, 3.0, engine)
     register_champion(client, params, ShipDecision("int8", "fastest"), [trt], {"int8": engine_run})

@@ -17,6 +17,7 @@ from tests.conftest import VAL_IMAGES
 from tests.fake_tensorrt import OUTPUT, FakeDevice, install
 from yoloq.backends.tensorrt.build import TensorRTBackend
 from yoloq.backends.tensorrt.inputs import onnx_input
+from yoloq.backends.tensorrt.nms import has_nms_outputs
 from yoloq.backends.tensorrt.runner import TensorRTRunner
 from yoloq.backends.tensorrt.uint8_input import add_uint8_input, uint8_input_onnx
 from yoloq.backends.tensorrt.versions import BuildPlan
@@ -228,3 +229,32 @@ def test_the_pipeline_turns_opencvs_own_threads_off_only_while_it_runs():
     with single_threaded_opencv():
         assert cv2.getNumThreads() == 1
     assert cv2.getNumThreads() == before
+
+
+def test_a_logged_source_that_has_the_surgery_already_is_built_as_it_is(simplified, tmp_path):
+    """Rebuilding a registered engine from the ONNX TensorRT parsed (NMS plugin and uint8 input in it) adds
+    neither twice; the model before the surgery is what `_model_onnx` names."""
+    settings = TensorRTConfig(input="uint8", nms="efficient_nms")
+    backend = TensorRTBackend(settings, decoding=DecodeSettings(0.25, 0.6, 100))
+    plan = BuildPlan(onnx="fp32", fp16_flag=True, int8_flag=False, calibrator=None, strongly_typed=False)
+    variant = VariantConfig(name="fp16", precision="fp16", backend="tensorrt")
+    parsed = backend._source_onnx(variant, plan, simplified.onnx_path, None, tmp_path)
+    assert parsed.name.endswith(".uint8.onnx") and has_nms_outputs(
+        [o.name for o in onnx.load(str(parsed)).graph.output]
+    )
+    assert backend._model_onnx(variant, plan, simplified.onnx_path, None, tmp_path) == simplified.onnx_path
+    assert backend._engine_onnx(variant, plan, parsed, simplified.onnx_path, tmp_path) == parsed
+
+
+def test_onnx_runtime_runs_a_uint8_model_on_pixels_or_float_frames_alike(simplified, tmp_path):
+    uint8_path = uint8_input_onnx(simplified.onnx_path, tmp_path)
+    images = list_images(VAL_IMAGES)[:3]
+    decoding = DecodeSettings(0.25, 0.6, 300)
+    with Detector.load(uint8_path, decoding=decoding, batch_size=2) as pixels:
+        assert pixels.uint8_frames and pixels.runner.input_layout == "nhwc-uint8"
+        frames = np.stack([load_preprocessed(p, 640)[0] for p in images[:2]])
+        np.testing.assert_array_equal(pixels.runner.infer(frames), run(str(simplified.onnx_path), frames))
+        found = [(d.boxes_xyxy.tolist(), d.scores.tolist()) for d in pixels(images)]
+    with Detector.load(simplified.onnx_path, decoding=decoding, batch_size=2) as floats:
+        assert not floats.uint8_frames
+        assert [(d.boxes_xyxy.tolist(), d.scores.tolist()) for d in floats(images)] == found

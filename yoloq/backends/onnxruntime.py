@@ -20,6 +20,7 @@ from yoloq.artifacts import size_mb
 from yoloq.backends.base import BuiltModel
 from yoloq.config import Params, VariantConfig
 from yoloq.errors import InputError
+from yoloq.preprocess import to_hwc_uint8
 from yoloq.quant.graph import QDQ_OP_TYPES
 from yoloq.speed import SpeedMeasures, tile_batch, wall_clock_measure
 
@@ -48,8 +49,14 @@ class OnnxRuntimeRunner:
             raise InputError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        uint8 = self.session.get_inputs()[0].type == "tensor(uint8)"  # a `tensorrt.input: uint8` model
+        self.input_layout = "nhwc-uint8" if uint8 else "nchw-float"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        """The model's output for a batch: NCHW float frames, or for a uint8-input model NHWC uint8 frames (float
+        frames are converted to them exactly)."""
+        if self.input_layout == "nhwc-uint8" and batch.dtype != np.uint8:
+            batch = to_hwc_uint8(batch)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def __enter__(self) -> OnnxRuntimeRunner:

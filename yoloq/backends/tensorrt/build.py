@@ -37,7 +37,7 @@ from yoloq.backends.tensorrt.constraints import convs_outside_qdq, hold_layers_i
 from yoloq.backends.tensorrt.environment import TrtEnvironment, has_module, load_environment
 from yoloq.backends.tensorrt.inputs import OnnxInput, onnx_input
 from yoloq.backends.tensorrt.keys import calibration_cache_key, default_timing_cache, engine_key
-from yoloq.backends.tensorrt.nms import efficient_nms_onnx
+from yoloq.backends.tensorrt.nms import efficient_nms_onnx, has_nms_outputs
 from yoloq.backends.tensorrt.runner import TensorRTRunner
 from yoloq.backends.tensorrt.timing import time_device
 from yoloq.backends.tensorrt.uint8_input import uint8_input_onnx
@@ -98,7 +98,8 @@ class TensorRTBackend:
         env = load_environment()
         plan = plan_variant(variant, env.caps, self.settings.fp16_fallback, find_fp16_converter(has_module))
         out_dir.mkdir(parents=True, exist_ok=True)
-        source = self._source_onnx(variant, plan, fp32_onnx, qdq_onnx, out_dir)
+        model = self._model_onnx(variant, plan, fp32_onnx, qdq_onnx, out_dir)
+        source = self._engine_onnx(variant, plan, model, fp32_onnx, out_dir)
         source_sha = file_sha256(source)
         model_input = onnx_input(source)
         environment = env.describe()
@@ -119,6 +120,7 @@ class TensorRTBackend:
             "plan": plan.describe(),
             "notes": " | ".join(plan.notes),
             "source_onnx": str(source),
+            **({"model_onnx": str(model)} if model != source else {}),  # before the NMS / uint8 surgery
             "profile": "/".join(str(b) for b in self._batches()),
             "workspace_mb": str(self.settings.workspace_mb),
             "builder_optimization_level": str(self.settings.builder_optimization_level),
@@ -180,6 +182,15 @@ class TensorRTBackend:
     def _source_onnx(
         self, variant: VariantConfig, plan: BuildPlan, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path
     ) -> Path:
+        """The ONNX TensorRT parses for `variant`: `_model_onnx`, then `_engine_onnx`."""
+        model = self._model_onnx(variant, plan, fp32_onnx, qdq_onnx, out_dir)
+        return self._engine_onnx(variant, plan, model, fp32_onnx, out_dir)
+
+    def _model_onnx(
+        self, variant: VariantConfig, plan: BuildPlan, fp32_onnx: Path, qdq_onnx: Path | None, out_dir: Path
+    ) -> Path:
+        """The variant's model: FP32, Q/DQ or FP16-typed ONNX, which ONNX Runtime can run too (logged with a
+        registered engine, so it can be rebuilt elsewhere or run without TensorRT)."""
         if plan.onnx == "qdq":
             if qdq_onnx is None:
                 raise InputError(f"variant {variant.name!r} needs the Q/DQ model from the calibration stage")
@@ -188,14 +199,24 @@ class TensorRTBackend:
             source = fp16_typed_onnx(fp32_onnx, plan.fp16_converter or "", out_dir)
         else:
             source = fp32_onnx
-        if self.settings.nms == "efficient_nms":
+        return source
+
+    def _engine_onnx(
+        self, variant: VariantConfig, plan: BuildPlan, source: Path, fp32_onnx: Path, out_dir: Path
+    ) -> Path:
+        """`source` with the TensorRT-only surgery the settings ask for: EfficientNMS_TRT (`tensorrt.nms`) and the
+        uint8 input (`tensorrt.input`); each is skipped where the model has it already."""
+        model = onnx.load(str(source), load_external_data=False)
+        has_nms = has_nms_outputs([o.name for o in model.graph.output])
+        has_uint8 = onnx_input(source).layout == "nhwc"
+        if self.settings.nms == "efficient_nms" and not has_nms:
             head_format = read_facts(fp32_onnx).head_format  # the Q/DQ and FP16 models derive from it
             if head_format == "end2end":
                 self.progress(f"TensorRT {variant.name}: tensorrt.nms ignored: the end-to-end head has no NMS")
             else:
                 source = efficient_nms_onnx(source, head_format, self.decoding, out_dir)
                 self.progress(f"TensorRT {variant.name}: EfficientNMS_TRT appended ({source.name}): NMS in the engine")
-        if self.settings.input == "uint8":
+        if self.settings.input == "uint8" and not has_uint8:
             if plan.calibrator is not None:
                 self.progress(
                     f"TensorRT {variant.name}: tensorrt.input uint8 ignored: TensorRT's calibrator feeds float frames, "
