@@ -22,8 +22,8 @@ ResolvedBackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 CalibrationAlgorithm = Literal["minmax", "entropy", "percentile", "mse"]
 TrtCalibrator = Literal["minmax", "entropy2", "legacy"]
 EngineNms = Literal["none", "efficient_nms"]
-EngineInput = Literal["float", "uint8"]
 """TensorRT's implicit INT8 calibrators: IInt8MinMaxCalibrator, IInt8EntropyCalibrator2, IInt8LegacyCalibrator."""
+EngineInput = Literal["float", "uint8"]
 
 
 NAME_RULE = "letters, digits, '_', '-' and '.', not starting with a dot and without '..'"
