@@ -43,15 +43,15 @@ def add_uint8_input(model: onnx.ModelProto) -> onnx.ModelProto:
         raise InputError(f"tensorrt.input uint8: input {image.name!r} is {name}; it must be FLOAT or FLOAT16")
     dims = list(tensor_type.shape.dim)
     if len(dims) != 4 or dims[1].dim_value != 3:
-        raise InputError(f"tensorrt.input uint8: input {image.name!r} must be (N, 3, H, W), not {len(dims)}-D/{dims}")
+        shape = tuple(_dim(d) for d in dims)
+        raise InputError(f"tensorrt.input uint8: input {image.name!r} must be (N, 3, H, W), not {shape}")
+    if any(output.name == image.name for output in graph.output):
+        raise InputError(f"tensorrt.input uint8: the input {image.name!r} is also a graph output")
     float_name = _PREFIX + "frame"
     for node in graph.node:  # every consumer of the old input now reads the converted frame
         for index, name in enumerate(node.input):
             if name == image.name:
                 node.input[index] = float_name
-    for output in graph.output:
-        if output.name == image.name:
-            raise InputError(f"tensorrt.input uint8: the input {image.name!r} is also a graph output")
     scale = numpy_helper.from_array(np.array(255.0, dtype=np.float32), _PREFIX + "255")
     cast, nchw, divided = _PREFIX + "cast", _PREFIX + "nchw", _PREFIX + "divided"
     nodes = [  # in float32, as the host does; an FP16-typed model then gets the host's float16 rounding of it
