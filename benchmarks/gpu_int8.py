@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
                     images=main / "images", labels=main / "labels", extra_sets=extra, batch_size=32
                 )
                 dataset = load_validation_set(config, len(facts.names))
-                first = len(list_images(main / "images"))
+                first = len(images)  # the images of args.val[0], listed above
             for row, runner in runners.items():
                 b32, b1 = speeds[32][row], speeds[1][row]
                 record = {

@@ -37,12 +37,17 @@ def main() -> int:
     missing = [str(p) for p in (args.model, *args.detections) if not p.is_file()]
     if missing:
         raise SystemExit(f"not found: {', '.join(missing)}")
-    if not any(p.stem == args.reference or p.stem.endswith(f"-{args.reference}") for p in args.detections):
+    if not any(is_reference(p.stem, args.reference) for p in args.detections):
         raise SystemExit(f"--reference {args.reference}: none of the files is named *-{args.reference}.npz; give one")
     try:
         return score(args)
     except YoloqError as exc:  # a model, folder or label file that is not what --model / --set need
         raise SystemExit(str(exc)) from None
+
+
+def is_reference(stem: str, reference: str) -> bool:
+    """Whether a detections file (its stem, MODEL-ROW) holds the --reference row."""
+    return stem == reference or stem.endswith(f"-{reference}")
 
 
 def score(args: argparse.Namespace) -> int:
@@ -63,7 +68,7 @@ def score(args: argparse.Namespace) -> int:
         if len(found) != len(truths):
             raise SystemExit(f"{path}: detections of {len(found)} images, the sets hold {len(truths)}")
         scores[path.stem] = {k: coco_map(truths[s], found[s], names).map50_95 * 100 for k, s in parts.items()}
-    reference = next(v for k, v in scores.items() if k == args.reference or k.endswith(f"-{args.reference}"))
+    reference = next(v for k, v in scores.items() if is_reference(k, args.reference))
     n = {k: len(truths[s]) for k, s in parts.items()}
     print(f"| detections | all {n['all']} | Δ | first {n['first']} | Δ | rest {n['rest']} | Δ |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -72,14 +72,11 @@ def letterbox_rgb(image_bgr: np.ndarray, size: int, out: np.ndarray | None = Non
     pad_x, pad_y = (size - new_width) / 2, (size - new_height) / 2
     top, bottom = round(pad_y - 0.1), round(pad_y + 0.1)
     left, right = round(pad_x - 0.1), round(pad_x + 0.1)
-    border = (top, bottom, left, right, cv2.BORDER_CONSTANT)
-    if out is None:  # the pad is grey in any channel order, so the colours are swapped before padding (fewer pixels)
-        padded = cv2.copyMakeBorder(rgb, *border, value=(PAD_VALUE,) * 3)
-    else:
-        padded = cv2.copyMakeBorder(rgb, *border, dst=out, value=(PAD_VALUE,) * 3)
-        if padded.ctypes.data != out.ctypes.data:  # OpenCV reallocates a dst it cannot write into
-            np.copyto(out, padded)
-            padded = out
+    # the pad is grey in any channel order, so the colours are swapped before padding (fewer pixels)
+    padded = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, dst=out, value=(PAD_VALUE,) * 3)
+    if out is not None and padded.ctypes.data != out.ctypes.data:  # OpenCV reallocates a dst it cannot write into
+        np.copyto(out, padded)
+        padded = out
     return padded, Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
 
 
