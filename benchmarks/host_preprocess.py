@@ -71,9 +71,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    found = list_images(args.images)
+    found = list_images(args.images) if args.images.is_dir() else []
     if not found:
-        raise SystemExit(f"{args.images}: no images")
+        raise SystemExit(f"--images {args.images}: no folder of images there; give one (e.g. data/coco/calib/images)")
     paths = (found * (args.num_images // len(found) + 1))[: args.num_images]
     for path in found:
         path.read_bytes()

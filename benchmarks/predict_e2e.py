@@ -45,6 +45,7 @@ sys.path.insert(0, str(PROJECT))
 
 from yoloq.config import TensorRTConfig  # noqa: E402
 from yoloq.detector import Detector  # noqa: E402
+from yoloq.errors import YoloqError  # noqa: E402
 from yoloq.heads import DecodeSettings  # noqa: E402
 from yoloq.preprocess import list_images, load_preprocessed  # noqa: E402
 from yoloq.speed import tile_batch  # noqa: E402
@@ -183,6 +184,8 @@ def main() -> int:
         nms=args.nms,
     )
     load_options = {"precision": args.precision, "build_dir": args.build_dir, "tensorrt": settings}
+    if not args.images.is_dir() or not list_images(args.images):
+        raise SystemExit(f"--images {args.images}: no folder of images there; give one (e.g. data/coco/val/images)")
     images = list_images(args.images)
     images = (images * (args.num_images // max(1, len(images)) + 1))[: args.num_images]
     frames = np.stack([load_preprocessed(p, 640)[0] for p in images[: max(args.batches)]])
@@ -221,4 +224,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except YoloqError as exc:  # a missing or unusable model, no TensorRT here: one line, no traceback
+        sys.exit(f"predict_e2e: {exc}")
