@@ -25,7 +25,7 @@ def cached_detect(
     config = params.validation
     head_format = output_head_format(built, facts.head_format)
     key = [
-        "detections-v1",
+        "detections-v2",  # v2: Q/DQ models on ONNX Runtime run the integer-exact simulation (yoloq.quant.simulate)
         PREPROCESSING_ID,
         file_sha256(built.path),
         files_sha256(images),

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # ONNX Runtime is imported where it runs: the TensorRT machin
     from yoloq.quant.graph import HeadAnalysis
 
 Progress = Callable[[str], None]
-METRIC_VERSION = "leave-one-out-detection-v2"  # v2: the placement rules of yoloq.quant.placement
+METRIC_VERSION = "leave-one-out-detection-v3"  # v2: placement rules; v3: the integer-exact simulation
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ def head_output_names(model: onnx.ModelProto, head: HeadAnalysis) -> list[str]:
 def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> ort.InferenceSession:
     import onnxruntime as ort
 
+    from yoloq.backends.onnxruntime import qdq_session
+
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     values = {value.name: value for value in (*augmented.graph.value_info, *augmented.graph.output)}
@@ -75,8 +77,8 @@ def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> ort.InferenceSes
             raise InputError(f"tensor {name!r} has no inferred type: run shape inference first (prepare_model)")
         augmented.graph.output.append(values[name])
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # run the Q/DQ pair as written
-    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return qdq_session(augmented, options)  # the integer-exact simulation: the same ranking on every CPU
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

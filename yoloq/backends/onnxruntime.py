@@ -1,11 +1,12 @@
 """ONNX Runtime backend (CPU): FP32 runs the simplified ONNX, INT8 runs the explicit Q/DQ ONNX.
 
-Q/DQ models run as written, QuantizeLinear then DequantizeLinear then float ops (ONNX Runtime's QDQ fusions into
-integer kernels are switched off with `session.disable_quant_qdq`). That computes exactly what an INT8 engine
-computes up to float rounding, on any CPU. The fused integer kernels are not used because their results depend on
-the instruction set: on AVX2 without VNNI, ONNX Runtime's u8s8 kernels can saturate 16-bit intermediate sums, so
-the same model scored differently on two x86 machines. On the CPU the INT8 variant is therefore an accuracy
-simulation of the GPU engine, not a speed-up: it runs at about FP32 speed or slower.
+Q/DQ models run as an integer-exact simulation of the INT8 engine (yoloq.quant.simulate): every INT8 conv sums
+integers exactly and scales once, as the engine does, so the numbers do not depend on which kernels ONNX Runtime
+picks for the CPU. ONNX Runtime's QDQ fusions into integer kernels are switched off (`session.disable_quant_qdq`):
+their results depend on the instruction set (on AVX2 without VNNI, the u8s8 kernels can saturate 16-bit
+intermediate sums), and so did the Q/DQ model run as written (float convs sum in a kernel-dependent order, and a
+last-bit difference flips the next rounding). On the CPU the INT8 variant is therefore an accuracy simulation of
+the GPU engine, not a speed-up: it runs at about FP32 speed or slower.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from yoloq.config import Params, VariantConfig
 from yoloq.errors import InputError
 from yoloq.preprocess import to_hwc_uint8
 from yoloq.quant.graph import QDQ_OP_TYPES
+from yoloq.quant.simulate import integer_exact
 from yoloq.speed import SpeedMeasures, tile_batch, wall_clock_measure
 
 
@@ -30,21 +32,37 @@ def has_qdq(model_path: Path) -> bool:
     return any(node.op_type in QDQ_OP_TYPES for node in model.graph.node)
 
 
-def session_options(simulate_qdq: bool) -> ort.SessionOptions:
-    """Full graph optimization; with `simulate_qdq`, Q/DQ pairs run as written (no integer-kernel fusion)."""
+EXACT_DISABLED_OPTIMIZERS = ["ConvMulFusion"]  # it would fold the scale into the integer weights
+
+
+def qdq_session(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU session on the integer-exact simulation of the Q/DQ `model` (yoloq.quant.simulate)."""
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(
+        integer_exact(model).model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=EXACT_DISABLED_OPTIMIZERS,
+    )
+
+
+def session_options() -> ort.SessionOptions:
+    """Full graph optimization, warnings off."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    if simulate_qdq:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
 
 
 class OnnxRuntimeRunner:
     def __init__(self, model_path: Path) -> None:
         try:
-            options = session_options(simulate_qdq=has_qdq(model_path))
-            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            if has_qdq(model_path):
+                self.session = qdq_session(onnx.load(str(model_path)), session_options())
+            else:
+                self.session = ort.InferenceSession(
+                    str(model_path), session_options(), providers=["CPUExecutionProvider"]
+                )
         except Exception as exc:  # ORT and onnx raise their own Fail/InvalidGraph/DecodeError types
             raise InputError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
