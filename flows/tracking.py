@@ -77,7 +77,8 @@ def package_versions() -> dict[str, str]:
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 """CPU features that change which ONNX Runtime kernels run (the numbers yoloq reports do not depend on them: Q/DQ
-models run as written, see yoloq.backends.onnxruntime; recorded so that a difference can be traced)."""
+models run as an integer-exact simulation, see yoloq.quant.simulate; recorded so that a difference can be
+traced)."""
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
