@@ -16,8 +16,9 @@ worst-case sum could exceed 2^24 keeps the float path (counted in the result). A
 a quantizer (the stem, float convs inside the network) is computed from fixed-point pieces the same way
 (`_fixed_point_conv`: within 2^-14 of its input's range, finer than the engine's FP16); float convs that feed no
 quantizer (the head's prediction convs) and every other op run as before: elementwise ops round once, the same
-everywhere. Checked: outputs are bit-identical with ONNX Runtime's graph optimizations (NCHWc kernels) on and
-off, where the model as written differs by up to 70 pixels in a box (tests/test_simulate.py).
+everywhere. Measured on yolov5n (benchmarks/exact_simulation.py): outputs are bit-identical with ONNX Runtime's
+graph optimizations (NCHWc kernels) on and off, and on an AMD EPYC and an Intel Xeon, where the model as written
+differs by up to 70 pixels in a box between the two kernel families; tests/test_simulate.py checks it on fixtures.
 
 The rewrite changes only how the CPU evaluates the model (yoloq.backends.onnxruntime); the Q/DQ model that is
 written, logged and built into engines is unchanged.
