@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import numpy_helper
 
 import yoloq.quant.simulate as simulate
@@ -70,27 +71,21 @@ def test_an_int8_conv_is_an_exact_integer_sum_scaled_once(tmp_path: Path) -> Non
     assert np.array_equal(weights, np.round(weights)) and np.abs(weights).max() <= 127
 
 
-def test_a_conv_whose_sum_could_exceed_2_24_keeps_the_float_path(tmp_path: Path) -> None:
+def test_a_conv_whose_sum_could_exceed_2_24_keeps_the_float_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fp32 = tmp_path / "v5.onnx"
-    model = yolov5_like()
-    onnx.save(model, fp32)
+    onnx.save(yolov5_like(), fp32)
     written = quantize(fp32, _calibration_loader(CALIB_IMAGES, 5), "minmax", tmp_path / "v5.q.onnx", [])
     qdq = onnx.load(str(written.path))
     for init in qdq.graph.initializer:
         if init.name.startswith("block.w") and init.name.endswith("_quantized"):
-            big = np.full(numpy_helper.to_array(init).shape, 127, np.int8)
             # 8 x 3 x 3 = 72 terms per output: 128 * 127 * 72 < 2^24, still exact
+            big = np.full(numpy_helper.to_array(init).shape, 127, np.int8)
             init.CopyFrom(numpy_helper.from_array(big, init.name))
     assert "block" in integer_exact(qdq).exact
-    monkey = onnx.ModelProto()
-    monkey.CopyFrom(qdq)
-
-    limit = simulate.EXACT_LIMIT
-    try:
-        simulate.EXACT_LIMIT = 128.0 * 127 * 72  # a limit this conv's worst case reaches
-        assert "block" in integer_exact(monkey).inexact
-    finally:
-        simulate.EXACT_LIMIT = limit
+    monkeypatch.setattr(simulate, "EXACT_LIMIT", 128.0 * 127 * 72)  # a limit this conv's worst case reaches
+    assert "block" in integer_exact(qdq).inexact
 
 
 def test_the_runner_evaluates_the_exact_simulation(tmp_path: Path) -> None:

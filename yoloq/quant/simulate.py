@@ -101,45 +101,14 @@ def integer_exact(model: onnx.ModelProto) -> ExactRewrite:
         if w_scale.size not in (1, channels) or (w_scale.size > 1 and axis != 0):
             continue
         x_source = x_dq.input[0]
-        if not _is_int8(out, x_source, producer, inits):
+        if not _is_int8(x_source, producer, inits):
             continue
         worst = _INT8_MAGNITUDE * np.abs(weights_q.astype(np.int64)).reshape(channels, -1).sum(axis=1).max()
         if worst >= EXACT_LIMIT:
             inexact.append(node.name)
             continue
-        stem = node.name or node.output[0]
-        nodes: list[onnx.NodeProto] = []
-        if x_source not in casts:
-            casts[x_source] = f"{x_source}_exact_float"
-            nodes.append(helper.make_node("Cast", [x_source], [casts[x_source]], f"{x_source}_exact_cast", to=1))
-        weight_name = f"{stem}_exact_weights"
-        new_inits.append(numpy_helper.from_array(weights_q.astype(np.float32), weight_name))
         scale = (np.float32(x_scale) * np.broadcast_to(w_scale, (channels,))).astype(np.float32)
-        scale_name = f"{stem}_exact_scale"
-        new_inits.append(numpy_helper.from_array(scale.reshape(1, channels, 1, 1), scale_name))
-        accumulated, scaled = f"{stem}_exact_sum", f"{stem}_exact_scaled"
-        conv = helper.make_node("Conv", [casts[x_source], weight_name], [accumulated], f"{stem}_exact_conv")
-        conv.attribute.extend(node.attribute)
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        nodes.append(conv)
-        nodes.append(
-            helper.make_node(
-                "Mul", [accumulated, scale_name], [scaled if has_bias else node.output[0]], f"{stem}_exact_mul"
-            )
-        )
-        if has_bias:
-            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if node.input[2] in inits else None
-            if bias is None:  # a computed bias: add it as it is
-                bias_name = node.input[2]
-                reshaped = f"{stem}_exact_bias"
-                shape_name = f"{stem}_exact_bias_shape"
-                new_inits.append(numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), shape_name))
-                nodes.append(helper.make_node("Reshape", [bias_name, shape_name], [reshaped], f"{stem}_exact_bias"))
-            else:
-                reshaped = f"{stem}_exact_bias"
-                new_inits.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), reshaped))
-            nodes.append(helper.make_node("Add", [scaled, reshaped], [node.output[0]], f"{stem}_exact_add"))
-        replaced[index] = nodes
+        replaced[index] = _integer_conv(node, x_source, weights_q, scale, inits, new_inits, casts)
         exact.append(node.name)
 
     nodes_out: list[onnx.NodeProto] = []
@@ -154,9 +123,62 @@ def integer_exact(model: onnx.ModelProto) -> ExactRewrite:
     return ExactRewrite(out, tuple(exact), tuple(inexact), tuple(fixed))
 
 
-def _is_int8(
-    model: onnx.ModelProto, name: str, producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]
-) -> bool:
+def _integer_conv(
+    node: onnx.NodeProto,
+    x_source: str,
+    weights_q: np.ndarray,
+    scale: np.ndarray,
+    inits: dict[str, onnx.TensorProto],
+    new_inits: list[onnx.TensorProto],
+    casts: dict[str, str],
+) -> list[onnx.NodeProto]:
+    """`node` as Conv(float(x_q), float(w_q)) * scale[c] (+ bias), writing its output; `casts` shares one Cast of an
+    INT8 activation between the convs that read it."""
+    stem = node.name or node.output[0]
+    nodes: list[onnx.NodeProto] = []
+    if x_source not in casts:
+        casts[x_source] = f"{x_source}_exact_float"
+        nodes.append(helper.make_node("Cast", [x_source], [casts[x_source]], f"{x_source}_exact_cast", to=1))
+    weight_name, scale_name = f"{stem}_exact_weights", f"{stem}_exact_scale"
+    new_inits.append(numpy_helper.from_array(weights_q.astype(np.float32), weight_name))
+    new_inits.append(numpy_helper.from_array(scale.reshape(1, -1, 1, 1), scale_name))
+    nodes.append(_conv_like(node, [casts[x_source], weight_name], f"{stem}_exact_sum"))
+    nodes.append(
+        helper.make_node("Mul", [f"{stem}_exact_sum", scale_name], [f"{stem}_exact_scaled"], f"{stem}_exact_mul")
+    )
+    return nodes + _bias_add(node, f"{stem}_exact_scaled", f"{stem}_exact", inits, new_inits)
+
+
+def _conv_like(node: onnx.NodeProto, inputs: list[str], output: str) -> onnx.NodeProto:
+    """A Conv with `node`'s attributes (kernel, strides, pads, groups) on other inputs, named after its output."""
+    conv = helper.make_node("Conv", inputs, [output], output)
+    conv.attribute.extend(node.attribute)
+    return conv
+
+
+def _has_bias(node: onnx.NodeProto) -> bool:
+    return len(node.input) > 2 and bool(node.input[2])
+
+
+def _bias_add(
+    node: onnx.NodeProto, value: str, stem: str, inits: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """The nodes that write `node`'s output: `value` plus its bias (one value per channel), or `value` itself."""
+    if not _has_bias(node):
+        return [helper.make_node("Identity", [value], [node.output[0]], f"{stem}_out")]
+    bias_name, reshaped = node.input[2], f"{stem}_bias"
+    nodes: list[onnx.NodeProto] = []
+    if bias_name in inits:
+        bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+        new_inits.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), reshaped))
+    else:  # a computed bias: add it as it is
+        shape_name = f"{stem}_bias_shape"
+        new_inits.append(numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), shape_name))
+        nodes.append(helper.make_node("Reshape", [bias_name, shape_name], [reshaped], f"{stem}_bias"))
+    return [*nodes, helper.make_node("Add", [value, reshaped], [node.output[0]], f"{stem}_out")]
+
+
+def _is_int8(name: str, producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> bool:
     """`name` is an INT8 tensor: a QuantizeLinear output with an INT8 zero point, or an INT8 initializer."""
     if name in inits:
         return inits[name].data_type == TensorProto.INT8
@@ -170,10 +192,6 @@ def _is_int8(
 
 def _feeding_quantizers(graph: onnx.GraphProto) -> set[str]:
     """Tensors from which some QuantizeLinear can be reached (their last bits can change a rounded value)."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     reaching: set[str] = set()
     for node in reversed(graph.node):  # graph order is topological: readers are decided before producers
         if node.op_type == "QuantizeLinear" or any(o in reaching for o in node.output):
@@ -196,12 +214,13 @@ PIECE_BITS_MAX = 12  # at most 12 bits per piece of a float conv's input
 _WEIGHT_BITS = 8  # 8 bits per piece of a float conv's weights (two pieces: 16 bits relative to the channel's max)
 
 
-def _split(values: np.ndarray, unit: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """values ~= unit * a + (unit / 2^bits) * b with integer a, b of at most `bits` bits (per output channel)."""
+def _split(values: np.ndarray, unit: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, low_unit): values ~= unit * a + low_unit * b, low_unit = unit / 2^bits, with integer a and b of at most
+    `bits` bits (per output channel)."""
     first = np.round(values / unit)
     low_unit = unit / 2.0**bits
     second = np.round((values - first * unit) / low_unit)
-    return first, second, unit, low_unit
+    return first, second, low_unit
 
 
 def _fixed_point_conv(
@@ -211,13 +230,16 @@ def _fixed_point_conv(
     unit (max |x| of the image), its weights in two 8-bit pieces per output channel; every piece conv sums
     integers below 2^24, and the pieces are combined by elementwise ops in a fixed order. Deterministic on any CPU,
     and within 2^-14 of the input's and 2^-16 of the weights' range: finer than the FP16 that the engine's float
-    part runs in. [] when the weights' sums leave no input bits (then the conv stays as it is)."""
+    part runs in. [] when the weights' sums leave no input bits or the bias is computed (then the conv stays as it
+    is)."""
+    if _has_bias(node) and node.input[2] not in inits:
+        return []
     weights = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
     channels = weights.shape[0]
     flat = weights.reshape(channels, -1)
     channel_max = np.abs(flat).max(axis=1)
     unit = np.where(channel_max > 0, channel_max / 2.0**_WEIGHT_BITS, 1.0).reshape(-1, *([1] * (weights.ndim - 1)))
-    high, low, high_unit, low_unit = _split(weights, unit, _WEIGHT_BITS)
+    high, low, low_unit = _split(weights, unit, _WEIGHT_BITS)
     l1 = max(np.abs(high).reshape(channels, -1).sum(axis=1).max(), np.abs(low).reshape(channels, -1).sum(axis=1).max())
     x_bits = min(PIECE_BITS_MAX, int(np.floor(np.log2((EXACT_LIMIT - 1) / max(l1, 1.0)))))
     if x_bits < 6:
@@ -248,24 +270,14 @@ def _fixed_point_conv(
     rest = make("Sub", [x, make("Mul", [piece_1, unit_1], "part_1")], "rest")
     piece_2 = make("Round", [make("Div", [rest, unit_2], "ratio_2")], "piece_2")
     w_high, w_low = const("w_high", high), const("w_low", low)
-    s_high = const("s_high", high_unit.reshape(1, channels, 1, 1))
+    s_high = const("s_high", unit.reshape(1, channels, 1, 1))
     s_low = const("s_low", low_unit.reshape(1, channels, 1, 1))
     sums = []
     for i, piece in ((1, piece_1), (2, piece_2)):
         parts = []
         for tag, w, scale in (("high", w_high, s_high), ("low", w_low, s_low)):
-            conv = helper.make_node("Conv", [piece, w], [f"{stem}_conv_{i}_{tag}"], f"{stem}_conv_{i}_{tag}")
-            conv.attribute.extend(node.attribute)
-            nodes.append(conv)
+            nodes.append(_conv_like(node, [piece, w], f"{stem}_conv_{i}_{tag}"))
             parts.append(make("Mul", [f"{stem}_conv_{i}_{tag}", scale], f"scaled_{i}_{tag}"))
         sums.append(make("Add", parts, f"sum_{i}"))
     total = make("Add", [make("Mul", [sums[0], unit_1], "value_1"), make("Mul", [sums[1], unit_2], "value_2")], "total")
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    if not has_bias:
-        nodes.append(helper.make_node("Identity", [total], [node.output[0]], f"{stem}_out"))
-        return nodes
-    if node.input[2] not in inits:
-        return []
-    bias = const("bias", numpy_helper.to_array(inits[node.input[2]]).reshape(1, -1, 1, 1))
-    nodes.append(helper.make_node("Add", [total, bias], [node.output[0]], f"{stem}_out"))
-    return nodes
+    return nodes + _bias_add(node, total, stem, inits, new_inits)
