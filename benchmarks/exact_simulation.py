@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
+# `run` repeats yoloq.backends.onnxruntime.qdq_session's options and flows.tracking's CPU facts on purpose: it runs
+# on machines that have numpy and onnxruntime but not yoloq (the models are rewritten by `prepare`).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+class BadInput(Exception):
+    """A --model or --images that cannot be used: one line, exit 2."""
 
 
 def prepare(models: list[Path], images: Path, out: Path) -> None:
@@ -30,11 +36,20 @@ def prepare(models: list[Path], images: Path, out: Path) -> None:
     from yoloq.preprocess import letterbox_rgb, list_images, read_image
     from yoloq.quant.simulate import integer_exact
 
-    out.mkdir(parents=True, exist_ok=True)
+    paths = list_images(images)[:4] if images.is_dir() else []
+    if not paths:
+        raise BadInput(f"--images {images}: no folder of images there; give one (e.g. data/coco/select/images)")
+    loaded = []
     for model in models:
+        try:
+            loaded.append(onnx.load(str(model)))
+        except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
+            raise BadInput(f"--model {model}: not a readable ONNX model ({exc})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    for model, proto in zip(models, loaded, strict=True):
         shutil.copyfile(model, out / f"{model.stem}.as-written.onnx")
-        onnx.save(integer_exact(onnx.load(str(model))).model, str(out / f"{model.stem}.exact.onnx"))
-    frames = [letterbox_rgb(read_image(path), 640)[0] for path in list_images(images)[:4]]
+        onnx.save(integer_exact(proto).model, str(out / f"{model.stem}.exact.onnx"))
+    frames = [letterbox_rgb(read_image(path), 640)[0] for path in paths]
     np.save(out / "frames.npy", np.stack(frames))
     print(f"wrote {len(models)} models x 2 and {len(frames)} frames to {out}")
 
@@ -79,7 +94,11 @@ def main() -> int:
         if missing:
             print(f"--model: no such file: {', '.join(missing)}", file=sys.stderr)
             return 2
-        prepare(args.model, args.images, args.out)
+        try:
+            prepare(args.model, args.images, args.out)
+        except BadInput as exc:
+            print(exc, file=sys.stderr)
+            return 2
     else:
         if not (args.folder / "frames.npy").is_file():
             print(f"{args.folder}: no frames.npy: run `prepare` first", file=sys.stderr)
