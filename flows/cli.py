@@ -262,12 +262,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _print_document(document: dict[str, Any]) -> None:
     from flows.tracking import mlflow_ui_hint
-    from yoloq.report import VariantResult, results_table
+    from yoloq.report import VariantResult, interval_note, results_table
 
     rows = [VariantResult.from_json(v) for v in document["variants"]]
     print()
     print(results_table(rows))
     print()
+    if note := interval_note(rows):
+        print(note)
     for role, what in (document.get("data") or {}).items():
         print(f"{role + ':':13}{what}")
     print(f"gate: {'passed' if document.get('gate_passed', True) else 'FAILED'}")

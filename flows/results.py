@@ -17,7 +17,7 @@ from yoloq.config import Params
 from yoloq.drawing import comparison_image
 from yoloq.export import ModelFacts
 from yoloq.preprocess import read_image
-from yoloq.report import VariantResult, comparison_plot, results_table, variant_metrics
+from yoloq.report import VariantResult, comparison_plot, interval_note, results_table, variant_metrics
 from yoloq.validate import ValidationSet
 
 
@@ -78,6 +78,8 @@ def log_run_summary(params: Params, tracker: RunTracker, outcome: FlowOutcome, n
     artifact; returns the table."""
     parent, report_dir = tracker.parent_run_id, outcome.report_dir
     table = results_table(outcome.results)
+    if interval := interval_note(outcome.results):
+        table += f"\n\n{interval}"
     plot = comparison_plot(outcome.results, report_dir / "comparison.png", f"{params.model.path.name}: mAP vs speed")
     results_md = atomic_write_text(report_dir / "results.md", f"{table}\n\n{note}\n")
     results_json = atomic_write_json(report_dir / "results.json", outcome.document())

@@ -33,6 +33,7 @@ from yoloq.report import (
     ship_decision,
     variant_result,
     with_deltas,
+    with_intervals,
     with_timing,
 )
 
@@ -88,7 +89,7 @@ def run_variants(
     timings = speed_task({v.name: builds[v.name] for v in params.variants}, dataset, facts, params)
     raw_results = [with_timing(by_name[v.name], timings[v.name]) for v in params.variants]
 
-    results = with_deltas(raw_results, reference)
+    results = with_intervals(with_deltas(raw_results, reference), reference, params.validation.interval)
     gate = check_gate(results, params.gate, reference)
     ship = ship_decision(results, params.gate, reference)
     data = data_roles(params, prepared)

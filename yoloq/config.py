@@ -231,9 +231,16 @@ class LabelledSet(Section):
     labels: Path = Field(description="folder of YOLO .txt labels, or a COCO instances .json")
 
 
+class IntervalConfig(Section):
+    """The bootstrap interval printed beside every mAP delta (yoloq.interval): how sure the report set makes it."""
+
+    draws: int = Field(200, ge=0, le=10000, description="resamples of the report images; 0 = no interval")
+    level: float = Field(0.9, gt=0.0, lt=1.0, description="central coverage of the interval")
+
+
 class ValidationConfig(Section):
-    images: Path = Path("data/coco/val/images")
-    labels: Path = Path("data/coco/val/labels")
+    images: Path = Path("data/coco/report/images")
+    labels: Path = Path("data/coco/report/labels")
     extra_sets: list[LabelledSet] = Field(
         default_factory=list,
         description="more labelled folders scored together with images/labels as one set (one COCO evaluation)",
@@ -251,6 +258,7 @@ class ValidationConfig(Section):
         "(MLflow artifact previews/); 0 = none",
     )
     timing: TimingConfig = TimingConfig()
+    interval: IntervalConfig = IntervalConfig()
 
 
 SelectionMetric = Literal["agreement", "map"]

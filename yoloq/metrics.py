@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from yoloq.errors import InputError
 from yoloq.heads import Detections
+from yoloq.interval import Matches, matches_from_evaluation, no_detections
 from yoloq.labels import ImageTruth
 
 
@@ -26,6 +27,7 @@ class MapResult:
     per_class_ap: dict[str, float]
     num_images: int
     num_boxes: int
+    matches: Matches | None = field(default=None, compare=False, repr=False)  # for bootstrap intervals
 
 
 def _category_id(class_index: int) -> int:
@@ -112,7 +114,8 @@ def coco_map(truths: list[ImageTruth], detections: list[Detections], class_names
     num_boxes = sum(len(t.classes) for t in truths)
     results = coco_results(truths, detections)
     if not results:  # pycocotools' loadRes cannot take an empty list
-        return MapResult(0.0, 0.0, {class_names[i]: 0.0 for i in present}, len(truths), num_boxes)
+        zeros = {class_names[i]: 0.0 for i in present}
+        return MapResult(0.0, 0.0, zeros, len(truths), num_boxes, no_detections(truths, len(class_names)))
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO()
         ground_truth.dataset = coco_ground_truth(truths, class_names)
@@ -125,7 +128,8 @@ def coco_map(truths: list[ImageTruth], detections: list[Detections], class_names
     # Categories are ids 1..len(class_names) in order, so precision's class axis is the class index.
     per_class = _per_class_ap(evaluation.eval["precision"], present, class_names)
     map50_95, map50 = (max(float(v), 0.0) for v in evaluation.stats[:2])
-    return MapResult(map50_95, map50, per_class, len(truths), num_boxes)
+    matches = matches_from_evaluation(evaluation, [t.image_id for t in truths])
+    return MapResult(map50_95, map50, per_class, len(truths), num_boxes, matches)
 
 
 def per_class_table(result: MapResult) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yoloq.artifacts import save_figure
-from yoloq.config import GateConfig
+from yoloq.config import GateConfig, IntervalConfig
+from yoloq.interval import DeltaInterval, Matches, delta_interval
 from yoloq.quant.formats import FORMATS
 
 if TYPE_CHECKING:
@@ -30,8 +31,11 @@ class VariantResult:
     model_path: Path
     delta_map50_95: float = 0.0  # against the FP32 reference variant, in mAP units (0.01 = 1 point)
     delta_map50: float = 0.0
+    delta_interval: DeltaInterval | None = None  # bootstrap interval of delta_map50_95 over the report images
+    matches: Matches | None = field(default=None, compare=False, repr=False)  # the report set's COCO matching
 
     def as_json(self) -> dict[str, Any]:
+        interval = self.delta_interval
         return {
             "name": self.name,
             "precision": self.precision,
@@ -39,6 +43,17 @@ class VariantResult:
             "map50_95": round(self.map50_95, 5),
             "map50": round(self.map50, 5),
             "delta_map50_95_vs_fp32": round(self.delta_map50_95, 5),
+            "delta_map50_95_interval": (
+                None
+                if interval is None
+                else {
+                    "low": round(interval.low, 5),
+                    "high": round(interval.high, 5),
+                    "level": interval.level,
+                    "draws": interval.draws,
+                    "images": interval.images,
+                }
+            ),
             "latency_ms_b1": round(self.latency_ms_b1, 3),
             "throughput_ips": round(self.throughput_ips, 2),
             "throughput_batch": self.throughput_batch,
@@ -60,6 +75,7 @@ class VariantResult:
             size_mb=row["size_mb"],
             model_path=Path(row.get("model_path", "")),
             delta_map50_95=row.get("delta_map50_95_vs_fp32", 0.0),
+            delta_interval=DeltaInterval(**interval) if (interval := row.get("delta_map50_95_interval")) else None,
         )
 
 
@@ -78,6 +94,7 @@ def variant_result(
         throughput_batch=score.timing.throughput_batch,
         size_mb=built.size_mb,
         model_path=built.path,
+        matches=score.map.matches,
     )
     return (
         result
@@ -96,9 +113,26 @@ def with_timing(result: VariantResult, timing: Timing) -> VariantResult:
     )
 
 
+def with_intervals(results: list[VariantResult], reference_name: str, config: IntervalConfig) -> list[VariantResult]:
+    """Each variant with the paired bootstrap interval of its mAP50-95 delta against the reference, where both
+    were scored on the same report images (a result without matches, e.g. a build target's row, keeps none)."""
+    reference = next(r for r in results if r.name == reference_name)
+    if config.draws == 0 or reference.matches is None:
+        return results
+    return [
+        r
+        if r.matches is None or r.name == reference_name or r.matches.num_images != reference.matches.num_images
+        else replace(r, delta_interval=delta_interval(reference.matches, r.matches, config.draws, config.level))
+        for r in results
+    ]
+
+
 def variant_metrics(result: VariantResult) -> dict[str, float]:
     """What an MLflow run of one variant logs as metrics."""
+    interval = result.delta_interval
+    bounds = {} if interval is None else {"delta_map50_95_low": interval.low, "delta_map50_95_high": interval.high}
     return {
+        **bounds,
         "map50_95": result.map50_95,
         "map50": result.map50,
         "delta_map50_95_vs_fp32": result.delta_map50_95,
@@ -198,20 +232,33 @@ def ship_decision(results: list[VariantResult], gate: GateConfig, reference_name
 
 def results_table(results: list[VariantResult]) -> str:
     """A markdown table (readable in a terminal, in MLflow and in the Prefect UI). Each row names the batch its
-    throughput was measured at (ONNX Runtime and TensorRT variants are timed at different batches)."""
+    throughput was measured at (ONNX Runtime and TensorRT variants are timed at different batches); "Δ interval"
+    is the paired bootstrap interval of the delta (`interval_note` says which)."""
     header = (
-        "| variant | precision | backend | mAP50-95 | mAP50 | Δ vs FP32 (points) | latency ms (b1) | images/s (batch) "
-        "| size MB |"
+        "| variant | precision | backend | mAP50-95 | mAP50 | Δ vs FP32 (points) | Δ interval | latency ms (b1) "
+        "| images/s (batch) | size MB |"
     )
-    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         latency = f"{r.latency_ms_b1:.2f}" if r.latency_ms_b1 < 10 else f"{r.latency_ms_b1:.1f}"
         lines.append(
             f"| {r.name} | {r.precision} | {r.backend} | {r.map50_95:.4f} | {r.map50:.4f} | "
-            f"{r.delta_map50_95 * 100:+.2f} | {latency} | {r.throughput_ips:,.1f} (b{r.throughput_batch}) | "
+            f"{r.delta_map50_95 * 100:+.2f} | {r.delta_interval.describe() if r.delta_interval else '–'} | {latency} | "
+            f"{r.throughput_ips:,.1f} (b{r.throughput_batch}) | "
             f"{r.size_mb:.2f} |"
         )
     return "\n".join(lines)
+
+
+def interval_note(results: list[VariantResult]) -> str | None:
+    """One line that says what the table's "Δ interval" column is, or None when no row has one."""
+    interval = next((r.delta_interval for r in results if r.delta_interval), None)
+    if interval is None:
+        return None
+    return (
+        f"Δ interval: {interval.level:.0%} paired bootstrap over the {interval.images} report images ({interval.draws} "
+        "resamples): where the delta may land on other images like these"
+    )
 
 
 def results_document(
