@@ -137,6 +137,8 @@ def main() -> int:
         candidates.append(Candidate(f"{args.ranking}-{size}.top{k}", model.path))
     default_floats = default_float_convs(analyze_head(prepare_model(fp32)))
     print(f"{len(candidates) - 1} candidates; default float convs: {default_floats}")
+    names = {c.name: c.path.stem for c in candidates}  # benchmarks/report_noise.py reads the detections by these
+    (out / "candidates.json").write_text(json.dumps(names, indent=2))
 
     detections: dict[tuple[str, str], list[Detections]] = {}
     for candidate in candidates:

@@ -98,3 +98,14 @@ def test_results_carry_the_interval_into_the_table_json_and_metrics():
     assert back.delta_interval.low == pytest.approx(low, abs=1e-5) and back.delta_interval.images == 40
     assert variant_metrics(results[1])["delta_map50_95_low"] == low
     assert interval_note([fp32]) is None
+
+
+def test_the_noise_benchmark_restricts_a_matching_to_a_subset_of_images():
+    from benchmarks.report_noise import subset
+
+    truths, good, _ = scene(4)
+    matches = coco_map(truths, good, NAMES).matches
+    index = np.array([2, 5, 7, 11, 30])
+    part = subset(matches, index)
+    alone = coco_map([truths[i] for i in index], [good[i] for i in index], NAMES).map50_95
+    assert part.num_images == 5 and map50_95(part) == pytest.approx(alone, abs=1e-12)
