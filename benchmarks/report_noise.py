@@ -84,7 +84,7 @@ def main() -> int:
     for name, stem in candidates.items():
         found = load_detections(args.out / f"det-{stem}-select.npz")
         found += load_detections(args.out / f"det-{stem}-report.npz")
-        matches[name] = coco_map(truths, found, NAMES).matches
+        matches[name] = coco_map(truths, found, NAMES, keep_matches=True).matches
     n = len(truths)
     parts = {f"select[:{args.selected}] (selection)": np.arange(args.selected)}
     parts[f"select[{args.selected}:]"] = np.arange(args.selected, len(select))

@@ -51,7 +51,7 @@ def validate_task(built: BuiltModel, dataset: ValidationSet, facts: ModelFacts, 
     name = built.variant.name
     started = time.perf_counter()
     detections, reused = cached_detect(built, [t.path for t in dataset.truths], facts, params, logger.info)
-    result = coco_map(dataset.truths, detections, facts.names)
+    result = coco_map(dataset.truths, detections, facts.names, keep_matches=True)  # for the delta's interval
     logger.info(
         "validate %s: mAP50-95 %.4f, mAP50 %.4f on %d images (%s)",
         name,

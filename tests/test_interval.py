@@ -17,6 +17,11 @@ from yoloq.report import VariantResult, interval_note, results_table, variant_me
 NAMES = ["a", "b", "c"]
 
 
+def matched(truths: list[ImageTruth], found: list[Detections]):
+    """COCO mAP with the matching kept (what validation keeps for the delta's interval)."""
+    return coco_map(truths, found, NAMES, keep_matches=True)
+
+
 def scene(seed: int, images: int = 40) -> tuple[list[ImageTruth], list[Detections], list[Detections]]:
     """Random boxes, and two 'models' that find them with noise: one slightly worse than the other."""
     rng = np.random.default_rng(seed)
@@ -41,7 +46,8 @@ def scene(seed: int, images: int = 40) -> tuple[list[ImageTruth], list[Detection
 
 def test_unit_weights_give_pycocotools_map_and_weights_equal_repeated_images():
     truths, good, _ = scene(0)
-    result = coco_map(truths, good, NAMES)
+    result = matched(truths, good)
+    assert coco_map(truths, good, NAMES).matches is None  # kept only when asked for
     assert map50_95(result.matches) == pytest.approx(result.map50_95, abs=1e-12)
     # image 3 counted twice == the data set with image 3 appearing twice (a new id, the same boxes)
     twice = [*truths, ImageTruth(999, Path("copy.jpg"), 640, 640, truths[3].boxes_xyxy, truths[3].classes)]
@@ -57,30 +63,28 @@ def test_unit_weights_give_pycocotools_map_and_weights_equal_repeated_images():
 
 def test_a_model_that_found_nothing_scores_zero_under_every_weighting():
     truths, _, _ = scene(1)
-    empty = coco_map(truths, [Detections.empty() for _ in truths], NAMES)
+    empty = matched(truths, [Detections.empty() for _ in truths])
     assert empty.map50_95 == 0.0 and map50_95(empty.matches, np.arange(len(truths)) % 3) == 0.0
 
 
 def test_the_interval_holds_the_delta_is_reproducible_and_narrows_with_more_images():
     truths, good, bad = scene(2, images=60)
-    a, b = coco_map(truths, good, NAMES), coco_map(truths, bad, NAMES)
+    a, b = matched(truths, good), matched(truths, bad)
     interval = delta_interval(a.matches, b.matches, draws=100, level=0.9)
     assert interval.low < b.map50_95 - a.map50_95 < interval.high and interval.images == 60
     assert delta_interval(a.matches, b.matches, draws=100, level=0.9) == interval  # fixed seed
     assert delta_interval(a.matches, a.matches, draws=20, level=0.9).high == 0.0  # a model against itself
     more_truths, more_good, more_bad = scene(2, images=240)
     wide = interval.high - interval.low
-    more = delta_interval(
-        coco_map(more_truths, more_good, NAMES).matches, coco_map(more_truths, more_bad, NAMES).matches, 100, 0.9
-    )
+    more = delta_interval(matched(more_truths, more_good).matches, matched(more_truths, more_bad).matches, 100, 0.9)
     assert more.high - more.low < wide
     with pytest.raises(ValueError, match="same images"):
-        delta_interval(a.matches, coco_map(more_truths, more_good, NAMES).matches, 10, 0.9)
+        delta_interval(a.matches, matched(more_truths, more_good).matches, 10, 0.9)
 
 
 def test_results_carry_the_interval_into_the_table_json_and_metrics():
     truths, good, bad = scene(3)
-    a, b = coco_map(truths, good, NAMES), coco_map(truths, bad, NAMES)
+    a, b = matched(truths, good), matched(truths, bad)
 
     def row(name: str, result) -> VariantResult:
         return VariantResult(name, name, "onnxruntime", result.map50_95, result.map50, 1.0, 1.0, 8, 1.0, Path("m"),
@@ -104,7 +108,7 @@ def test_the_noise_benchmark_restricts_a_matching_to_a_subset_of_images():
     from benchmarks.report_noise import subset
 
     truths, good, _ = scene(4)
-    matches = coco_map(truths, good, NAMES).matches
+    matches = matched(truths, good).matches
     index = np.array([2, 5, 7, 11, 30])
     part = subset(matches, index)
     alone = coco_map([truths[i] for i in index], [good[i] for i in index], NAMES).map50_95

@@ -48,7 +48,6 @@ def matches_from_evaluation(evaluation: Any, image_ids: list[int]) -> Matches:
     area_all = list(params.areaRng[0])
     categories = {category: index for index, category in enumerate(params.catIds)}
     position = {image_id: index for index, image_id in enumerate(image_ids)}
-    thresholds = len(params.iouThrs)
     max_det = params.maxDets[-1]
     ground_truth = np.zeros((len(image_ids), len(categories)), dtype=np.int64)
     image, category, score, tp, fp = [], [], [], [], []
@@ -68,9 +67,7 @@ def matches_from_evaluation(evaluation: Any, image_ids: list[int]) -> Matches:
         tp.append((matched & ~ignored).T)
         fp.append((~matched & ~ignored).T)
     if not image:
-        empty = np.zeros(0, dtype=np.int64)
-        flags = np.zeros((0, thresholds), dtype=bool)
-        return Matches(empty, empty, np.zeros(0), flags, flags, ground_truth)
+        return _without_detections(ground_truth, len(params.iouThrs))
     return Matches(
         np.concatenate(image),
         np.concatenate(category),
@@ -86,8 +83,12 @@ def no_detections(truths: list[ImageTruth], num_classes: int) -> Matches:
     ground_truth = np.zeros((len(truths), num_classes), dtype=np.int64)
     for row, truth in enumerate(truths):
         np.add.at(ground_truth[row], truth.classes, 1)
+    return _without_detections(ground_truth, THRESHOLDS)
+
+
+def _without_detections(ground_truth: np.ndarray, thresholds: int) -> Matches:
     empty = np.zeros(0, dtype=np.int64)
-    flags = np.zeros((0, THRESHOLDS), dtype=bool)
+    flags = np.zeros((0, thresholds), dtype=bool)
     return Matches(empty, empty, np.zeros(0), flags, flags, ground_truth)
 
 

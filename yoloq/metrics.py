@@ -107,15 +107,19 @@ def _per_class_ap(precision: np.ndarray, present: list[int], class_names: list[s
     return per_class
 
 
-def coco_map(truths: list[ImageTruth], detections: list[Detections], class_names: list[str]) -> MapResult:
-    """COCO bbox mAP50-95 and mAP50 (maxDets 100) of detections (original pixels, same order as truths)."""
+def coco_map(
+    truths: list[ImageTruth], detections: list[Detections], class_names: list[str], keep_matches: bool = False
+) -> MapResult:
+    """COCO bbox mAP50-95 and mAP50 (maxDets 100) of detections (original pixels, same order as truths); with
+    `keep_matches`, also the per-detection matching that bootstrap intervals re-accumulate (yoloq.interval)."""
     _check_inputs(truths, detections, class_names)
     present = sorted({int(c) for t in truths for c in t.classes.tolist()})
     num_boxes = sum(len(t.classes) for t in truths)
     results = coco_results(truths, detections)
     if not results:  # pycocotools' loadRes cannot take an empty list
         zeros = {class_names[i]: 0.0 for i in present}
-        return MapResult(0.0, 0.0, zeros, len(truths), num_boxes, no_detections(truths, len(class_names)))
+        matches = no_detections(truths, len(class_names)) if keep_matches else None
+        return MapResult(0.0, 0.0, zeros, len(truths), num_boxes, matches)
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO()
         ground_truth.dataset = coco_ground_truth(truths, class_names)
@@ -128,7 +132,7 @@ def coco_map(truths: list[ImageTruth], detections: list[Detections], class_names
     # Categories are ids 1..len(class_names) in order, so precision's class axis is the class index.
     per_class = _per_class_ap(evaluation.eval["precision"], present, class_names)
     map50_95, map50 = (max(float(v), 0.0) for v in evaluation.stats[:2])
-    matches = matches_from_evaluation(evaluation, [t.image_id for t in truths])
+    matches = matches_from_evaluation(evaluation, [t.image_id for t in truths]) if keep_matches else None
     return MapResult(map50_95, map50, per_class, len(truths), num_boxes, matches)
 
 

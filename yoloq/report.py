@@ -114,14 +114,14 @@ def with_timing(result: VariantResult, timing: Timing) -> VariantResult:
 
 
 def with_intervals(results: list[VariantResult], reference_name: str, config: IntervalConfig) -> list[VariantResult]:
-    """Each variant with the paired bootstrap interval of its mAP50-95 delta against the reference, where both
-    were scored on the same report images (a result without matches, e.g. a build target's row, keeps none)."""
+    """Each variant with the paired bootstrap interval of its mAP50-95 delta against the reference, scored on the
+    same report images (a result without matches, e.g. a build target's row, keeps none)."""
     reference = next(r for r in results if r.name == reference_name)
     if config.draws == 0 or reference.matches is None:
         return results
     return [
         r
-        if r.matches is None or r.name == reference_name or r.matches.num_images != reference.matches.num_images
+        if r.matches is None or r.name == reference_name
         else replace(r, delta_interval=delta_interval(reference.matches, r.matches, config.draws, config.level))
         for r in results
     ]
