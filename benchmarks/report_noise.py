@@ -74,7 +74,9 @@ def main() -> int:
     args = parser.parse_args()
     names_file = args.out / "candidates.json"
     if not names_file.is_file():
-        print(f"report_noise: {names_file} not found: run benchmarks/selection.py --out {args.out} first")
+        print(
+            f"report_noise: {names_file} not found: run benchmarks/selection.py --out {args.out} first", file=sys.stderr
+        )
         return 2
     candidates: dict[str, str] = json.loads(names_file.read_text())
     select = truths_of(args.select)
