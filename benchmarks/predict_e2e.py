@@ -54,6 +54,7 @@ from yoloq.speed import tile_batch  # noqa: E402
 @dataclass(frozen=True)
 class Row:
     backend: str
+    decode: str
     batch: int
     workers: int
     engine_ms_per_image: float
@@ -102,6 +103,13 @@ class TimedRunner:
         finally:
             self.seconds += time.perf_counter() - start
 
+    def infer_device(self, batch: int, frames: int) -> np.ndarray:  # decode gpu: the frames are on the GPU
+        start = time.perf_counter()
+        try:
+            return self.runner.infer_device(batch, frames)
+        finally:
+            self.seconds += time.perf_counter() - start
+
 
 def end_to_end(detector: Detector, images: list[Path], workers: int) -> tuple[float, float, float]:
     """(ms per image, images/s, ms per image spent in `infer` during the same pass) of Detector.stream over the
@@ -138,13 +146,14 @@ def markdown(rows: list[Row], model: Path, conf: float, about: str) -> str:
     lines = [
         f"model {model.name}; conf {conf}; host {platform.node()} ({os.cpu_count()} CPUs){about}",
         "",
-        "| backend | batch | workers | engine ms/img | end-to-end ms/img | ratio | infer in e2e ms/img "
+        "| backend | decode | batch | workers | engine ms/img | end-to-end ms/img | ratio | infer in e2e ms/img "
         "| images/s e2e |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.backend} | {r.batch} | {r.workers} | {r.engine_ms_per_image:.2f} | {r.e2e_ms_per_image:.2f} | "
+            f"| {r.backend} | {r.decode} | {r.batch} | {r.workers} | {r.engine_ms_per_image:.2f} | "
+            f"{r.e2e_ms_per_image:.2f} | "
             f"{r.ratio:.2f}x | {r.infer_ms_per_image:.2f} | {r.e2e_images_per_s:.1f} |"
         )
     return "\n".join(lines)
@@ -162,6 +171,9 @@ def main() -> int:
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=5, help="engine timings per batch (TensorRT: x20)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each row is their best (5)")
+    parser.add_argument(
+        "--decode", nargs="+", choices=("cpu", "gpu"), default=["cpu"], help="JPEG decoding + letterbox (cpu)"
+    )
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     build = parser.add_argument_group("TensorRT builds from an ONNX model (--backend tensorrt --model M.onnx)")
     build.add_argument("--precision", choices=("fp32", "fp16"), default="fp16", help="float models (Q/DQ: INT8)")
@@ -190,10 +202,17 @@ def main() -> int:
     images = (images * (args.num_images // max(1, len(images)) + 1))[: args.num_images]
     frames = np.stack([load_preprocessed(p, 640)[0] for p in images[: max(args.batches)]])
     rows = []
-    for batch in args.batches:
+    for batch, decode in [(b, d) for b in args.batches for d in args.decode]:
         decoding = DecodeSettings(args.conf, 0.6, 300)
-        detector = Detector.load(model, backend, decoding=decoding, batch_size=batch, **load_options)  # type: ignore[arg-type]
-        if batch == args.batches[0]:
+        detector = Detector.load(
+            model,
+            backend,
+            decoding=decoding,
+            batch_size=batch,
+            decode=decode,
+            **load_options,  # type: ignore[arg-type]
+        )
+        if not rows and batch == args.batches[0] and decode == args.decode[0]:
             about = f"; engine {detector.model_path.name}" if detector.model_path != Path(model) else ""
             layout = getattr(detector.runner, "input_layout", "nchw-float")
             about += (
@@ -211,11 +230,14 @@ def main() -> int:
                     engine = engine_ms_per_image(detector, frames, batch, repeats, warmup)
                     e2e_ms, ips, infer_ms = end_to_end(detector, images, workers)
                     measured[workers].append((engine, e2e_ms, ips, infer_ms))
-                    print(f"batch {batch}, {workers} workers, round {turn + 1}: {engine:.2f} / {e2e_ms:.2f} ms/img")
+                    print(
+                        f"batch {batch}, decode {decode}, {workers} workers, round {turn + 1}: "
+                        f"{engine:.2f} / {e2e_ms:.2f} ms/img"
+                    )
             for workers, values in measured.items():
                 engine = min(v[0] for v in values)
                 e2e_ms, ips, infer_ms = min(v[1:] for v in values)  # the best pass, with its own inference time
-                rows.append(Row(detector.backend, batch, workers, engine, e2e_ms, infer_ms, ips, len(images)))
+                rows.append(Row(detector.backend, decode, batch, workers, engine, e2e_ms, infer_ms, ips, len(images)))
     print()
     print(markdown(rows, Path(model), args.conf, about))
     if args.json:

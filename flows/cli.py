@@ -72,9 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--workers",
         type=int,
-        default=min(12, os.cpu_count() or 1),
         help="threads that read + letterbox and decode + NMS around inference (default: the CPU count, at most 12, "
-        "the best on the 16-core H200 host; 0 = none)",
+        "the best on the 16-core H200 host; with --decode gpu 2, the best there; 0 = none)",
+    )
+    predict.add_argument(
+        "--decode",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="where JPEGs are decoded and letterboxed: cpu (OpenCV, validation's pixels) or gpu (nvJPEG + a CUDA "
+        "kernel, for a TensorRT engine with a uint8 input; default cpu)",
     )
     predict.add_argument("--imgsz", type=int, default=640, help="input size when the model does not say (640)")
     predict.add_argument(
@@ -245,9 +251,15 @@ def _predict(args: argparse.Namespace) -> int:
         imgsz=args.imgsz,
         precision=args.precision,
         tensorrt=tensorrt,
+        decode=args.decode,
     )
+    if args.workers is None:
+        args.workers = 2 if args.decode == "gpu" else min(12, os.cpu_count() or 1)
     with detector:  # frees the runner (GPU memory) on every exit
         print(f"model: {detector.model_path} on {detector.backend} ({detector.head_format} head, {detector.imgsz})")
+        if detector.gpu_letterbox is not None:
+            where = "on the CPU: --save needs the images on the host" if args.save else "on the GPU (nvJPEG)"
+            print(f"images decoded and letterboxed {where}")
         progress = not args.no_progress
         if images is None:
             summary = predict_video(detector, source, args.save, args.json, args.coco, args.workers, progress)

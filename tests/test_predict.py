@@ -221,6 +221,11 @@ def test_yoloq_predict_bad_input_exits_2_with_one_line(simplified, tmp_path, cap
     assert flows.cli.main([*base, "--model", str(simplified.onnx_path), "--source", str(folder)]) == 2
     assert "could be read" in capsys.readouterr().err
     assert flows.cli.main([*base, "--model", str(simplified.onnx_path), "--source", str(tmp_path / "x")]) == 2
+    (tmp_path / "good").mkdir()
+    good = image_folder(tmp_path / "good", 1)
+    assert flows.cli.main([*base, "--model", str(simplified.onnx_path), "--source", str(good), "--decode", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "decode gpu runs on the TensorRT backend only" in err and "Traceback" not in err
     missing_store = f"sqlite:///{tmp_path / 'none.db'}"
     uri = ["--model", "models:/yoloq-yolov5n@champion", "--source", str(folder), "--tracking-uri", missing_store]
     assert flows.cli.main([*base, *uri]) == 2
@@ -338,7 +343,7 @@ def test_the_end_to_end_benchmark_prints_its_table(simplified, tmp_path, monkeyp
         runpy.run_path(str(PROJECT / "benchmarks" / "predict_e2e.py"), run_name="__main__")
     assert done.value.code == 0
     assert (
-        "| backend | batch | workers | engine ms/img | end-to-end ms/img | ratio | infer in e2e ms/img "
+        "| backend | decode | batch | workers | engine ms/img | end-to-end ms/img | ratio | infer in e2e ms/img "
         in capsys.readouterr().out
     )
     rows = json.loads(out.read_text())

@@ -87,8 +87,8 @@ class Prediction:
 
 @dataclass(frozen=True)
 class _Prepared:
-    image: np.ndarray
-    frame: np.ndarray  # what the runner takes: C x H x W float32, or H x W x 3 RGB uint8 (a uint8-input engine)
+    image: np.ndarray | None  # None: decoded on the GPU (`decode="gpu"`)
+    frame: np.ndarray | None  # what the runner takes: C x H x W float32, or H x W x 3 RGB uint8 (uint8 input)
     box: Letterbox
 
 
@@ -115,6 +115,7 @@ class Detector:
         self.batch_size = batch_size
         self.head_format: HeadFormat = head_format or facts.head_format
         self.uint8_frames = getattr(runner, "input_layout", "nchw-float") == "nhwc-uint8"
+        self.gpu_letterbox: Any = None  # `load(decode="gpu")`: a gpu_letterbox.GpuLetterbox on the runner's stream
 
     @classmethod
     def load(
@@ -128,12 +129,17 @@ class Detector:
         precision: Literal["fp32", "fp16"] = "fp32",
         build_dir: Path = Path("runs/cache/build"),
         tensorrt: TensorRTConfig | None = None,
+        decode: Literal["cpu", "gpu"] = "cpu",
     ) -> Detector:
         """Load an ONNX model (ONNX Runtime; `backend="tensorrt"` builds an engine from it on this GPU, in
         `precision` unless it is a Q/DQ INT8 model, reused from `build_dir`) or an engine built by yoloq (TensorRT).
         `auto`: an engine runs on TensorRT, an ONNX model on ONNX Runtime. `tensorrt`: the settings of
         such builds (default: TensorRTConfig's defaults). Missing or unusable models raise InputError,
-        a backend that cannot run here BackendUnavailable (both say what to do)."""
+        a backend that cannot run here BackendUnavailable (both say what to do). `decode="gpu"`: JPEGs are decoded
+        and letterboxed on the GPU (nvJPEG, `yoloq.backends.tensorrt.gpu_letterbox`), for an engine with a uint8
+        input (`tensorrt.input: uint8`); pixels differ from the CPU's decoder by a few levels."""
+        if decode not in ("cpu", "gpu"):
+            raise InputError(f"decode {decode!r}: use cpu or gpu")
         if str(model).startswith("models:/"):
             raise InputError(
                 f"{model}: registry URIs are resolved by flows.model_uri.load_detector (it needs MLflow) or by "
@@ -148,6 +154,8 @@ class Detector:
         chosen = backend if backend != "auto" else ("tensorrt" if is_engine else "onnxruntime")
         if is_engine and chosen != "tensorrt":
             raise InputError(f"{path} is a TensorRT engine: it runs on backend tensorrt only; use its ONNX model")
+        if decode == "gpu" and chosen != "tensorrt":
+            raise InputError("decode gpu runs on the TensorRT backend only: give an engine or --backend tensorrt")
         if chosen == "onnxruntime":
             from yoloq.backends.onnxruntime import OnnxRuntimeRunner
 
@@ -158,7 +166,14 @@ class Detector:
         facts = engine_facts(engine, imgsz)
         runner = tensorrt_runner(engine)
         head_format: HeadFormat = "end2end" if getattr(runner, "has_nms", False) else facts.head_format
-        return cls(runner, facts, engine, "tensorrt", decoding, batch_size, head_format)
+        detector = cls(runner, facts, engine, "tensorrt", decoding, batch_size, head_format)
+        if decode == "gpu":
+            try:
+                detector.gpu_letterbox = gpu_letterbox_for(runner, facts.imgsz)
+            except BaseException:
+                detector.close()
+                raise
+        return detector
 
     # -- the context manager -------------------------------------------------------------------------------------
 
@@ -172,6 +187,9 @@ class Detector:
 
     def close(self) -> None:
         """Free the runner (a TensorRT runner's device memory). Safe to call twice."""
+        gpu, self.gpu_letterbox = self.gpu_letterbox, None
+        if gpu is not None:
+            gpu.close()  # before the runner: its stream and context
         runner, self.runner = self.runner, None  # type: ignore[assignment]
         close = getattr(runner, "close", None)
         if close is not None:
@@ -209,6 +227,9 @@ class Detector:
         decode (+ NMS) the previous one while this thread runs inference (OpenCV releases the GIL), so the CPU
         work does not starve a GPU; the detections are the same either way."""
         keyed = zip(keys, images, strict=False) if keys is not None else enumerate(images)
+        if self.gpu_letterbox is not None and not keep_images:
+            yield from self._stream_gpu(keyed, workers, keep_images)
+            return
         if workers <= 0:
             for chunk in _chunks(keyed, self.batch_size):
                 slots = self._slots(len(chunk), 1)  # not the runner's staging buffer 0: _infer may stack into it
@@ -245,6 +266,67 @@ class Detector:
             if decoding is not None:
                 yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
 
+    def _stream_gpu(
+        self, keyed: Iterable[tuple[Any, ImageSource]], workers: int, keep_images: bool
+    ) -> Iterator[Prediction]:
+        """`stream` with decoding and letterboxing on the GPU, three batches in flight: threads read batch k+2's
+        files (JPEG bytes; other files are decoded on the CPU), one thread queues nvJPEG and the letterbox kernel for
+        batch k+1 on their own stream, and this thread runs the engine on batch k on its stream, which waits only
+        for batch k's frames; threads then decode + NMS its output."""
+        from yoloq.backends.tensorrt.gpu_letterbox import EncodedImage, encoded_image, from_bgr
+
+        def read(image: ImageSource) -> EncodedImage | None:
+            if isinstance(image, str | Path):
+                return encoded_image(Path(image)) if Path(image).is_file() else None
+            decoded = as_bgr(image)
+            return from_bgr(decoded) if decoded is not None else None
+
+        gpu = self.gpu_letterbox
+        size = min(self.batch_size, gpu.max_batch)
+        turn = itertools.count()
+        with (
+            ThreadPoolExecutor(max(workers, 1), thread_name_prefix="yoloq-predict") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="yoloq-nvjpeg") as gpu_thread,
+        ):
+            chunks = _chunks(keyed, size)
+
+            def read_ahead() -> Any:
+                chunk = next(chunks, None)
+                return None if chunk is None else (chunk, [pool.submit(read, image) for _, image in chunk])
+
+            def letterbox(reading: Any) -> Any:
+                """Queue one read batch on the GPU: (chunk, prepared, readable count, slot)."""
+                if reading is None:
+                    return None
+                chunk, futures = reading
+                encoded = [future.result() for future in futures]
+                readable = [e for e in encoded if e is not None]
+                slot = next(turn) % 2
+                boxes = iter(gpu.letterbox(readable, slot)) if readable else iter(())
+                prepared = [_Prepared(None, None, next(boxes)) if e is not None else None for e in encoded]
+                return chunk, prepared, len(readable), slot
+
+            reading = read_ahead()
+            following = gpu_thread.submit(letterbox, reading)
+            reading = read_ahead()
+            decoding: tuple[Any, list[_Prepared | None], Future[list[ImageDetections]] | None] | None = None
+            while (queued := following.result()) is not None:
+                chunk, prepared, count, slot = queued
+                following = gpu_thread.submit(letterbox, reading)  # batch k+1 is decoded while batch k is inferred
+                reading = read_ahead()
+                decoded = None
+                if count:
+                    if self.runner is None:
+                        raise RuntimeError("the detector is closed")
+                    gpu.wait(slot, self.runner.stream_ptr)  # type: ignore[attr-defined]
+                    output = self.runner.infer_device(count, gpu.frames(slot))  # type: ignore[attr-defined]
+                    decoded = pool.submit(self._decode, output, [p for p in prepared if p is not None])
+                if decoding is not None:
+                    yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
+                decoding = (chunk, prepared, decoded)
+            if decoding is not None:
+                yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
+
     def _slots(self, count: int, index: int) -> np.ndarray | None:
         """Pinned input buffer `index` of the runner for `count` uint8 frames, or None (float frames, no pinned
         memory, a batch above the engine's max)."""
@@ -264,7 +346,7 @@ class Detector:
             raise RuntimeError("the detector is closed")
         if slots is not None and len(prepared) == len(slots):
             return self.runner.infer(slots)
-        frames = [p.frame for p in prepared]
+        frames = [p.frame for p in prepared if p.frame is not None]
         input_buffer = getattr(self.runner, "input_buffer", None)
         staging = input_buffer(len(frames)) if input_buffer is not None else None
         if staging is not None and staging.shape[1:] == frames[0].shape and staging.dtype == frames[0].dtype:
@@ -383,6 +465,21 @@ def engine_facts(engine: Path, imgsz: int = 640) -> ModelFacts:
     if record.get("details", {}).get("nms", "none") != "none":
         found = dataclasses.replace(found, head_format="end2end")
     return found
+
+
+def gpu_letterbox_for(runner: Runner, imgsz: int) -> Any:
+    """A GPU letterbox feeding `runner`'s input buffer on its stream (`decode="gpu"`); InputError for an engine without
+    a uint8 input, GpuDecodeUnavailable (a BackendUnavailable) without nvJPEG or NVRTC."""
+    if getattr(runner, "input_layout", "") != "nhwc-uint8":
+        raise InputError(
+            "decode gpu needs an engine with a uint8 input: build it with tensorrt.input=uint8 "
+            "(--set tensorrt.input=uint8, or -p params.yaml with that setting)"
+        )
+    from yoloq.backends.tensorrt.cuda import cuda_devices
+    from yoloq.backends.tensorrt.gpu_letterbox import GpuLetterbox
+
+    capability = cuda_devices()[0].compute_capability
+    return GpuLetterbox(runner.cudart, imgsz, runner.max_batch, capability)  # type: ignore[attr-defined]
 
 
 def require_tensorrt() -> None:

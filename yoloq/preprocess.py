@@ -62,22 +62,41 @@ def letterbox_rgb(image_bgr: np.ndarray, size: int, out: np.ndarray | None = Non
     (`tensorrt.input: uint8`) takes these as they are and divides by 255 itself; `to_chw_float` gives `letterbox`'s
     frame. `out` (size x size x 3 uint8, e.g. a slot of a pinned batch buffer) receives the frame, and is returned."""
     height, width = image_bgr.shape[:2]
-    scale = min(size / height, size / width)
-    new_width, new_height = round(width * scale), round(height * scale)
+    fit = letterbox_fit(width, height, size)
+    new_width, new_height, top, left = fit.new_width, fit.new_height, fit.top, fit.left
     if (new_width, new_height) != (width, height):
         resized = cv2.resize(image_bgr, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
         rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=resized)  # in place: one allocation less per image
     else:
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)  # the caller's image stays as it is
-    pad_x, pad_y = (size - new_width) / 2, (size - new_height) / 2
-    top, bottom = round(pad_y - 0.1), round(pad_y + 0.1)
-    left, right = round(pad_x - 0.1), round(pad_x + 0.1)
+    bottom, right = size - new_height - top, size - new_width - left
     # the pad is grey in any channel order, so the colours are swapped before padding (fewer pixels)
     padded = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, dst=out, value=(PAD_VALUE,) * 3)
     if out is not None and padded.ctypes.data != out.ctypes.data:  # OpenCV reallocates a dst it cannot write into
         np.copyto(out, padded)
         padded = out
-    return padded, Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
+    return padded, fit.mapping
+
+
+@dataclass(frozen=True)
+class LetterboxFit:
+    """Where an image of width x height lands in the size x size frame: resized to new_width x new_height, its
+    top-left corner at (left, top); `mapping` maps boxes back. The CPU letterbox and the GPU one share it."""
+
+    new_width: int
+    new_height: int
+    left: int
+    top: int
+    mapping: Letterbox
+
+
+def letterbox_fit(width: int, height: int, size: int) -> LetterboxFit:
+    """The letterbox geometry of a width x height image in a size x size frame (aspect kept, pad centred)."""
+    scale = min(size / height, size / width)
+    new_width, new_height = round(width * scale), round(height * scale)
+    left, top = round((size - new_width) / 2 - 0.1), round((size - new_height) / 2 - 0.1)
+    mapping = Letterbox(scale=scale, pad_x=left, pad_y=top, original_width=width, original_height=height)
+    return LetterboxFit(new_width, new_height, left, top, mapping)
 
 
 def to_chw_float(rgb: np.ndarray) -> np.ndarray:

@@ -58,6 +58,7 @@ class TensorRTRunner:
         self._engine: Any = None
         self._context: Any = None
         self._profiler: Any = None
+        self._input_address = 0  # where the input tensor is bound: its own buffer, or a caller's (`infer_device`)
         try:
             self._open(engine_path, cuda, logger)
         except BaseException:
@@ -103,6 +104,7 @@ class TensorRTRunner:
             pinned = pinned_array(self._cuda.handle, shape, self._dtypes[name])
             if pinned is not None:
                 self._host[name] = pinned
+        self._input_address = self._buffers[self.input_name]
 
     # -- the context manager -------------------------------------------------------------------------------------
 
@@ -225,6 +227,31 @@ class TensorRTRunner:
         if batch.shape[0] < self.min_batch:
             raise InputError(f"batch {batch.shape[0]} is below the engine profile's min batch {self.min_batch}")
         self.set_input(batch)
+        return self._execute_and_fetch(names)
+
+    def infer_device(self, batch: int, frames: int) -> np.ndarray:
+        """`infer` of `batch` frames already on the GPU at device address `frames` (laid out as the input tensor, e.g.
+        a `gpu_letterbox.GpuLetterbox` slot; the caller has ordered this runner's stream after the work that wrote
+        them). The engine reads them there; the runner's own input buffer is bound again for host batches."""
+        if not self.min_batch <= batch <= self.max_batch:
+            raise InputError(f"batch {batch} is outside the engine profile's {self.min_batch}..{self.max_batch}")
+        shape = (batch, *self.sample_shape)
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise InputError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
+        self._bind_input(frames)
+        if self.has_nms:
+            return pack_nms_outputs(self._execute_and_fetch(self.output_names))
+        output = self._execute_and_fetch(self.output_names[:1])[self.output_names[0]]
+        return output.astype(np.float32, copy=False)
+
+    def _bind_input(self, address: int) -> None:
+        if address != self._input_address:
+            if not self.context.set_tensor_address(self.input_name, address):
+                raise RuntimeError(f"TensorRT rejected the input address for {self.input_name!r}")
+            self._input_address = address
+
+    def _execute_and_fetch(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Run the engine on its current input and copy the outputs `names` back (waits for the stream)."""
         self.execute()
         outputs = {}
         for name in names:
@@ -269,6 +296,7 @@ class TensorRTRunner:
             host = staging
         if not self.context.set_input_shape(self.input_name, host.shape):
             raise InputError(f"TensorRT rejected input shape {host.shape} for {self.input_name!r}")
+        self._bind_input(self._buffers[self.input_name])
         self._cuda.memcpy(
             dst=self._buffers[self.input_name],
             src=host.ctypes.data,
