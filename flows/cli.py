@@ -219,7 +219,6 @@ def _profile(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from flows.model_uri import is_model_uri, load_detector
     from flows.predict import image_sources, is_video, predict_images, predict_video
-    from flows.tracking import resolve_tracking_uri
     from yoloq.config import MlflowConfig, load_params
     from yoloq.errors import InputError
     from yoloq.heads import DecodeSettings
@@ -236,7 +235,11 @@ def _predict(args: argparse.Namespace) -> int:
         cache_dir, tensorrt = params.output_dir / "cache", params.tensorrt
     if args.tracking_uri:
         mlflow_config = MlflowConfig(tracking_uri=args.tracking_uri)
-    tracking_uri = resolve_tracking_uri(mlflow_config, project_dir) if is_model_uri(args.model) else None
+    tracking_uri = None  # MLflow is imported only for a registry URI (a file needs none: the GPU kit has no MLflow)
+    if is_model_uri(args.model):
+        from flows.tracking import resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(mlflow_config, project_dir)
     try:
         decoding = DecodeSettings(args.conf, args.iou, args.max_det)
     except ValueError as exc:

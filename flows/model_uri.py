@@ -3,7 +3,8 @@
 The registry (flows/registry.py) registers one file per version, `runs:/<run>/<file>`: an ONNX model (ONNX Runtime
 variants) or a TensorRT engine. For an engine, its build record (`<engine>.json`: the model facts) and the ONNX it was
 built from (logged beside it) are downloaded too, so that an engine built on another GPU can be rebuilt here or the
-ONNX run on ONNX Runtime. Downloads go to `<cache>/registry/<name>-v<version>/` and are reused.
+ONNX run on ONNX Runtime. Downloads go to `<cache>/registry/<name>-v<version>/` and are reused. MLflow is imported
+only when a registry URI is resolved: predicting from a file needs no MLflow (the GPU kit has none).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from yoloq.artifacts import read_json
 from yoloq.detector import ENGINE_SUFFIXES, Detector, PredictBackend
 from yoloq.errors import BackendUnavailable, InputError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MODEL_URI_PREFIX = "models:/"
 
@@ -60,6 +61,8 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def resolve_model_uri(uri: str, tracking_uri: str, cache_dir: Path) -> RegisteredModelFile:
     """Download the file a registry URI names (and, for an engine, its build record and source ONNX)."""
+    from mlflow.exceptions import MlflowException
+
     name, alias, version = parse_model_uri(uri)
     client = _client(tracking_uri)
     try:
@@ -163,6 +166,8 @@ def _has_qdq(path: Path) -> bool:
 
 
 def _client(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     if tracking_uri.startswith("sqlite:///"):
         database = Path(tracking_uri[len("sqlite:///") :])
         if not database.is_file():
@@ -188,6 +193,8 @@ def _download(client: MlflowClient, run_id: str, artifact: str, folder: Path) ->
     if final.is_file():
         return final
     folder.mkdir(parents=True, exist_ok=True)
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
         try:
             downloaded = Path(client.download_artifacts(run_id, artifact, tmp))

@@ -18,6 +18,7 @@ from yoloq.backends import Availability
 from yoloq.backends.tensorrt.gpu_letterbox import (
     EncodedImage,
     GpuDecodeUnavailable,
+    JpegBatchRejected,
     encoded_image,
     jpeg_header,
     load_cuda_library,
@@ -61,6 +62,10 @@ def test_only_baseline_colour_jpegs_without_rotation_go_to_nvjpeg(tmp_path):
     assert rotated is not None and rotated.orientation == 6 and not rotated.on_gpu
     upright = jpeg_header(with_orientation(jpeg(colour), 1))
     assert upright is not None and upright.on_gpu
+    plain = jpeg(colour)
+    adobe = b"Adobe" + b"\x00\x64" + b"\x00\x00" * 2 + b"\x00"  # colour transform 0: RGB as it is
+    untransformed = jpeg_header(plain[:2] + b"\xff\xee" + (len(adobe) + 2).to_bytes(2, "big") + adobe + plain[2:])
+    assert untransformed is not None and not untransformed.ycbcr and not untransformed.on_gpu
     ok, png = cv2.imencode(".png", colour)
     assert jpeg_header(png.tobytes()) is None and jpeg_header(b"\xff\xd8\xff\xe0\x00") is None
     for image in list_images(VAL_IMAGES):  # the shipped COCO images all take the GPU path
@@ -72,11 +77,13 @@ def test_only_baseline_colour_jpegs_without_rotation_go_to_nvjpeg(tmp_path):
     (tmp_path / "b.jpg").write_bytes(jpeg(colour, cv2.IMWRITE_JPEG_PROGRESSIVE, 1))
     (tmp_path / "c.png").write_bytes(png.tobytes())
     (tmp_path / "d.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    (tmp_path / "e.jpg").write_bytes(jpeg(colour)[:-40])  # no end marker: nvJPEG would decode it, OpenCV does not
     a, b, c = (encoded_image(tmp_path / n) for n in ("a.jpg", "b.jpg", "c.png"))
     assert a is not None and a.data is not None and a.rgb is None and (a.width, a.height) == (80, 48)
     for other in (b, c):
         assert other is not None and other.data is None and other.rgb is not None and other.rgb.shape == (48, 80, 3)
     assert encoded_image(tmp_path / "d.jpg") is None and encoded_image(tmp_path / "missing.jpg") is None
+    assert (encoded_image(tmp_path / "e.jpg") is None) == (read_image(tmp_path / "e.jpg") is None)
 
 
 @pytest.mark.parametrize("size", [640, 512, 333, 64])
@@ -115,8 +122,14 @@ class FakeGpuLetterbox:
         self.slots = [cuda.malloc(max_batch * imgsz * imgsz * 3) for _ in range(2)]
         self.waits: list[int] = []
         self.closed = False
+        self.rejected = 0
 
     def letterbox(self, images: list[EncodedImage], slot: int) -> list[Letterbox]:
+        if not images:
+            return []
+        if any(image.data is not None and b"corrupt" in image.data for image in images):
+            self.rejected += 1
+            raise JpegBatchRejected("nvjpegDecodeBatched failed with status 6 on a batch of 3")
         frames, boxes = [], []
         for image in images:
             rgb = (
@@ -162,7 +175,9 @@ def test_the_gpu_pipeline_gives_the_cpus_detections_in_order_and_skips_unreadabl
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff truncated")
     paths = list_images(VAL_IMAGES)[:7]
-    sources = [*paths[:3], broken, np.full((30, 50, 3), 200, np.uint8), *paths[3:]]  # files, an array, a bad file
+    truncated = tmp_path / "corrupt.jpg"  # header and end marker fine, data not: nvJPEG rejects the batch
+    truncated.write_bytes(paths[0].read_bytes()[:20000] + b"corrupt\xff\xd9")
+    sources = [*paths[:3], broken, np.full((30, 50, 3), 200, np.uint8), *paths[3:], truncated]
     engine = fake_engine(tmp_path, [f"c{i}" for i in range(80)], "yolov8")
     decoding = DecodeSettings(0.01, 0.6, 10)
     found = {}
@@ -182,6 +197,8 @@ def test_the_gpu_pipeline_gives_the_cpus_detections_in_order_and_skips_unreadabl
         np.testing.assert_allclose(gpu.detections.boxes_xyxy, cpu.detections.boxes_xyxy)
         np.testing.assert_allclose(gpu.detections.scores, cpu.detections.scores, atol=2e-3)
     assert sorted(set(made[0].waits)) == [0, 1]  # batches alternate between the two slots
+    assert made[0].rejected == 1  # the truncated file's batch went to OpenCV, as on the CPU path
+    assert (found["gpu"][-1].detections is None) == (found["cpu"][-1].detections is None)
 
 
 def test_decode_gpu_needs_tensorrt_and_a_uint8_engine(monkeypatch, tmp_path):

@@ -273,7 +273,13 @@ class Detector:
         files (JPEG bytes; other files are decoded on the CPU), one thread queues nvJPEG and the letterbox kernel for
         batch k+1 on their own stream, and this thread runs the engine on batch k on its stream, which waits only
         for batch k's frames; threads then decode + NMS its output."""
-        from yoloq.backends.tensorrt.gpu_letterbox import EncodedImage, encoded_image, from_bgr
+        from yoloq.backends.tensorrt.gpu_letterbox import (
+            EncodedImage,
+            JpegBatchRejected,
+            decoded_on_cpu,
+            encoded_image,
+            from_bgr,
+        )
 
         def read(image: ImageSource) -> EncodedImage | None:
             if isinstance(image, str | Path):
@@ -300,9 +306,13 @@ class Detector:
                     return None
                 chunk, futures = reading
                 encoded = [future.result() for future in futures]
-                readable = [e for e in encoded if e is not None]
                 slot = next(turn) % 2
-                boxes = iter(gpu.letterbox(readable, slot)) if readable else iter(())
+                try:
+                    boxes = iter(gpu.letterbox([e for e in encoded if e is not None], slot))
+                except JpegBatchRejected:  # a broken file in the batch: OpenCV decodes it (or skips it, unreadable)
+                    encoded = [decoded_on_cpu(e) if e is not None else None for e in encoded]
+                    boxes = iter(gpu.letterbox([e for e in encoded if e is not None], slot))
+                readable = [e for e in encoded if e is not None]
                 prepared = [_Prepared(None, None, next(boxes)) if e is not None else None for e in encoded]
                 return chunk, prepared, len(readable), slot
 

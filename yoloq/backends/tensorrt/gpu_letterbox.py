@@ -16,10 +16,12 @@ What it uses, all through ctypes, from the machine's CUDA toolkit (no new Python
 The kernel resizes with OpenCV's INTER_LINEAR arithmetic (pixel-centre mapping, 11-bit fixed-point weights, the
 rounding of OpenCV's SIMD row pass; an exact 2x reduction averages 2 x 2 pixels, as OpenCV does) and pads with 114,
 in the geometry of `yoloq.preprocess.letterbox_fit`: `reference_letterbox` is the same arithmetic in NumPy, which the
-tests hold against `cv2.resize`. The pixels are not bit for bit the CPU's: nvJPEG's IDCT and chroma upsampling
-differ from libjpeg-turbo's by a few levels (README: the mAP measured both ways). Files the GPU path does not take
-(not baseline JPEG, grayscale, unusual chroma subsampling, an EXIF rotation, which OpenCV applies and nvJPEG does
-not) are decoded on the CPU by `yoloq.preprocess.read_image` and uploaded: every readable image is taken.
+tests hold against `cv2.resize`. Pixels: on the H200's hardware decoder, nvJPEG gave exactly OpenCV's pixels for
+4:4:4 COCO files; its 4:2:0 chroma upsampling differs from libjpeg-turbo's by a few levels (README: the mAP
+measured both ways). Files the GPU path does not take are decoded on the CPU by OpenCV (as `read_image`) and
+uploaded, so every readable image is taken: not baseline JPEG, grayscale, unusual chroma subsampling, RGB-coded, an
+EXIF rotation (OpenCV applies it, nvJPEG does not), a file without its end marker (nvJPEG decodes it, OpenCV
+rejects it).
 """
 
 from __future__ import annotations
@@ -97,25 +99,31 @@ class GpuDecodeUnavailable(BackendUnavailable):
     """nvJPEG, NVRTC or the CUDA driver cannot be used here; the message says which and what to do."""
 
 
+class JpegBatchRejected(GpuDecodeUnavailable):
+    """nvJPEG failed on a batch (a file whose header looked fine but whose data is not): decode it on the CPU."""
+
+
 # -- what the CPU decides: which files go to nvJPEG -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class JpegHeader:
     """What a JPEG's markers say: its frame type (0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...), size,
-    component count, the sampling factors (h, v) of each component and the EXIF orientation (1: none)."""
+    component count, the sampling factors (h, v) of each component, the EXIF orientation (1: none) and whether the
+    colours are coded as YCbCr (not RGB: an Adobe segment with transform 0, or components named R, G, B)."""
 
     frame: int
     width: int
     height: int
     sampling: tuple[tuple[int, int], ...]
     orientation: int
+    ycbcr: bool = True
 
     @property
     def on_gpu(self) -> bool:
         """Whether nvJPEG's batched (hardware) decoder takes it and decodes what OpenCV would: a baseline colour
-        JPEG with 4:4:4, 4:2:2, 4:2:0 or 4:4:0 chroma and no EXIF rotation."""
-        if self.frame != 0xC0 or len(self.sampling) != 3 or self.orientation not in (0, 1):
+        YCbCr JPEG with 4:4:4, 4:2:2, 4:2:0 or 4:4:0 chroma and no EXIF rotation."""
+        if self.frame != 0xC0 or len(self.sampling) != 3 or self.orientation not in (0, 1) or not self.ycbcr:
             return False
         (yh, yv), cb, cr = self.sampling
         return cb == cr == (1, 1) and (yh, yv) in ((1, 1), (2, 1), (2, 2), (1, 2))
@@ -126,7 +134,7 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
     a JPEG or its markers are broken."""
     if not data.startswith(b"\xff\xd8"):
         return None
-    orientation, at = 1, 2
+    orientation, at, ycbcr = 1, 2, True
     while at + 4 <= len(data):
         if data[at] != 0xFF:
             return None
@@ -140,6 +148,8 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
             return None
         if marker == 0xE1 and body.startswith(b"Exif\x00\x00"):
             orientation = exif_orientation(body[6:])
+        if marker == 0xEE and body.startswith(b"Adobe") and len(body) >= 12:
+            ycbcr = body[11] != 0  # Adobe's colour transform: 0 = none (RGB or CMYK as they are)
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
             if len(body) < 6:
                 return None
@@ -148,7 +158,8 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
             if len(components) != 3 * count:
                 return None
             sampling = tuple((components[i + 1] >> 4, components[i + 1] & 15) for i in range(0, 3 * count, 3))
-            return JpegHeader(marker, width, height, sampling, orientation)
+            named_rgb = bytes(components[0 : 3 * count : 3]) == b"RGB"
+            return JpegHeader(marker, width, height, sampling, orientation, ycbcr and not named_rgb)
         at += 2 + length
     return None
 
@@ -190,12 +201,21 @@ def encoded_image(path: Path) -> EncodedImage | None:
     except OSError:
         return None
     header = jpeg_header(data)
-    if header is not None and header.on_gpu and header.width > 0 and header.height > 0:
+    complete = data.rstrip(b"\x00").endswith(b"\xff\xd9")  # nvJPEG decodes a truncated file that OpenCV rejects
+    if header is not None and header.on_gpu and complete and header.width > 0 and header.height > 0:
         return EncodedImage(header.width, header.height, data=data)
     image = read_image(path)
     if image is None:
         return None
     return from_bgr(image)
+
+
+def decoded_on_cpu(image: EncodedImage) -> EncodedImage | None:
+    """`image` decoded by OpenCV (as `read_image`) when nvJPEG rejected its batch; None when OpenCV cannot either."""
+    if image.data is None:
+        return image
+    decoded = cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_COLOR)
+    return from_bgr(decoded) if decoded is not None else None
 
 
 def from_bgr(image: np.ndarray) -> EncodedImage:
@@ -479,7 +499,7 @@ class GpuLetterbox:
         status = self._nvjpeg.nvjpegDecodeBatched(self._handle, self._state, datas, lengths, outputs, self._stream)
         if status != 0:
             self._batched = 0  # the state must be initialised again after a failed batch
-            raise GpuDecodeUnavailable(f"nvjpegDecodeBatched failed with status {status} on a batch of {count}")
+            raise JpegBatchRejected(f"nvjpegDecodeBatched failed with status {status} on a batch of {count}")
 
     def _launch(self, items: np.ndarray, frames: int) -> None:
         if len(items) > self._items_count:
