@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -350,3 +352,28 @@ def test_the_end_to_end_benchmark_prints_its_table(simplified, tmp_path, monkeyp
     assert [(r["batch"], r["workers"]) for r in rows] == [(1, 0), (1, 2), (2, 0), (2, 2)]
     assert all(r["engine_ms_per_image"] > 0 and r["e2e_images_per_s"] > 0 and r["images"] == 3 for r in rows)
     assert all(0 < r["infer_ms_per_image"] <= r["e2e_ms_per_image"] for r in rows)
+
+
+NO_MLFLOW = """
+import sys
+class Block:  # the GPU kit's Python: no MLflow, no Prefect
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mlflow", "prefect"):
+            raise ImportError(f"no module {name} here")
+sys.meta_path.insert(0, Block())
+import flows.cli
+sys.exit(flows.cli.main(["predict", "--no-progress", "--model", sys.argv[1], "--source", sys.argv[2]]))
+"""
+
+
+def test_yoloq_predict_on_a_file_model_needs_no_mlflow_or_prefect(simplified):
+    image = str(list_images(VAL_IMAGES)[0])
+    done = subprocess.run(
+        [sys.executable, "-c", NO_MLFLOW, str(simplified.onnx_path), image],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "predict: 1 image" in done.stdout
