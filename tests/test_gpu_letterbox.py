@@ -184,6 +184,8 @@ def test_the_gpu_pipeline_gives_the_cpus_detections_in_order_and_skips_unreadabl
     for decode in ("cpu", "gpu"):
         with Detector.load(engine, decoding=decoding, batch_size=3, decode=decode) as detector:  # type: ignore[arg-type]
             found[decode] = list(detector.stream(sources, keys=range(len(sources)), workers=2))
+            if decode == "gpu":  # keep_images decodes on the CPU: the runner binds its own input buffer again
+                found["gpu-host"] = list(detector.stream(sources, keys=range(len(sources)), keep_images=True))
     assert made and made[0].closed and device.allocated == {}
     assert [p.key for p in found["gpu"]] == list(range(len(sources)))
     assert found["gpu"][3].detections is None and found["cpu"][3].detections is None
@@ -197,6 +199,10 @@ def test_the_gpu_pipeline_gives_the_cpus_detections_in_order_and_skips_unreadabl
         np.testing.assert_allclose(gpu.detections.boxes_xyxy, cpu.detections.boxes_xyxy)
         np.testing.assert_allclose(gpu.detections.scores, cpu.detections.scores, atol=2e-3)
     assert sorted(set(made[0].waits)) == [0, 1]  # batches alternate between the two slots
+    for cpu, host in zip(found["cpu"], found["gpu-host"], strict=True):
+        assert (cpu.detections is None) == (host.detections is None)
+        if cpu.detections is not None and host.detections is not None:
+            np.testing.assert_array_equal(host.detections.scores, cpu.detections.scores)
     assert made[0].rejected == 1  # the truncated file's batch went to OpenCV, as on the CPU path
     assert (found["gpu"][-1].detections is None) == (found["cpu"][-1].detections is None)
 

@@ -9,6 +9,9 @@ An engine with a uint8 input (`tensorrt.input: uint8`) takes (N, H, W, 3) RGB ui
 (`yoloq.preprocess.letterbox_rgb`); given validation's float (N, 3, H, W) frames it converts them back first, exactly
 (`to_hwc_uint8`), so every stage can run it unchanged.
 
+`infer_device(batch, frames)` runs frames that are already on the GPU (`gpu_letterbox.GpuLetterbox`'s buffers,
+`decode="gpu"`): the input tensor is bound to them, and to the runner's own buffer again for host batches.
+
 The runner is a context manager: `close()` (or leaving the `with` block) drops the execution context, engine and
 runtime, in that order, and frees the device buffers and the stream. A constructor that fails half-way frees what it
 had already allocated before raising.
