@@ -360,7 +360,10 @@ class GpuLetterbox:
 
     def _open(self, libraries: Callable[[str], Any], compute_capability: str) -> None:
         self._nvjpeg = libraries("nvjpeg")
-        self._driver = ctypes.CDLL("libcuda.so.1")
+        try:
+            self._driver = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise GpuDecodeUnavailable(f"no NVIDIA driver (libcuda.so.1: {exc}): use --decode cpu") from exc
         ptx = compile_kernel(libraries("nvrtc"), compute_capability)
         self._cuda(self._cudart.cudaFree(None), "cudaFree(0)")  # makes the runtime's (primary) context current
         self._cuda(self._cudart.cudaStreamCreate(ctypes.byref(self._stream)), "cudaStreamCreate")
