@@ -97,16 +97,15 @@ class TimedRunner:
         return getattr(self.runner, name)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            return self.runner.infer(batch)
-        finally:
-            self.seconds += time.perf_counter() - start
+        return self._timed(self.runner.infer, batch)
 
     def infer_device(self, batch: int, frames: int) -> np.ndarray:  # decode gpu: the frames are on the GPU
+        return self._timed(self.runner.infer_device, batch, frames)
+
+    def _timed(self, call: Any, *args: Any) -> np.ndarray:
         start = time.perf_counter()
         try:
-            return self.runner.infer_device(batch, frames)
+            return call(*args)
         finally:
             self.seconds += time.perf_counter() - start
 

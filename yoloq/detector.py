@@ -231,7 +231,7 @@ class Detector:
         decoded and letterboxed on the GPU (`_stream_gpu`), except with `keep_images`, which needs them on the host."""
         keyed = zip(keys, images, strict=False) if keys is not None else enumerate(images)
         if self.gpu_letterbox is not None and not keep_images:
-            yield from self._stream_gpu(keyed, workers, keep_images)
+            yield from self._stream_gpu(keyed, workers)
             return
         if workers <= 0:
             for chunk in _chunks(keyed, self.batch_size):
@@ -269,9 +269,7 @@ class Detector:
             if decoding is not None:
                 yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
 
-    def _stream_gpu(
-        self, keyed: Iterable[tuple[Any, ImageSource]], workers: int, keep_images: bool
-    ) -> Iterator[Prediction]:
+    def _stream_gpu(self, keyed: Iterable[tuple[Any, ImageSource]], workers: int) -> Iterator[Prediction]:
         """`stream` with decoding and letterboxing on the GPU, three batches in flight: threads read batch k+2's
         files (JPEG bytes; other files are decoded on the CPU), one thread queues nvJPEG and the letterbox kernel for
         batch k+1 on their own stream, and this thread runs the engine on batch k on its stream, which waits only
@@ -335,10 +333,10 @@ class Detector:
                     output = self.runner.infer_device(count, gpu.frames(slot))  # type: ignore[attr-defined]
                     decoded = pool.submit(self._decode, output, [p for p in prepared if p is not None])
                 if decoding is not None:
-                    yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
+                    yield from _emit(decoding[0], decoding[1], _result(decoding[2]), False)
                 decoding = (chunk, prepared, decoded)
             if decoding is not None:
-                yield from _emit(decoding[0], decoding[1], _result(decoding[2]), keep_images)
+                yield from _emit(decoding[0], decoding[1], _result(decoding[2]), False)
 
     def _slots(self, count: int, index: int) -> np.ndarray | None:
         """Pinned input buffer `index` of the runner for `count` uint8 frames, or None (float frames, no pinned

@@ -44,11 +44,15 @@ def looks_like_image(path: Path) -> bool:
 
 def read_image(path: Path) -> np.ndarray | None:
     """BGR uint8 HxWx3, or None when the file cannot be decoded. Grayscale images become 3-channel."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    if data.size == 0:
+    return decode_image(np.fromfile(str(path), dtype=np.uint8))
+
+
+def decode_image(data: bytes | np.ndarray) -> np.ndarray | None:
+    """`read_image` of a file's bytes already read: BGR uint8 HxWx3, or None when they cannot be decoded."""
+    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    if buffer.size == 0:
         return None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return image
+    return cv2.imdecode(buffer, cv2.IMREAD_COLOR)
 
 
 def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:

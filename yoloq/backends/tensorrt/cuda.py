@@ -116,8 +116,13 @@ class EventTimer:
 
     @staticmethod
     def _call(status: int, call: str) -> None:
-        if status != 0:
-            raise RuntimeError(f"CUDA runtime call {call} failed with error {status}")
+        check_runtime(status, call)
+
+
+def check_runtime(status: int, call: str) -> None:
+    """RuntimeError naming the CUDA runtime call when it did not return cudaSuccess."""
+    if status != 0:
+        raise RuntimeError(f"CUDA runtime call {call} failed with error {status}")
 
 
 @dataclass

@@ -37,8 +37,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from yoloq.backends.tensorrt.cuda import check_runtime
 from yoloq.errors import BackendUnavailable
-from yoloq.preprocess import PAD_VALUE, Letterbox, letterbox_fit, read_image
+from yoloq.preprocess import PAD_VALUE, Letterbox, decode_image, letterbox_fit
 
 _NVJPEG_BACKEND_DEFAULT = 0
 _NVJPEG_BACKEND_HARDWARE = 3
@@ -204,17 +205,15 @@ def encoded_image(path: Path) -> EncodedImage | None:
     complete = data.rstrip(b"\x00").endswith(b"\xff\xd9")  # nvJPEG decodes a truncated file that OpenCV rejects
     if header is not None and header.on_gpu and complete and header.width > 0 and header.height > 0:
         return EncodedImage(header.width, header.height, data=data)
-    image = read_image(path)
-    if image is None:
-        return None
-    return from_bgr(image)
+    image = decode_image(data)  # the bytes already read: as `read_image`, without reading the file again
+    return from_bgr(image) if image is not None else None
 
 
 def decoded_on_cpu(image: EncodedImage) -> EncodedImage | None:
     """`image` decoded by OpenCV (as `read_image`) when nvJPEG rejected its batch; None when OpenCV cannot either."""
     if image.data is None:
         return image
-    decoded = cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_COLOR)
+    decoded = decode_image(image.data)
     return from_bgr(decoded) if decoded is not None else None
 
 
@@ -277,12 +276,11 @@ def load_cuda_library(stem: str, majors: Sequence[int] = (13, 12, 11), load: Cal
     folders ($CUDA_HOME/lib64, /usr/local/cuda/lib64); GpuDecodeUnavailable naming what was tried."""
     names = [f"lib{stem}.so.{major}" for major in majors] + [f"lib{stem}.so"]
     folders = [f"{os.environ['CUDA_HOME']}/lib64"] if os.environ.get("CUDA_HOME") else []
-    tried = []
     for candidate in names + [f"{folder}/{name}" for folder in [*folders, *_LIBRARY_DIRS] for name in names]:
         try:
             return load(candidate)
         except OSError:
-            tried.append(candidate)
+            continue
     raise GpuDecodeUnavailable(
         f"lib{stem} was not found (tried {', '.join(names)} and the CUDA toolkit's lib64): install the CUDA "
         "toolkit's nvJPEG and NVRTC, set CUDA_HOME, or use --decode cpu"
@@ -464,16 +462,7 @@ class GpuLetterbox:
     def download(self, pointer: int, shape: tuple[int, ...]) -> np.ndarray:
         """A copy of device memory as uint8 (for checks); waits for the stream."""
         out = np.empty(shape, dtype=np.uint8)
-        self._cuda(
-            self._cudart.cudaMemcpyAsync(
-                out.ctypes.data_as(ctypes.c_void_p),
-                ctypes.c_void_p(pointer),
-                ctypes.c_size_t(out.nbytes),
-                _CUDA_MEMCPY_DEVICE_TO_HOST,
-                self._stream,
-            ),
-            "cudaMemcpyAsync",
-        )
+        self._memcpy(out.ctypes.data, pointer, out.nbytes, _CUDA_MEMCPY_DEVICE_TO_HOST)
         self.synchronize()
         return out
 
@@ -540,21 +529,17 @@ class GpuLetterbox:
     def _copy_to_device(self, pointer: int, array: np.ndarray) -> None:
         """A host-to-device copy on the stream; pageable memory: it has been read when the call returns."""
         array = np.ascontiguousarray(array)
-        self._cuda(
-            self._cudart.cudaMemcpyAsync(
-                ctypes.c_void_p(pointer),
-                array.ctypes.data_as(ctypes.c_void_p),
-                ctypes.c_size_t(array.nbytes),
-                _CUDA_MEMCPY_HOST_TO_DEVICE,
-                self._stream,
-            ),
-            "cudaMemcpyAsync",
+        self._memcpy(pointer, array.ctypes.data, array.nbytes, _CUDA_MEMCPY_HOST_TO_DEVICE)
+
+    def _memcpy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        copy = self._cudart.cudaMemcpyAsync(
+            ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), kind, self._stream
         )
+        self._cuda(copy, "cudaMemcpyAsync")
 
     @staticmethod
     def _cuda(status: int, call: str) -> None:
-        if status != 0:
-            raise RuntimeError(f"CUDA runtime call {call} failed with error {status}")
+        check_runtime(status, call)
 
     @staticmethod
     def _driver_call(status: int, call: str) -> None:

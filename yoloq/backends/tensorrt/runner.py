@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -215,9 +216,7 @@ class TensorRTRunner:
         """The engine's detection output for a batch (NCHW float, or NHWC uint8 for a uint8 input), float32: its
         (first) output, or for an engine that ends in EfficientNMS_TRT its four outputs packed as end2end rows
         (yoloq.backends.tensorrt.nms). Batches above the profile's max run in pieces."""
-        if self.has_nms:
-            return pack_nms_outputs(self.infer_outputs(batch))
-        return self.infer_outputs(batch, self.output_names[:1])[self.output_names[0]].astype(np.float32, copy=False)
+        return self._detection_output(lambda names: self.infer_outputs(batch, names))
 
     def infer_outputs(self, batch: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """The engine's outputs `names` (default: all) for a batch, in their own dtypes."""
@@ -242,10 +241,13 @@ class TensorRTRunner:
         if not self.context.set_input_shape(self.input_name, shape):
             raise InputError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
         self._bind_input(frames)
+        return self._detection_output(self._execute_and_fetch)
+
+    def _detection_output(self, outputs: Callable[[list[str]], dict[str, np.ndarray]]) -> np.ndarray:
+        """`infer`'s result from `outputs(names)`: EfficientNMS_TRT's four outputs packed, else the first as float32."""
         if self.has_nms:
-            return pack_nms_outputs(self._execute_and_fetch(self.output_names))
-        output = self._execute_and_fetch(self.output_names[:1])[self.output_names[0]]
-        return output.astype(np.float32, copy=False)
+            return pack_nms_outputs(outputs(self.output_names))
+        return outputs(self.output_names[:1])[self.output_names[0]].astype(np.float32, copy=False)
 
     def _bind_input(self, address: int) -> None:
         if address != self._input_address:
