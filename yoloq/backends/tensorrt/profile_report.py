@@ -52,10 +52,10 @@ def write_profile(profile: EngineProfile, out_dir: Path, top: int = 10) -> Profi
     summary = summarize(profile, top)
     text = profile_markdown(profile, summary)
     markdown = atomic_write_text(out_dir / "profile.md", text + "\n")
-    plot = profile_plot(
+    document = atomic_write_json(out_dir / "profile.json", profile_document(profile, summary))
+    plot = profile_plot(  # last: the text and numbers stay written when plotting fails
         summary, out_dir / "profile.png", f"{Path(profile.engine).name}: ms per block, batch {profile.batch}"
     )
-    document = atomic_write_json(out_dir / "profile.json", profile_document(profile, summary))
     return ProfileFiles(markdown, plot, document, text, profile_metrics(summary))
 
 
