@@ -240,6 +240,25 @@ def prepare(args: argparse.Namespace) -> int:
 # -- step 2: on the GPU ------------------------------------------------------------------------------------------
 
 
+def build_overrides(args: argparse.Namespace, cache: Path, extra: list[str]) -> list[str]:
+    """params.yaml overrides of a GPU benchmark's builds: level, tactics, calibration, and one timing cache in
+    `cache` (seeded from --timing-cache, an earlier call's, when it has none yet)."""
+    timing_cache = cache / "timing.cache"
+    if args.timing_cache and args.timing_cache.is_file() and not timing_cache.is_file():
+        shutil.copyfile(args.timing_cache, timing_cache)
+    overrides = [
+        f"tensorrt.builder_optimization_level={args.level}",
+        f"tensorrt.timing_cache={timing_cache}",
+        f"calibration.images={args.calib}",
+        f"calibration.num_images={args.calib_images}",
+        f"output_dir={cache}",
+        *extra,
+    ]
+    if args.tactics:
+        overrides.append(f"tensorrt.tactic_sources=[{args.tactics}]")
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
     from yoloq.backends.base import closing_runner
     from yoloq.backends.tensorrt.profile import profile_engine, profile_metrics, summarize
@@ -262,19 +281,7 @@ def run(args: argparse.Namespace) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     manifest = read_json(args.inputs / MANIFEST)
     timing_cache = cache / "timing.cache"
-    if args.timing_cache and args.timing_cache.is_file() and not timing_cache.is_file():
-        shutil.copyfile(args.timing_cache, timing_cache)
-    overrides = [
-        f"tensorrt.builder_optimization_level={args.level}",
-        f"tensorrt.timing_cache={timing_cache}",
-        f"calibration.images={args.calib}",
-        f"calibration.num_images={args.calib_images}",
-        f"output_dir={cache}",
-    ]
-    overrides += args.param
-    if args.tactics:
-        overrides.append(f"tensorrt.tactic_sources=[{args.tactics}]")
-    params = load_params(PROJECT / "params.yaml", overrides)
+    params = load_params(PROJECT / "params.yaml", build_overrides(args, cache, args.param))
     variants = {
         "fp16": VariantConfig(name="fp16", precision="fp16", backend="tensorrt"),
         "int8-implicit": VariantConfig(

@@ -181,9 +181,14 @@ def prepare(args: argparse.Namespace) -> int:
 
     from yoloq.backends.tensorrt.uint8_input import add_uint8_input
 
+    if not (args.inputs / "manifest.json").is_file():
+        raise SystemExit(f"{args.inputs} has no manifest.json: make it with benchmarks/gpu_int8.py prepare --s2d")
     manifest = read_json(args.inputs / "manifest.json")
-    entry = next(e for e in manifest["models"] if e["name"] == args.model)
-    base_entry = next(e for e in manifest["models"] if e["name"] == args.model.removesuffix("-s2d"))
+    entries = {e["name"]: e for e in manifest["models"]}
+    base_name = args.model.removesuffix("-s2d")
+    if args.model not in entries or base_name not in entries:
+        raise SystemExit(f"{args.inputs} lacks {args.model} or {base_name} (it has {', '.join(entries)}): use --model")
+    entry, base_entry = entries[args.model], entries[base_name]
     qdq = onnx.load(str(args.inputs / entry["files"]["qdq-all"]))
     dest: Path = args.dest
     dest.mkdir(parents=True, exist_ok=True)
@@ -232,6 +237,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from benchmarks.gpu_int8 import build_overrides
     from yoloq.backends.base import closing_runner
     from yoloq.backends.tensorrt.profile import profile_engine, profile_metrics, summarize
     from yoloq.backends.tensorrt.profile_report import write_profile
@@ -246,19 +252,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)
     timing_cache = args.cache / "timing.cache"
-    if args.timing_cache and args.timing_cache.is_file() and not timing_cache.is_file():
-        shutil.copyfile(args.timing_cache, timing_cache)
-    common = [
-        f"tensorrt.builder_optimization_level={args.level}",
-        f"tensorrt.timing_cache={timing_cache}",
-        f"calibration.images={args.calib}",
-        f"calibration.num_images={args.calib_images}",
-        f"output_dir={args.cache}",
-    ]
-    if args.tactics:
-        common.append(f"tensorrt.tactic_sources=[{args.tactics}]")
-    float_params = load_params(PROJECT / "params.yaml", common)
-    uint8_params = load_params(PROJECT / "params.yaml", [*common, "tensorrt.input=uint8"])
+    float_params = load_params(PROJECT / "params.yaml", build_overrides(args, args.cache, []))
+    uint8_params = load_params(PROJECT / "params.yaml", build_overrides(args, args.cache, ["tensorrt.input=uint8"]))
     dest: Path = args.dest
     base = dest / "base.onnx"
     fp16 = VariantConfig(name="fp16", precision="fp16", backend="tensorrt")
@@ -294,6 +289,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row}: build FAILED: {exc}", flush=True)
         if timing_cache.is_file():
             shutil.copyfile(timing_cache, out / "timing.cache")
+    if not built:
+        atomic_write_json(out / "results.json", results)
+        for row, record in results["rows"].items():
+            print(f"{row}: {record['error']}", file=sys.stderr)
+        print("no engine was built (above): nothing to time; this runs where TensorRT and a GPU are", file=sys.stderr)
+        return 1
     rng = np.random.default_rng(0)
     with ExitStack() as stack:
         runners = {row: stack.enter_context(closing_runner(TensorRTRunner(b.path))) for row, b in built.items()}
