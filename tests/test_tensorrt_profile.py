@@ -88,6 +88,8 @@ def fake_profile(text: str = QDQ_ENGINE, times: dict[str, float] = TIMES, batch:
         (INT8_KERNEL, "INT8"),
         ("sm75_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32_imma", "INT8"),
         ("sm90_xmma_fprop_implicit_gemm_indexed_wo_smem_int8_first_layer", "INT8"),
+        # measured on the H200 (TensorRT 8.6): INT8 input, int32 accumulate, FP16 output; was read as FP32
+        ("sm80_xmma_fprop_implicit_gemm_interleaved_i8f16_i8i32_f32_nchw_vect_c_32kcrs_vect_c_32_nchw", "INT8"),
         (FP16_KERNEL, "FP16"),
         ("volta_h884cudnn_256x128_ldg8_relu_exp_medium_nhwc_tn_v1", "FP16"),
         ("turing_h1688cudnn_128x128_ldg8_relu_exp_interior_nhwc_tn_v1", "FP16"),

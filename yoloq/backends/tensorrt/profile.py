@@ -38,7 +38,7 @@ OTHER_BLOCK = "other"
 
 # Kernel (tactic) name fragments -> precision, checked in this order (INT8 kernels also name their FP32 epilogue).
 PRECISION_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("INT8", ("i8i8", "int8", "imma")),
+    ("INT8", ("i8i8", "i8i32", "int8", "imma")),  # i8f16_i8i32: INT8 in, int32 accumulate, FP16 out
     ("FP8", ("e4m3", "fp8")),
     ("BF16", ("bf16",)),
     ("FP16", ("f16f16", "h884", "h1688", "hmma", "fp16")),
