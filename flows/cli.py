@@ -161,10 +161,14 @@ def _run(params: Path, overrides: list[str], json_path: Path | None) -> int:
     loaded = load_params(params, overrides)
     check_inputs(loaded if loaded.targets else resolve_variants(loaded))  # bad input: exit 2 before Prefect starts
     _quiet_prefect_defaults()
+    from flows.prefect_server import start_temporary_server
     from flows.quantize import quantize_flow
     from yoloq.logs import quiet_expected_errors
 
     quiet_expected_errors()  # a YoloqError ends the run with our one-line message, not a Prefect traceback
+    server_log = loaded.output_dir / "prefect-server.log"
+    if api_url := start_temporary_server(server_log):  # its shutdown noise goes to the log, not the terminal
+        print(f"prefect: temporary server {api_url.removesuffix('/api')} (its output: {server_log})", flush=True)
     document = quantize_flow(params_path=str(params), overrides=overrides)
     _print_document(document)
     _write_json(json_path, document)

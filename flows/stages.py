@@ -144,6 +144,7 @@ def _log_results(
         variant_params = {
             **built.variant.model_dump(mode="json"),
             "model": str(result.model_path),
+            "model_sha256": result.model_sha256(),
             **{f"build.{k}": v for k, v in built.details.items()},
             **(target.run_params if target else {}),
         }

@@ -56,6 +56,7 @@ def test_flow_reproduces_the_reference_and_int8_stays_close(first_run):
     assert variants["int8"]["backend"] == "onnxruntime" and variants["int8"]["precision"] == "int8"
     for variant in variants.values():
         assert variant["latency_ms_b1"] > 0 and variant["throughput_ips"] > 0 and variant["size_mb"] > 1
+        assert len(variant["model_sha256"]) == 64  # the scored file, to compare runs on other machines
     assert first_run["gate_passed"]
 
 

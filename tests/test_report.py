@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 from yoloq.config import GateConfig
@@ -38,6 +40,7 @@ def test_table_json_and_plot(tmp_path):
         "latency_ms_b1",
         "throughput_ips",
         "size_mb",
+        "model_sha256",
     }
     assert document["mlflow_run_id"] == "abc" and document["gate_passed"]
     plot = comparison_plot(results, tmp_path / "plot.png", "test")
@@ -66,9 +69,17 @@ def test_int8_is_judged_against_fp16_for_accuracy_and_speed():
 
 def test_a_result_reads_back_from_its_json_row_and_from_a_target_row():
     result = VariantResult("int8", "int8", "tensorrt", 0.33456, 0.5, 1.2345, 5000.5, 32, 2.5, Path("m.engine"), -0.0051)
+    assert result.as_json()["model_sha256"] is None  # no such file here
     back = VariantResult.from_json(result.as_json())  # results.json has no model path
     assert back == VariantResult("int8", "int8", "tensorrt", 0.33456, 0.5, 1.234, 5000.5, 32, 2.5, Path(), -0.0051)
     target_row = {**result.as_json(), "model_path": "/shared/m.engine"}
     del target_row["delta_map50_95_vs_fp32"]  # a build target's row: the parent computes the deltas
     assert VariantResult.from_json(target_row).model_path == Path("/shared/m.engine")
     assert VariantResult.from_json(target_row).delta_map50_95 == 0.0
+
+
+def test_results_name_the_scored_file_by_its_content(tmp_path):
+    model = tmp_path / "m.int8-qdq.onnx"
+    model.write_bytes(b"model bytes")
+    row = replace(result("int8", "int8", 0.33), model_path=model)
+    assert row.as_json()["model_sha256"] == hashlib.sha256(b"model bytes").hexdigest()

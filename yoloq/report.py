@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yoloq.artifacts import save_figure
+from yoloq.artifacts import file_sha256, save_figure
 from yoloq.config import GateConfig, IntervalConfig
 from yoloq.interval import DeltaInterval, Matches, delta_interval
 from yoloq.quant.formats import FORMATS
@@ -58,7 +58,13 @@ class VariantResult:
             "throughput_ips": round(self.throughput_ips, 2),
             "throughput_batch": self.throughput_batch,
             "size_mb": round(self.size_mb, 3),
+            "model_sha256": self.model_sha256(),
         }
+
+    def model_sha256(self) -> str | None:
+        """The content hash of the model file scored (two machines that score the same file compare evaluation;
+        two different files point at calibration or the build); None for a result without its file here."""
+        return file_sha256(self.model_path) if self.model_path.is_file() else None
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> VariantResult:
