@@ -1,4 +1,5 @@
-"""benchmarks/fingerprint.py names the first stage at which two machines' runs part."""
+"""The cross-machine tools: benchmarks/fingerprint.py names the first stage at which two runs part, and
+benchmarks/range_stability.py perturbs histograms as last-bit differences do."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ def test_equal_models_list_the_images_whose_detections_differ():
         "int8: detections differ on 1 of 2 images ['b.jpg']",
         "fp32: detections differ on 0 of 2 images []",
     ]
+
+
+def test_perturbed_histograms_keep_their_count_and_move_little():
+    import numpy as np
+
+    from benchmarks.range_stability import perturbed
+
+    hist = np.full(2048, 1000, dtype=np.int64)
+    moved = perturbed(hist, 1e-6, np.random.default_rng(0))
+    assert moved.sum() == hist.sum() and (moved >= 0).all()
+    assert 0 < np.abs(moved - hist).sum() < hist.sum() * 1e-2
