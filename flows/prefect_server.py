@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from yoloq.errors import YoloqError
+
 
 @contextmanager
 def output_redirected_to(stream: IO[bytes]) -> Iterator[None]:
@@ -57,6 +59,12 @@ def start_temporary_server(log: Path) -> str | None:
         with open(log, "ab") as stream:
             stream.write(f"--- yoloq, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             stream.flush()
-            with output_redirected_to(stream):
-                server.start()
+            try:
+                with output_redirected_to(stream):
+                    server.start()
+            except Exception as exc:  # Prefect raises RuntimeError (timeout) or httpx errors
+                raise YoloqError(
+                    f"Prefect's temporary server did not start ({type(exc).__name__}): its output is in {log}; "
+                    "or set PREFECT_API_URL to a running Prefect server"
+                ) from exc
     return server.api_url

@@ -69,3 +69,21 @@ def test_nothing_starts_when_a_server_is_configured(tmp_path: Path) -> None:
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         assert start_temporary_server(tmp_path / "log") is None
     assert not (tmp_path / "log").exists()
+
+
+def test_a_server_that_does_not_start_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.prefect_server import start_temporary_server
+    from yoloq.errors import YoloqError
+
+    def fail(timeout: int | None = None) -> None:
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    server = SubprocessASGIServer()  # the process-wide instance (maybe running for an earlier test: restored after)
+    monkeypatch.setattr(server, "start", fail)
+    monkeypatch.setattr(server, "running", False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(YoloqError) as raised:
+        start_temporary_server(tmp_path / "server.log")
+    assert "did not start (RuntimeError)" in str(raised.value) and "server.log" in str(raised.value)
