@@ -26,6 +26,11 @@ from pathlib import Path
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from yoloq.errors import YoloqError  # noqa: E402
+from yoloq.heads import Detections  # noqa: E402
+
 CALIBRATION_IMAGES = 64  # the default candidate's calibration size
 
 
@@ -48,48 +53,48 @@ def _stats_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _detections_sha256(detections: object) -> str:
-    boxes, scores, classes = (getattr(detections, name) for name in ("boxes_xyxy", "scores", "classes"))
-    return hashlib.sha256(boxes.tobytes() + scores.tobytes() + classes.tobytes()).hexdigest()
+def _detections_sha256(detections: Detections) -> str:
+    data = detections.boxes_xyxy.tobytes() + detections.scores.tobytes() + detections.classes.tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def run(model: Path, calib: Path, report: Path, out: Path) -> dict[str, object]:
-    sys.path.insert(0, str(PROJECT))
+    import onnx
+
+    from yoloq.artifacts import file_sha256
     from yoloq.backends.onnxruntime import OnnxRuntimeRunner
     from yoloq.calibrate import calibrate
+    from yoloq.checkpoint_sniff import check_onnx
     from yoloq.config import CalibrationConfig, ValidationConfig
     from yoloq.export import facts_for_onnx
     from yoloq.metrics import coco_map
     from yoloq.validate import detect, load_validation_set
 
+    check_onnx(model)  # a file that is not a model: one line, before anything is written
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     facts = facts_for_onnx(model, 640)
     config = CalibrationConfig(images=calib, num_images=CALIBRATION_IMAGES, algorithm="mse")
-    calibrated = calibrate(model, "images", facts.imgsz, config, [], out)
+    input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
+    calibrated = calibrate(model, input_name, facts.imgsz, config, [], out)
     stats = next(out.glob("stats-*.npz"))
     document: dict[str, object] = {
         "cpu": _cpu(),
-        "fp32_model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        "fp32_model_sha256": file_sha256(model),
         "stats_sha256": _stats_sha256(stats),
-        "qdq_model_sha256": hashlib.sha256(calibrated.qdq_path.read_bytes()).hexdigest(),
+        "qdq_model_sha256": file_sha256(calibrated.qdq_path),
     }
     validation = ValidationConfig(images=report / "images", labels=report / "labels")
     dataset = load_validation_set(validation, len(facts.names))
     images = [truth.path for truth in dataset.truths]
     for name, path in (("int8", calibrated.qdq_path), ("fp32", model)):
-        runner = OnnxRuntimeRunner(path)
-        detections = detect(runner, images, facts.head_format, facts.imgsz, validation)
+        with OnnxRuntimeRunner(path) as runner:
+            detections = detect(runner, images, facts.head_format, facts.imgsz, validation)
         scored = coco_map(dataset.truths, detections, facts.names)
         document[name] = {
             "map50_95": round(scored.map50_95, 5),
             "map50": round(scored.map50, 5),
-            "detections_sha256": {
-                image.name: hashlib.sha256(
-                    d.boxes_xyxy.tobytes() + d.scores.tobytes() + d.classes.tobytes()
-                ).hexdigest()
-                for image, d in zip(images, detections, strict=True)
-            },
+            "detections_sha256": {p.name: _detections_sha256(d) for p, d in zip(images, detections, strict=True)},
         }
     document["seconds"] = round(time.perf_counter() - start, 1)
     (out / "fingerprint.json").write_text(json.dumps(document, indent=1))
@@ -135,14 +140,23 @@ def main() -> int:
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = parser.parse_args()
+    given = (args.model, args.calib, args.report / "images", args.report / "labels") if args.command == "run" else ()
+    for path in given or (args.a, args.b):
+        if not path.exists():
+            print(f"{path} not found", file=sys.stderr)
+            return 2
     if args.command == "run":
-        for path in (args.model, args.calib, args.report / "images", args.report / "labels"):
-            if not path.exists():
-                print(f"{path} not found", file=sys.stderr)
-                return 2
-        print(summary(run(args.model, args.calib, args.report, args.out)))
-    else:
+        try:
+            print(summary(run(args.model, args.calib, args.report, args.out)))
+        except YoloqError as exc:  # a bad model or image set
+            print(f"fingerprint: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    try:
         print(compare(json.loads(args.a.read_text()), json.loads(args.b.read_text())))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        print(f"fingerprint: {args.a} or {args.b} is not a fingerprint.json of `run` ({exc!r})", file=sys.stderr)
+        return 2
     return 0
 
 

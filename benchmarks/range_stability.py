@@ -45,6 +45,17 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--percentile", type=float, default=99.99)
     args = parser.parse_args()
+    if not 0.0 <= args.noise < 1.0:
+        print(f"--noise {args.noise}: a probability per bin index, in [0, 1), e.g. 1e-6", file=sys.stderr)
+        return 2
+    if args.trials < 1:
+        print(f"--trials {args.trials}: at least 1", file=sys.stderr)
+        return 2
+    try:
+        loaded = [(path, TensorStats.load(path)) for path in args.stats]
+    except (OSError, ValueError, KeyError) as exc:  # missing, not an .npz, or not yoloq's statistics
+        print(f"not yoloq calibration statistics (runs/cache/calibration/stats-*.npz): {exc}", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(0)
 
     def picks(hist: np.ndarray, amax: float) -> tuple[float, float]:
@@ -52,8 +63,7 @@ def main() -> int:
 
     print("| statistics | images | tensors | noise | mse ranges moved per trial | percentile ranges moved per trial |")
     print("|---|---:|---:|---:|---:|---:|")
-    for path in args.stats:
-        stats = TensorStats.load(path)
+    for path, stats in loaded:
         names = [name for name in stats.amax if name in stats.hists]
         base = {name: picks(stats.hists[name], stats.amax[name]) for name in names}
         moved = np.zeros(2)
