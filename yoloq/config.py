@@ -288,7 +288,8 @@ class SelectionConfig(Section):
         ge=0.0,
         le=1.0,
         description="a candidate passes the search when its selection score is at most this below the reference, "
-        "the best score of the candidates with no more float convs than the default (0.005 = 0.5 points)",
+        "the best score of the candidates with no more float convs than the default (0.005 = 0.5 points); "
+        "the best-scoring passing candidate is chosen, so this matters when the reference is too slow",
     )
 
     @model_validator(mode="after")
@@ -315,9 +316,9 @@ class GateConfig(Section):
 
 
 class SearchConfig(Section):
-    """Automatic INT8 search for the Q/DQ variants: compare calibrations, rank convs by sensitivity, then keep the
-    most sensitive convs in float, a few more at a time, until one scores within selection.tolerance of the best
-    calibration on the selection set (see yoloq.search)."""
+    """Automatic INT8 search for the Q/DQ variants: compare calibrations, rank convs by sensitivity, build
+    candidates that keep the most sensitive convs in float, and choose the one with the best selection score that
+    passes (within selection.tolerance of the reference and, with a speed gate, fast enough; see yoloq.search)."""
 
     enabled: bool = Field(
         True, description="search each INT8 variant's calibration and float convs (else plain calibration)"
@@ -330,7 +331,7 @@ class SearchConfig(Section):
     calibration_sizes: list[int] = Field(
         default_factory=lambda: [64, 128], min_length=1, description="calibration images per candidate"
     )
-    sensitivity_images: int = Field(8, ge=1, le=256, description="calibration images for the per-conv analysis")
+    sensitivity_images: int = Field(32, ge=1, le=256, description="calibration images for the per-conv analysis")
     float_steps: list[int] = Field(
         default_factory=lambda: [0, 2, 4, 8, 16],
         min_length=1,

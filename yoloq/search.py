@@ -6,17 +6,20 @@
        the all-INT8 model (yoloq.sensitivity).
     3. precision stage: candidates keep the k convs with the largest gain in float, for every k in
        `search.float_steps` up to the default's number of float convs; larger k only when none of those passes.
-    The reference is the best selection score of the candidates that keep no more convs in float than the
-    default (the calibration candidates and the top-k with k up to that count): the most faithful model the
-    search found within the default's float budget. A candidate passes when its selection score is at most
-    `selection.tolerance` below the reference (and, with an FP16 variant and a speed gate, when it is fast
-    enough). The chosen candidate is the passing one with the fewest convs in float (the most INT8; ties: the
-    higher selection score). Judging against the best calibration alone (before 2026-12-01) let an all-INT8
-    candidate pass that scored like the default-float model but well below what the same number of float convs
-    reaches when the sensitivity ranking picks them: yolov8n shipped `top0` at -0.71 points on 525 held-apart
-    images where `top4` scored -0.35 (README, "INT8 search"). Candidates with more float convs than the default
-    do not set the reference: their scores approach FP32's as k grows, and no model with fewer float convs
-    would pass (measured: yolov8n's `top16` set it and was the only candidate to pass).
+    The reference is the best selection score of the candidates that keep no more convs in float than the default
+    (the calibration candidates and the top-k with k up to that count): the most faithful model the search found
+    within the default's float budget. A candidate passes when its selection score is at most `selection.tolerance`
+    below the reference (and, with an FP16 variant and a speed gate, when it is fast enough). The chosen candidate
+    is the passing one with the highest selection score (ties: the fewer convs in float): without a speed gate the
+    reference itself, with one the most faithful candidate that is fast enough. Until 2026-12-03 it was the passing
+    one with the fewest convs in float; with 32 sensitivity images that let yolov5n ship `top2`, 0.16 agreement
+    points below the default-float reference and 0.22 mAP points below it on 589 held-apart images (-0.45 vs -0.23
+    against FP32; README, "INT8 search"). Judging against the best calibration alone (before 2026-12-01) let an
+    all-INT8 candidate pass that scored like the default-float model but well below what the same number of float
+    convs reaches when the sensitivity ranking picks them: yolov8n shipped `top0` at -0.71 points on 525 held-apart
+    images where `top4` scored -0.35 (README, "INT8 search"). Candidates with more float convs than the default do
+    not set the reference: their scores approach FP32's as k grows, and no model with fewer float convs would pass
+    (measured: yolov8n's `top16` set it and was the only candidate to pass).
     The gate then judges the chosen model on the report set.
 
 The candidates are judged on the selection set (yoloq.selection), never on the validation set that the run
@@ -134,9 +137,11 @@ def precision_candidates(
 
 
 def pick_passing(results: Sequence[CandidateResult]) -> CandidateResult | None:
-    """The passing candidate with the fewest convs in float (the most INT8); ties: the higher selection score."""
+    """The passing candidate with the highest selection score; ties: the fewer convs in float (the more INT8),
+    then the order tried. Without a speed gate that is the reference itself; with one, the most faithful
+    candidate that is fast enough."""
     passing = [r for r in results if r.passed]
-    return min(passing, key=lambda r: (len(r.candidate.float_nodes), -r.map50_95), default=None)
+    return max(passing, key=lambda r: (r.map50_95, -len(r.candidate.float_nodes)), default=None)
 
 
 def run_search(
@@ -210,7 +215,7 @@ def run_search(
         for candidate in beyond:
             if verdict(candidate, attempt(candidate)).passed:
                 break
-    elif beyond:  # a candidate with fewer float convs passes: these could not be chosen
+    elif beyond:  # beyond the default's float budget: built only when nothing within it passes
         names = ", ".join(c.name for c in beyond)
         say(f"search: not tried: {names} (more than {budget} convs in float; one with fewer passes)")
     chosen = pick_passing(evaluated)

@@ -64,9 +64,7 @@ def head_output_names(model: onnx.ModelProto, head: HeadAnalysis) -> list[str]:
 
 
 def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> ort.InferenceSession:
-    import onnxruntime as ort
-
-    from yoloq.backends.onnxruntime import qdq_session
+    from yoloq.backends.onnxruntime import qdq_session, session_options
 
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
@@ -76,9 +74,10 @@ def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> ort.InferenceSes
         if name not in values:
             raise InputError(f"tensor {name!r} has no inferred type: run shape inference first (prepare_model)")
         augmented.graph.output.append(values[name])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return qdq_session(augmented, options)  # the integer-exact simulation: the same ranking on every CPU
+    # The integer-exact simulation with validation's own options (graph optimizations on, minus those that would
+    # change the numbers): the same ranking on every CPU. Against optimizations off (checked on yolov5n, 32 images):
+    # the same ranking, errors within 4e-8, 146 s instead of 176 s.
+    return qdq_session(augmented, session_options())
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
