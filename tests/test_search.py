@@ -91,6 +91,7 @@ def test_a_passing_candidate_with_fewer_float_convs_does_not_beat_a_better_score
     maps = {"mse-64.default": 0.9298, "mse-64.top0": 0.8925, "mse-64.top2": 0.9282, "mse-64.top4": 0.9261}
     outcome, _, _ = _search(maps, config)
     assert outcome.chosen.candidate.name == "int8.mse-64.default" == outcome.reference.name
+    assert outcome.summary.endswith("4 convs in float (the best selection score of the 3 that pass)")
     assert [r.candidate.name for r in outcome.evaluated if r.passed] == [
         "int8.mse-64.default",
         "int8.mse-64.top2",

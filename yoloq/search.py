@@ -220,7 +220,9 @@ def run_search(
         say(f"search: not tried: {names} (more than {budget} convs in float; one with fewer passes)")
     chosen = pick_passing(evaluated)
     if chosen is not None:
-        summary = f"{chosen.candidate.name} passes the search with {chosen.candidate.num_float} convs in float"
+        passing = sum(r.passed for r in evaluated)
+        why = "the only one that passes" if passing == 1 else f"the best selection score of the {passing} that pass"
+        summary = f"{chosen.candidate.name} passes the search with {chosen.candidate.num_float} convs in float ({why})"
     else:
         chosen = max(evaluated, key=lambda r: r.map50_95)
         summary = f"no candidate passes the search; the best was {chosen.candidate.name}: " + "; ".join(chosen.reasons)
