@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # ONNX Runtime is imported where it runs: the TensorRT machin
     from yoloq.quant.graph import HeadAnalysis
 
 Progress = Callable[[str], None]
-METRIC_VERSION = "leave-one-out-detection-v3"  # v2: placement rules; v3: the integer-exact simulation
+# v2: placement rules; v3: the integer-exact simulation; v4: its sessions with graph optimizations (same ranking)
+METRIC_VERSION = "leave-one-out-detection-v4"
 
 
 @dataclass(frozen=True)
