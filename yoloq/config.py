@@ -203,6 +203,12 @@ class TensorRTConfig(Section):
         "of `yoloq predict`; validation feeds it the same frames); float: (N, 3, H, W) float32. TensorRT-calibrated "
         "(implicit) INT8 keeps the float input",
     )
+    qdq_stem_space_to_depth: bool = Field(
+        True,
+        description="Q/DQ INT8 engines: a quantized stride-2 even-kernel stem (YOLOv5's 6x6 conv on the image) is "
+        "built as a 2x2 stride-2 INT8 conv that does the space-to-depth + a stride-1 conv on 12 channels, the same "
+        "integers (yoloq.stem.space_to_depth_qdq_stem); TensorRT 8.6 has no fast INT8 kernel for the 6x6 form",
+    )
     timing: TensorRTTimingConfig = TensorRTTimingConfig()
     layer_profile: TensorRTLayerProfileConfig = TensorRTLayerProfileConfig()
 

@@ -55,6 +55,7 @@ from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
 from yoloq.export import read_facts
 from yoloq.heads import DecodeSettings
 from yoloq.speed import SpeedMeasures, tile_batch
+from yoloq.stem import find_quantized_stride2_stem, space_to_depth_qdq_stem
 from yoloq.validate import decode_settings
 
 Progress = Callable[[str], None]
@@ -204,9 +205,18 @@ class TensorRTBackend:
     def _engine_onnx(
         self, variant: VariantConfig, plan: BuildPlan, source: Path, fp32_onnx: Path, out_dir: Path
     ) -> Path:
-        """`source` with the TensorRT-only surgery the settings ask for: EfficientNMS_TRT (`tensorrt.nms`) and the
-        uint8 input (`tensorrt.input`); each is skipped where the model has it already."""
+        """`source` with the TensorRT-only surgery the settings ask for: the Q/DQ stem as an INT8 space-to-depth
+        conv (`tensorrt.qdq_stem_space_to_depth`), EfficientNMS_TRT (`tensorrt.nms`) and the uint8 input
+        (`tensorrt.input`); each is skipped where it does not apply or the model has it already."""
         model = onnx.load(str(source), load_external_data=False)
+        if plan.onnx == "qdq" and self.settings.qdq_stem_space_to_depth:
+            stem = find_quantized_stride2_stem(model)
+            if stem is not None:
+                source = space_to_depth_qdq_onnx(source, out_dir)
+                self.progress(
+                    f"TensorRT {variant.name}: stem {stem.name} as a 2x2 stride-2 INT8 space-to-depth conv + a "
+                    f"stride-1 conv ({source.name}): the same integers, an INT8 kernel for TensorRT"
+                )
         has_nms = has_nms_outputs([o.name for o in model.graph.output])
         has_uint8 = onnx_input(source).layout == "nhwc"
         if self.settings.nms == "efficient_nms" and not has_nms:
@@ -435,6 +445,18 @@ def polygraphy_log_to(path: Path) -> Iterator[Callable[[str], None]]:
         yield G_LOGGER.info
     finally:
         G_LOGGER.log_file = previous
+
+
+def space_to_depth_qdq_onnx(qdq_onnx: Path, out_dir: Path) -> Path:
+    """`qdq_onnx` with its quantized stride-2 stem rewritten (`yoloq.stem.space_to_depth_qdq_stem`), named by
+    content hash and reused."""
+
+    def produce(final: Path) -> None:
+        with atomic_path(final) as tmp:
+            onnx.save(space_to_depth_qdq_stem(onnx.load(str(qdq_onnx)))[0], str(tmp))
+
+    key = ["qdq-stem-space-to-depth-v1", file_sha256(qdq_onnx)]
+    return get_or_create(out_dir, "model", key, ".s2d.onnx", produce, lambda path: path).value
 
 
 def fp16_typed_onnx(fp32_onnx: Path, converter: str, out_dir: Path) -> Path:
