@@ -32,14 +32,21 @@ from yoloq.stem import (
 CALIB_IMAGES = Path(__file__).resolve().parents[1] / "data" / "coco" / "calib" / "images"
 
 
-def stem_model(kernel: int, stride: int, pad: int, out_channels: int = 8) -> onnx.ModelProto:
-    rng = np.random.default_rng(kernel * 10 + stride)
-    weight = rng.standard_normal((out_channels, 3, kernel, kernel)).astype(np.float32)
-    bias = rng.standard_normal(out_channels).astype(np.float32)
+def silu_stem(
+    before: list[onnx.NodeProto],
+    conv_inputs: list[str],
+    kernel: int,
+    stride: int,
+    pad: int,
+    out_channels: int,
+    inits: list[onnx.TensorProto],
+) -> onnx.ModelProto:
+    """`before`, then the stem conv (named as YOLOv5 names it) on `conv_inputs` and its SiLU, on a 64x64 image."""
     nodes = [
+        *before,
         helper.make_node(
             "Conv",
-            ["images", "w", "b"],
+            conv_inputs,
             ["c"],
             name="/model.0/conv/Conv",
             kernel_shape=[kernel, kernel],
@@ -54,9 +61,17 @@ def stem_model(kernel: int, stride: int, pad: int, out_channels: int = 8) -> onn
         "stem",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", out_channels, "h", "w"])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def stem_model(kernel: int, stride: int, pad: int, out_channels: int = 8) -> onnx.ModelProto:
+    rng = np.random.default_rng(kernel * 10 + stride)
+    weight = rng.standard_normal((out_channels, 3, kernel, kernel)).astype(np.float32)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")]
+    return silu_stem([], ["images", "w", "b"], kernel, stride, pad, out_channels, inits)
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -120,32 +135,14 @@ def qdq_stem_model(kernel: int = 6, pad: int = 2, out_channels: int = 8) -> onnx
         numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), "b"),
     ]
     zero = ["images_scale", "images_zero_point"]
-    nodes = [
+    quantize = [
         helper.make_node("QuantizeLinear", ["images", *zero], ["images_quantized"], name="images_QuantizeLinear"),
         helper.make_node("DequantizeLinear", ["images_quantized", *zero], ["images_dequantized"], name="images_DQ"),
         helper.make_node(
             "DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w_dequantized"], name="w_DQ", axis=0
         ),
-        helper.make_node(
-            "Conv",
-            ["images_dequantized", "w_dequantized", "b"],
-            ["c"],
-            name="/model.0/conv/Conv",
-            kernel_shape=[kernel, kernel],
-            strides=[2, 2],
-            pads=[pad] * 4,
-        ),
-        helper.make_node("Sigmoid", ["c"], ["s"], name="/model.0/act/Sigmoid"),
-        helper.make_node("Mul", ["c", "s"], ["out"], name="/model.0/act/Mul"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "qdq-stem",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", out_channels, "h", "w"])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return silu_stem(quantize, ["images_dequantized", "w_dequantized", "b"], kernel, 2, pad, out_channels, inits)
 
 
 def run_exact(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

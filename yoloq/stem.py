@@ -86,6 +86,25 @@ def space_to_depth_weights(weights: np.ndarray) -> np.ndarray:
     return blocks.transpose(0, 3, 5, 1, 2, 4).reshape(out_channels, BLOCK * BLOCK * channels, half, half)
 
 
+def _stride1_conv(conv: onnx.NodeProto, inputs: list[str]) -> onnx.NodeProto:
+    """The stride-1 conv that replaces the stride-2 `conv` after a space-to-depth: kernel k/2, pads p/2, the same
+    name and outputs, reading `inputs` (the space-to-depth tensor, the rearranged weights, `conv`'s bias)."""
+    attrs = _attributes(conv)
+    kernel = int(attrs["kernel_shape"][0]) // BLOCK
+    pad = int(list(attrs.get("pads", [0, 0, 0, 0]))[0]) // BLOCK
+    return helper.make_node(
+        "Conv",
+        inputs,
+        list(conv.output),
+        name=conv.name,
+        kernel_shape=[kernel, kernel],
+        strides=[1, 1],
+        pads=[pad] * 4,
+        dilations=[1, 1],
+        group=1,
+    )
+
+
 def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """A copy of `model` with its stride-2 even-kernel stem (see `find_stride2_stem`) as SpaceToDepth + a stride-1
     conv, and the stem conv's name; `model` unchanged and None when it has no such stem. The conv keeps its node
@@ -97,9 +116,6 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | 
     rewritten.CopyFrom(model)
     graph = rewritten.graph
     conv = graph.node[index]
-    attrs = _attributes(conv)
-    kernel = int(attrs["kernel_shape"][0]) // BLOCK
-    pad = int(list(attrs.get("pads", [0, 0, 0, 0]))[0]) // BLOCK
     weight = next(i for i in graph.initializer if i.name == conv.input[1])
     new_weight = numpy_helper.from_array(space_to_depth_weights(numpy_helper.to_array(weight)), weight.name)
     if sum(1 for node in graph.node for name in node.input if name == weight.name) > 1:
@@ -111,18 +127,7 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | 
     depth = helper.make_node(
         "SpaceToDepth", [conv.input[0]], [stem_input], name=f"{conv.name}/SpaceToDepth", blocksize=BLOCK
     )
-    inputs = [stem_input, new_weight.name, *conv.input[2:]]
-    replacement = helper.make_node(
-        "Conv",
-        inputs,
-        list(conv.output),
-        name=conv.name,
-        kernel_shape=[kernel, kernel],
-        strides=[1, 1],
-        pads=[pad] * 4,
-        dilations=[1, 1],
-        group=1,
-    )
+    replacement = _stride1_conv(conv, [stem_input, new_weight.name, *conv.input[2:]])
     graph.node.remove(conv)
     graph.node.insert(index, replacement)
     graph.node.insert(index, depth)
@@ -186,9 +191,6 @@ def space_to_depth_qdq_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, st
     activation = producers[conv.input[0]]
     quantize = producers[activation.input[0]]
     weight_dq = producers[conv.input[1]]
-    attrs = _attributes(conv)
-    kernel = int(attrs["kernel_shape"][0]) // BLOCK
-    pad = int(list(attrs.get("pads", [0, 0, 0, 0]))[0]) // BLOCK
     steps = numpy_helper.to_array(inits[weight_dq.input[0]])
     channels = steps.shape[1]
     prefix = f"{conv.name}/SpaceToDepth"
@@ -235,17 +237,7 @@ def space_to_depth_qdq_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, st
             name=f"{new_weight}_DequantizeLinear",
             axis=0,
         ),
-        helper.make_node(
-            "Conv",
-            [depth_dq, new_weight, *conv.input[2:]],
-            list(conv.output),
-            name=conv.name,
-            kernel_shape=[kernel, kernel],
-            strides=[1, 1],
-            pads=[pad] * 4,
-            dilations=[1, 1],
-            group=1,
-        ),
+        _stride1_conv(conv, [depth_dq, new_weight, *conv.input[2:]]),
     ]
     graph.node.remove(conv)
     for offset, node in enumerate(nodes):
