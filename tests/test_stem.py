@@ -150,11 +150,14 @@ def run_exact(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return qdq_session(model, session_options()).run(None, {"images": x})[0]
 
 
-@pytest.mark.parametrize(("kernel", "pad"), [(6, 2), (4, 2), (2, 0)])
-def test_the_qdq_stem_becomes_an_int8_space_to_depth_conv_with_the_same_integers(kernel: int, pad: int) -> None:
+@pytest.mark.parametrize("permutation", ["int8", "float"])
+@pytest.mark.parametrize(("kernel", "pad"), [(6, 2), (4, 2)])
+def test_the_qdq_stem_becomes_a_space_to_depth_conv_with_the_same_integers(
+    kernel: int, pad: int, permutation: str
+) -> None:
     model = qdq_stem_model(kernel, pad)
     assert find_quantized_stride2_stem(model).name == "/model.0/conv/Conv"
-    rewritten, name = space_to_depth_qdq_stem(model)
+    rewritten, name = space_to_depth_qdq_stem(model, permutation)
     assert name == "/model.0/conv/Conv"
     onnx.checker.check_model(rewritten)
     convs = [n for n in rewritten.graph.node if n.op_type == "Conv"]
@@ -162,19 +165,35 @@ def test_the_qdq_stem_becomes_an_int8_space_to_depth_conv_with_the_same_integers
     inits = {i.name: numpy_helper.to_array(i) for i in rewritten.graph.initializer}
     producers = {o: n for n in rewritten.graph.node for o in n.output}
     depth, stem = convs
-    permutation = inits[producers[depth.input[1]].input[0]]
-    assert permutation.dtype == np.int8 and permutation.shape == (12, 3, 2, 2)
-    assert sorted(np.unique(permutation)) == [0, 1] and (permutation.reshape(12, -1).sum(axis=1) == 1).all()
+    if permutation == "int8":  # the quantized image in, INT8 0/1 weights at scale 1
+        assert producers[depth.input[0]].op_type == "DequantizeLinear"
+        weights_dq = producers[depth.input[1]]
+        weights = inits[weights_dq.input[0]]
+        assert weights.dtype == np.int8 and (inits[weights_dq.input[1]] == 1).all()
+    else:  # the float image in, float 0/1 weights; the image is quantized nowhere else
+        assert depth.input[0] == "images" and depth.input[1] in inits
+        weights = inits[depth.input[1]]
+        assert weights.dtype == np.float32
+        assert [n for n in rewritten.graph.node if "images" in n.input] == [depth]
+    assert weights.shape == (12, 3, 2, 2)
+    assert sorted(np.unique(weights)) == [0, 1] and (weights.reshape(12, -1).sum(axis=1) == 1).all()
     requantize = producers[producers[stem.input[0]].input[0]]  # the conv's output is quantized like the image
-    assert requantize.op_type == "QuantizeLinear"
+    assert requantize.op_type == "QuantizeLinear" and requantize.input[0] == depth.output[0]
     assert list(requantize.input[1:]) == ["images_scale", "images_zero_point"]
-    weights = inits[producers[stem.input[1]].input[0]]
-    assert weights.dtype == np.int8 and weights.shape == (8, 12, kernel // 2, kernel // 2)
+    steps = inits[producers[stem.input[1]].input[0]]
+    assert steps.dtype == np.int8 and steps.shape == (8, 12, kernel // 2, kernel // 2)
     assert producers[stem.input[1]].input[1] == "w_scale"  # the same per-channel scales
-    assert "w_quantized" not in inits  # the 6x6 weights are gone
+    assert "w_quantized" not in inits  # the k x k weights are gone
     x = np.random.default_rng(2).random((2, 3, 64, 64), dtype=np.float32)
     np.testing.assert_array_equal(run_exact(rewritten, x), run_exact(model, x))
     assert [n.op_type for n in model.graph.node].count("Conv") == 1  # the input is not changed
+    assert space_to_depth_qdq_stem(rewritten, permutation) == (rewritten, None)  # nothing left to rewrite
+
+
+def test_a_2x2_stem_is_already_the_rewrites_form() -> None:
+    model = qdq_stem_model(2, 0)
+    assert find_quantized_stride2_stem(model) is None
+    assert space_to_depth_qdq_stem(model) == (model, None)
 
 
 def test_a_float_stem_is_not_a_quantized_stem() -> None:
@@ -189,10 +208,12 @@ def test_on_yolov5n_the_rewritten_qdq_model_gives_exactly_the_same_detections(ex
     loader = CalibrationDataLoader(list_images(CALIB_IMAGES)[:2], "images", 640, batch_size=2)
     amax = amax_for(collect_stats(model, calibration_tensors(model, head), loader, "images"), "mse", 99.9)
     all_int8 = onnx.load(str(write_qdq(model, head, amax, [], tmp_path / "all.onnx").path))
-    rewritten, name = space_to_depth_qdq_stem(all_int8)
-    assert name == head.stem_convs[0]
     batch = next(iter(loader))["images"]
-    np.testing.assert_array_equal(run_exact(rewritten, batch), run_exact(all_int8, batch))
+    expected = run_exact(all_int8, batch)
+    for permutation in ("int8", "float"):
+        rewritten, name = space_to_depth_qdq_stem(all_int8, permutation)
+        assert name == head.stem_convs[0]
+        np.testing.assert_array_equal(run_exact(rewritten, batch), expected)
     float_stem = onnx.load(str(write_qdq(model, head, amax, list(head.stem_convs), tmp_path / "stem.onnx").path))
     assert find_quantized_stride2_stem(float_stem) is None  # the search's float-stem candidates stay as they are
 
@@ -200,13 +221,23 @@ def test_on_yolov5n_the_rewritten_qdq_model_gives_exactly_the_same_detections(ex
 def test_tensorrt_builds_of_qdq_models_get_the_rewrite_and_others_do_not(tmp_path) -> None:
     qdq = tmp_path / "qdq.onnx"
     onnx.save(qdq_stem_model(), str(qdq))
-    plan = BuildPlan(onnx="qdq", fp16_flag=True, int8_flag=True, calibrator=None, strongly_typed=False)
     variant = VariantConfig(name="int8", precision="int8", quantization="qdq", backend="tensorrt")
     backend = TensorRTBackend(TensorRTConfig(), progress=(messages := []).append)
+    # TensorRT 8.6 with fp16_fallback (convs outside Q/DQ preferred in FP16): the float permutation
+    plan = BuildPlan(
+        onnx="qdq", fp16_flag=True, int8_flag=True, calibrator=None, strongly_typed=False, fp16_float_convs=True
+    )
     source = backend._source_onnx(variant, plan, qdq, qdq, tmp_path)
     assert source.name.endswith(".s2d.onnx") and source != qdq
     assert backend._source_onnx(variant, plan, qdq, qdq, tmp_path) == source  # reused by content
-    assert any("stem /model.0/conv/Conv as a 2x2 stride-2 INT8 space-to-depth conv" in m for m in messages)
+    assert "images" in next(n for n in onnx.load(str(source)).graph.node if n.op_type == "Conv").input
+    assert any("stem /model.0/conv/Conv as an FP16 2x2 stride-2 space-to-depth conv" in m for m in messages)
+    # no FP16 preference (fp16_fallback off, strongly typed TensorRT): the INT8 permutation
+    typed = BuildPlan(onnx="qdq", fp16_flag=False, int8_flag=False, calibrator=None, strongly_typed=True)
+    int8_source = backend._source_onnx(variant, typed, qdq, qdq, tmp_path)
+    assert int8_source.name.endswith(".s2d.onnx") and int8_source != source
+    assert "images" not in next(n for n in onnx.load(str(int8_source)).graph.node if n.op_type == "Conv").input
+    assert any("stem /model.0/conv/Conv as an INT8 2x2 stride-2 space-to-depth conv" in m for m in messages)
     off = TensorRTBackend(TensorRTConfig(qdq_stem_space_to_depth=False))
     assert off._source_onnx(variant, plan, qdq, qdq, tmp_path) == qdq
     fp32 = tmp_path / "fp32.onnx"
@@ -214,3 +245,18 @@ def test_tensorrt_builds_of_qdq_models_get_the_rewrite_and_others_do_not(tmp_pat
     fp16 = BuildPlan(onnx="fp32", fp16_flag=True, int8_flag=False, calibrator=None, strongly_typed=False)
     plain = VariantConfig(name="fp16", precision="fp16", backend="tensorrt")
     assert backend._source_onnx(plain, fp16, fp32, None, tmp_path) == fp32
+
+
+def test_the_float_permutation_reads_the_engines_uint8_frames(tmp_path) -> None:
+    qdq = tmp_path / "qdq.onnx"
+    onnx.save(qdq_stem_model(), str(qdq))
+    plan = BuildPlan(
+        onnx="qdq", fp16_flag=True, int8_flag=True, calibrator=None, strongly_typed=False, fp16_float_convs=True
+    )
+    variant = VariantConfig(name="int8", precision="int8", quantization="qdq", backend="tensorrt")
+    source = TensorRTBackend(TensorRTConfig(input="uint8"))._source_onnx(variant, plan, qdq, qdq, tmp_path)
+    frames = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    (name,) = [i.name for i in onnx.load(str(source)).graph.input]
+    actual = qdq_session(onnx.load(str(source)), session_options()).run(None, {name: frames})[0]
+    expected = run_exact(onnx.load(str(qdq)), (frames.transpose(0, 3, 1, 2) / np.float32(255)).astype(np.float32))
+    np.testing.assert_array_equal(actual, expected)

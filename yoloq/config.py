@@ -206,8 +206,10 @@ class TensorRTConfig(Section):
     qdq_stem_space_to_depth: bool = Field(
         True,
         description="Q/DQ INT8 engines: a quantized stride-2 even-kernel stem (YOLOv5's 6x6 conv on the image) is "
-        "built as a 2x2 stride-2 INT8 conv that does the space-to-depth + a stride-1 conv on 12 channels, the same "
-        "integers (yoloq.stem.space_to_depth_qdq_stem); TensorRT 8.6 has no fast INT8 kernel for the 6x6 form",
+        "built as a 2x2 stride-2 conv that does the space-to-depth (FP16 on the float image where fp16_fallback "
+        "prefers float convs in FP16, else INT8 on the quantized image), its output quantized like the image, + a "
+        "stride-1 INT8 conv on 12 channels: the same numbers (yoloq.stem.space_to_depth_qdq_stem); TensorRT 8.6 has "
+        "no fast INT8 kernel for the 6x6 form",
     )
     timing: TensorRTTimingConfig = TensorRTTimingConfig()
     layer_profile: TensorRTLayerProfileConfig = TensorRTLayerProfileConfig()

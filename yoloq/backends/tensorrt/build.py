@@ -55,7 +55,7 @@ from yoloq.errors import BackendUnavailable, EngineBuildError, InputError
 from yoloq.export import read_facts
 from yoloq.heads import DecodeSettings
 from yoloq.speed import SpeedMeasures, tile_batch
-from yoloq.stem import find_quantized_stride2_stem, space_to_depth_qdq_stem
+from yoloq.stem import Permutation, find_quantized_stride2_stem, space_to_depth_qdq_stem
 from yoloq.validate import decode_settings
 
 Progress = Callable[[str], None]
@@ -205,17 +205,20 @@ class TensorRTBackend:
     def _engine_onnx(
         self, variant: VariantConfig, plan: BuildPlan, source: Path, fp32_onnx: Path, out_dir: Path
     ) -> Path:
-        """`source` with the TensorRT-only surgery the settings ask for: the Q/DQ stem as an INT8 space-to-depth
+        """`source` with the TensorRT-only surgery the settings ask for: the Q/DQ stem as a space-to-depth
         conv (`tensorrt.qdq_stem_space_to_depth`), EfficientNMS_TRT (`tensorrt.nms`) and the uint8 input
         (`tensorrt.input`); each is skipped where it does not apply or the model has it already."""
         model = onnx.load(str(source), load_external_data=False)
         if plan.onnx == "qdq" and self.settings.qdq_stem_space_to_depth:
             stem = find_quantized_stride2_stem(model)
             if stem is not None:
-                source = space_to_depth_qdq_onnx(source, out_dir)
+                # The float permutation needs the FP16 preference of convs outside Q/DQ (fp16_fallback on 8.6-10)
+                permutation: Permutation = "float" if plan.fp16_float_convs else "int8"
+                source = space_to_depth_qdq_onnx(source, permutation, out_dir)
+                how = {"float": "an FP16", "int8": "an INT8"}[permutation]
                 self.progress(
-                    f"TensorRT {variant.name}: stem {stem.name} as a 2x2 stride-2 INT8 space-to-depth conv + a "
-                    f"stride-1 conv ({source.name}): the same integers, an INT8 kernel for TensorRT"
+                    f"TensorRT {variant.name}: stem {stem.name} as {how} 2x2 stride-2 space-to-depth conv, its "
+                    f"output quantized like the image, + a stride-1 INT8 conv ({source.name})"
                 )
         has_nms = has_nms_outputs([o.name for o in model.graph.output])
         has_uint8 = onnx_input(source).layout == "nhwc"
@@ -447,15 +450,15 @@ def polygraphy_log_to(path: Path) -> Iterator[Callable[[str], None]]:
         G_LOGGER.log_file = previous
 
 
-def space_to_depth_qdq_onnx(qdq_onnx: Path, out_dir: Path) -> Path:
+def space_to_depth_qdq_onnx(qdq_onnx: Path, permutation: Permutation, out_dir: Path) -> Path:
     """`qdq_onnx` with its quantized stride-2 stem rewritten (`yoloq.stem.space_to_depth_qdq_stem`), named by
     content hash and reused."""
 
     def produce(final: Path) -> None:
         with atomic_path(final) as tmp:
-            onnx.save(space_to_depth_qdq_stem(onnx.load(str(qdq_onnx)))[0], str(tmp))
+            onnx.save(space_to_depth_qdq_stem(onnx.load(str(qdq_onnx)), permutation)[0], str(tmp))
 
-    key = ["qdq-stem-space-to-depth-v1", file_sha256(qdq_onnx)]
+    key = ["qdq-stem-space-to-depth-v2", file_sha256(qdq_onnx), permutation]
     return get_or_create(out_dir, "model", key, ".s2d.onnx", produce, lambda path: path).value
 
 
