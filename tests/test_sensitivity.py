@@ -140,3 +140,60 @@ def test_two_runs_in_fresh_folders_write_identical_qdq_models(tmp_path: Path) ->
     assert written[0].path.name == written[1].path.name
     assert written[0].path.read_bytes() == written[1].path.read_bytes()
     assert written[0].manifest_path.read_bytes() == written[1].manifest_path.read_bytes()
+
+
+def _region_matches_the_whole_model(model: onnx.ModelProto, names: list[str], size: int) -> dict[str, float]:
+    """Each leave-one-out model of `names` run from its changed region on gives the whole model's output; returns
+    each region's share of the model's nodes."""
+    from yoloq.backends.onnxruntime import qdq_session, session_options
+    from yoloq.quant.placement import place_qdq
+    from yoloq.quant.qdq import insert_qdq
+    from yoloq.sensitivity import _session, changed_region, with_value_info
+
+    head = analyze_head(model)
+    loader = _calibration_loader(CALIB_IMAGES, 2, size=size)
+    amax = collect_stats(model, calibration_tensors(model, head), loader, "images").amax
+    images = next(iter(loader))["images"]
+    output = model.graph.output[0].name
+    base = insert_qdq(model, place_qdq(model, head, []), amax)
+    shares = {}
+    for name in names:
+        variant = insert_qdq(model, place_qdq(model, head, [name]), amax)
+        region = changed_region(base, variant, [output])
+        assert region.outputs == [output]
+        shares[name] = len(region.model.graph.node) / len(variant.graph.node)
+        fed = [t for t in region.inputs if t != "images"]
+        values = {"images": images}
+        if fed:
+            base_session = _session(with_value_info(base, fed), fed)
+            values |= dict(zip(fed, base_session.run(fed, {"images": images}), strict=True))
+        partial = qdq_session(region.model, session_options()).run([output], {t: values[t] for t in region.inputs})
+        whole = qdq_session(variant, session_options()).run([output], {"images": images})
+        np.testing.assert_allclose(partial[0], whole[0], rtol=1e-5, atol=1e-4)
+    return shares
+
+
+def test_a_leave_one_out_model_runs_from_its_float_conv_on_with_the_same_outputs() -> None:
+    model = _prepared(yolov5_like())
+    convs = quantizable_convs(model, analyze_head(model))
+    shares = _region_matches_the_whole_model(model, convs, SIZE)
+    assert shares[convs[0]] == 1.0 and shares[convs[-1]] < 0.5  # the stem: all of it; a head conv: its tail
+
+
+def test_on_yolov5n_the_regions_give_the_whole_models_outputs(exported) -> None:
+    from yoloq.quant.graph import prepare_model
+
+    model = prepare_model(exported.onnx_path)
+    convs = quantizable_convs(model, analyze_head(model))
+    # the stem, a conv in a residual bottleneck, one that feeds a Concat, a head conv
+    names = [convs[0], "/model.2/m/m.0/cv1/conv/Conv", "/model.2/cv2/conv/Conv", convs[-1]]
+    shares = _region_matches_the_whole_model(model, names, 640)
+    assert shares[convs[0]] == 1.0 and shares[convs[-1]] < 0.2
+
+
+def test_a_variant_that_changes_nothing_has_no_region() -> None:
+    from yoloq.sensitivity import changed_region
+
+    model = _prepared(yolov5_like())
+    region = changed_region(model, model, [model.graph.output[0].name])
+    assert region.outputs == [] and len(region.model.graph.node) == 0

@@ -340,7 +340,7 @@ class SearchConfig(Section):
     calibration_sizes: list[int] = Field(
         default_factory=lambda: [64, 128], min_length=1, description="calibration images per candidate"
     )
-    sensitivity_images: int = Field(16, ge=1, le=256, description="calibration images for the per-conv analysis")
+    sensitivity_images: int = Field(32, ge=1, le=256, description="calibration images for the per-conv analysis")
     float_steps: list[int] = Field(
         default_factory=lambda: [0, 2, 4, 8, 16],
         min_length=1,

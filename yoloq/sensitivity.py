@@ -16,6 +16,11 @@ Convs are ranked by gain. Measured on yolov5n (8 calibration images, MSE ranges)
 first. Quantizing one conv *alone* ranks early backbone convs first instead, and keeping those in float did not
 help mAP on the 525 validation images (the interactions matter): hence leave-one-out.
 
+Each leave-one-out model computes what the all-INT8 model does up to the conv it leaves float, so it runs only
+from there (`changed_region`): the all-INT8 model runs once, and each leave-one-out model's changed part runs on
+the all-INT8 model's tensors where that part starts. The errors are identical to running every model whole
+(yolov5n, 32 images: 97 s instead of 161 s; yolov8n about 2x faster).
+
 Calibration images, never validation images: ranking layers needs no labels. The ranking feeds the precision
 search (yoloq.search), which keeps the convs with the largest gain in float.
 """
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from yoloq.artifacts import atomic_write_json, read_json, save_figure
 from yoloq.cache import get_or_create
@@ -43,7 +49,8 @@ if TYPE_CHECKING:  # ONNX Runtime is imported where it runs: the TensorRT machin
     from yoloq.quant.graph import HeadAnalysis
 
 Progress = Callable[[str], None]
-# v2: placement rules; v3: the integer-exact simulation; v4: its sessions with graph optimizations (same ranking)
+# v2: placement rules; v3: the integer-exact simulation; v4: its sessions with graph optimizations (same ranking);
+# (v4 since 2026-12-03 also: each leave-one-out model runs from the conv left float on: identical errors)
 METRIC_VERSION = "leave-one-out-detection-v4"
 
 
@@ -98,28 +105,50 @@ CONFIDENT = 0.1
 MIN_CONFIDENT = 20
 
 
-def _predictions(output: np.ndarray, head_format: str) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes cx, cy, w, h as (P, 4), scores (P,)) of every anchor of a decoded YOLOv5 or YOLOv8 output."""
-    if head_format == "yolov5":  # (N, A, 5 + nc): cx, cy, w, h, objectness, class probabilities
-        rows = output.reshape(-1, output.shape[-1])
-        return rows[:, :4], rows[:, 4] * rows[:, 5:].max(axis=1)
-    rows = np.swapaxes(output, 1, 2).reshape(-1, output.shape[1])  # (N, 4 + nc, A): cx, cy, w, h, class probs
-    return rows[:, :4], rows[:, 4:].max(axis=1)
+def _rows(output: np.ndarray, head_format: str) -> np.ndarray:
+    """One row per anchor: YOLOv5 (N, A, 5 + nc) cx, cy, w, h, objectness, class probabilities; YOLOv8
+    (N, 4 + nc, A) -> cx, cy, w, h, class probabilities."""
+    if head_format == "yolov5":
+        return output.reshape(-1, output.shape[-1])
+    return np.swapaxes(output, 1, 2).reshape(-1, output.shape[1])
 
 
-def detection_error(quantized: np.ndarray, reference: np.ndarray, head_format: str) -> float:
+def _scores(rows: np.ndarray, head_format: str) -> np.ndarray:
+    if head_format == "yolov5":
+        return rows[:, 4] * rows[:, 5:].max(axis=1)
+    return rows[:, 4:].max(axis=1)
+
+
+@dataclass(frozen=True)
+class ConfidentPredictions:
+    """The reference's predictions that `detection_error` compares: their anchors, boxes and scores."""
+
+    anchors: np.ndarray
+    boxes: np.ndarray  # cx, cy, w, h as (P, 4), float64
+    scores: np.ndarray  # (P,), float64
+
+
+def confident_predictions(reference: np.ndarray, head_format: str) -> ConfidentPredictions:
+    """The predictions FP32 is confident about (score > CONFIDENT; at least MIN_CONFIDENT of them)."""
+    rows = _rows(reference, head_format)
+    scores = _scores(rows, head_format)
+    chosen = np.flatnonzero(scores > CONFIDENT)
+    if len(chosen) < MIN_CONFIDENT:
+        chosen = np.argsort(-scores)[:MIN_CONFIDENT]
+    return ConfidentPredictions(chosen, rows[chosen, :4].astype(np.float64), scores[chosen].astype(np.float64))
+
+
+def detection_error(quantized: np.ndarray, reference: np.ndarray | ConfidentPredictions, head_format: str) -> float:
     """Mean error over the predictions the reference is confident about (at least MIN_CONFIDENT of them):
     centre error / (w + h) + mean relative w, h error + absolute score error."""
-    boxes_f, scores_f = _predictions(reference, head_format)
-    boxes_q, scores_q = _predictions(quantized, head_format)
-    chosen = np.flatnonzero(scores_f > CONFIDENT)
-    if len(chosen) < MIN_CONFIDENT:
-        chosen = np.argsort(-scores_f)[:MIN_CONFIDENT]
-    f, q = boxes_f[chosen].astype(np.float64), boxes_q[chosen].astype(np.float64)
+    if not isinstance(reference, ConfidentPredictions):
+        reference = confident_predictions(reference, head_format)
+    rows = _rows(quantized, head_format)[reference.anchors]
+    f, q = reference.boxes, rows[:, :4].astype(np.float64)
     size = np.maximum(f[:, 2:4], 1e-6)
     centre = np.abs(q[:, :2] - f[:, :2]).sum(axis=1) / size.sum(axis=1)
     extent = (np.abs(q[:, 2:4] - f[:, 2:4]) / size).mean(axis=1)
-    score = np.abs(scores_q[chosen].astype(np.float64) - scores_f[chosen])
+    score = np.abs(_scores(rows, head_format).astype(np.float64) - reference.scores)
     return float(np.mean(centre + extent + score))
 
 
@@ -149,22 +178,119 @@ def layer_sensitivity(
         outputs = [model.graph.output[0].name]
 
         def error(values: list[np.ndarray]) -> float:
-            return detection_error(values[0], reference[0], head_format)
-
-    def run(float_nodes: Sequence[str]) -> list[np.ndarray]:
-        quantized = insert_qdq(model, place_qdq(model, head, float_nodes), amax)
-        return _session(quantized, outputs).run(outputs, {input_name: images})
+            return detection_error(values[0], confident, head_format)
 
     reference = _session(model, outputs).run(outputs, {input_name: images})
-    all_int8 = error(run([]))
+    confident = confident_predictions(reference[0], head_format) if head_format != "end2end" else None
+    all_int8_model = insert_qdq(model, place_qdq(model, head, []), amax)
+    # Each leave-one-out model computes what the all-INT8 one does up to the conv left float: it runs only from
+    # there (`changed_region`), on the all-INT8 model's tensors where they enter, computed once.
+    regions = {
+        name: changed_region(all_int8_model, insert_qdq(model, place_qdq(model, head, [name]), amax), outputs)
+        for name in convs
+    }
+    entering = list(dict.fromkeys(t for region in regions.values() for t in region.inputs if t not in outputs))
+    fed = [t for t in entering if t != input_name]
+    values = dict(
+        zip(
+            [*outputs, *fed],
+            _session(with_value_info(all_int8_model, fed), [*outputs, *fed]).run(
+                [*outputs, *fed], {input_name: images}
+            ),
+            strict=True,
+        )
+    )
+    values[input_name] = images
+    all_int8 = error([values[o] for o in outputs])
     results = []
     for position, name in enumerate(convs):
-        left_out = error(run([name]))
+        region = regions[name]
+        computed = {}
+        if region.outputs:
+            session = _session(region.model, region.outputs)
+            feeds = {t: values[t] for t in region.inputs}
+            computed = dict(zip(region.outputs, session.run(region.outputs, feeds), strict=True))
+        left_out = error([computed.get(o, values[o]) for o in outputs])
         gain = (all_int8 - left_out) / all_int8 if all_int8 > 0 else 0.0
         results.append(LayerSensitivity(name, position, left_out, gain))
         if progress and ((position + 1) % 10 == 0 or position + 1 == len(convs)):
             progress(f"  sensitivity: {position + 1}/{len(convs)} convs")
     return sorted(results, key=lambda r: (-r.gain, r.position))
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of a model that computes differently from a base model, as a model of its own: `inputs` are the
+    tensors it reads that the base computes the same (or the graph's inputs); `outputs` the requested outputs it
+    computes (the others are the base's)."""
+
+    model: onnx.ModelProto
+    inputs: list[str]
+    outputs: list[str]
+
+
+def changed_region(base: onnx.ModelProto, variant: onnx.ModelProto, outputs: Sequence[str]) -> Region:
+    """The nodes of `variant` (in graph order) that are not nodes of `base`, read an initializer whose value
+    differs from base's, or read a tensor such a node produces, with the nodes that compute what they read from
+    initializers alone (Constant, the weights' DequantizeLinear), as a model
+    from the tensors they read (computed identically by `base`) to those of `outputs` they compute."""
+    base_nodes = {node.SerializeToString() for node in base.graph.node}
+    base_inits = {init.name: init.SerializeToString() for init in base.graph.initializer}
+    inits = {init.name: init for init in variant.graph.initializer}
+    changed_inits = {name for name, init in inits.items() if base_inits.get(name) != init.SerializeToString()}
+    constants: dict[str, onnx.NodeProto] = {}  # tensors computed from initializers alone -> their node
+    for node in variant.graph.node:
+        if all(name in inits or name in constants for name in node.input if name):
+            constants.update(dict.fromkeys(node.output, node))
+    produced: set[str] = set()
+    nodes = []
+    for node in variant.graph.node:
+        reads = set(node.input)
+        if node.SerializeToString() not in base_nodes or reads & changed_inits or reads & produced:
+            nodes.append(node)
+            produced.update(node.output)
+    outputs = [o for o in outputs if o in produced]
+    read = dict.fromkeys(name for node in nodes for name in node.input if name and name not in produced)
+    used_constants: list[onnx.NodeProto] = []  # in graph order, with what they read
+    pending = [name for name in read if name in constants]
+    while pending:
+        node = constants[pending.pop()]
+        if node not in used_constants:
+            used_constants.append(node)
+            pending.extend(name for name in node.input if name in constants)
+            read.update(dict.fromkeys(name for name in node.input if name in inits))
+    order = {id(node): index for index, node in enumerate(variant.graph.node)}
+    used_constants.sort(key=lambda node: order[id(node)])
+    inputs = [name for name in read if name not in inits and name not in constants]
+    types = _elem_types(base)
+    graph = helper.make_graph(
+        [*used_constants, *nodes],
+        "changed_region",
+        [helper.make_tensor_value_info(name, types[name], None) for name in inputs],
+        [helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None) for name in outputs],
+        [inits[name] for name in read if name in inits],
+    )
+    model = helper.make_model(graph, opset_imports=variant.opset_import, ir_version=variant.ir_version)
+    return Region(model, inputs, outputs)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of `model` (graph inputs, inferred intermediate tensors, outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {value.name: value.type.tensor_type.elem_type for value in values}
+
+
+def with_value_info(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose value_info types the tensors `names` (so a session can return them)."""
+    types = _elem_types(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {value.name for value in (*out.graph.value_info, *out.graph.output)}
+    for name in names:
+        if name not in known:
+            out.graph.value_info.append(helper.make_tensor_value_info(name, types[name], None))
+    return out
 
 
 def save_sensitivity(results: list[LayerSensitivity], path: Path) -> Path:
