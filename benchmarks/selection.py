@@ -41,7 +41,14 @@ from yoloq.agreement import agreement  # noqa: E402
 from yoloq.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from yoloq.cache import load_detections, save_detections  # noqa: E402
 from yoloq.calibrate import calibration_statistics, write_qdq_model  # noqa: E402
-from yoloq.config import CalibrationConfig, ExportConfig, ModelConfig, SimplifyConfig, ValidationConfig  # noqa: E402
+from yoloq.config import (  # noqa: E402
+    CalibrationConfig,
+    ExportConfig,
+    ModelConfig,
+    SearchConfig,
+    SimplifyConfig,
+    ValidationConfig,
+)
 from yoloq.export import export_model  # noqa: E402
 from yoloq.heads import Detections  # noqa: E402
 from yoloq.labels import ImageTruth, load_ground_truth  # noqa: E402
@@ -86,6 +93,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="64,128")
     parser.add_argument("--float-steps", default="0,2,4,8")
     parser.add_argument("--ranking", default="mse", help="algorithm whose sensitivity ranking the precision steps use")
+    parser.add_argument(
+        "--sensitivity-images",
+        type=int,
+        default=SearchConfig().sensitivity_images,
+        help="calibration images of the sensitivity ranking (default: search.sensitivity_images's default)",
+    )
     parser.add_argument("--subsets", default="64,128,256,512")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--percentile", type=float, default=99.99)
@@ -129,7 +142,15 @@ def main() -> int:
             candidates.append(Candidate(f"{algorithm}-{size}.default", model.path))
     size = max(stats)
     ranking = analyze_sensitivity(
-        fp32, stats[size], args.ranking, args.percentile, 8, facts.imgsz, facts.head_format, out, print
+        fp32,
+        stats[size],
+        args.ranking,
+        args.percentile,
+        args.sensitivity_images,
+        facts.imgsz,
+        facts.head_format,
+        out,
+        print,
     ).layers
     order = [layer.node for layer in ranking]  # as the search does: the stem is ranked like any other conv
     for k in (int(s) for s in args.float_steps.split(",") if s):

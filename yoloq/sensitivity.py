@@ -201,6 +201,8 @@ def layer_sensitivity(
         )
     )
     values[input_name] = images
+    if progress:
+        progress(f"  sensitivity: all-INT8 model run once; {len(fed)} of its tensors feed the leave-one-out models")
     all_int8 = error([values[o] for o in outputs])
     results = []
     for position, name in enumerate(convs):
