@@ -148,14 +148,14 @@ def _region_matches_the_whole_model(model: onnx.ModelProto, names: list[str], si
     from yoloq.backends.onnxruntime import qdq_session, session_options
     from yoloq.quant.placement import place_qdq
     from yoloq.quant.qdq import insert_qdq
-    from yoloq.sensitivity import _session, changed_region, with_value_info
+    from yoloq.sensitivity import _session, changed_region, region_base, with_value_info
 
     head = analyze_head(model)
     loader = _calibration_loader(CALIB_IMAGES, 2, size=size)
     amax = collect_stats(model, calibration_tensors(model, head), loader, "images").amax
     images = next(iter(loader))["images"]
     output = model.graph.output[0].name
-    base = insert_qdq(model, place_qdq(model, head, []), amax)
+    base = region_base(insert_qdq(model, place_qdq(model, head, []), amax))
     shares = {}
     for name in names:
         variant = insert_qdq(model, place_qdq(model, head, [name]), amax)
@@ -192,8 +192,8 @@ def test_on_yolov5n_the_regions_give_the_whole_models_outputs(exported) -> None:
 
 
 def test_a_variant_that_changes_nothing_has_no_region() -> None:
-    from yoloq.sensitivity import changed_region
+    from yoloq.sensitivity import changed_region, region_base
 
     model = _prepared(yolov5_like())
-    region = changed_region(model, model, [model.graph.output[0].name])
+    region = changed_region(region_base(model), model, [model.graph.output[0].name])
     assert region.outputs == [] and len(region.model.graph.node) == 0

@@ -182,11 +182,11 @@ def layer_sensitivity(
 
     reference = _session(model, outputs).run(outputs, {input_name: images})
     confident = confident_predictions(reference[0], head_format) if head_format != "end2end" else None
-    all_int8_model = insert_qdq(model, place_qdq(model, head, []), amax)
+    all_int8 = region_base(insert_qdq(model, place_qdq(model, head, []), amax))
     # Each leave-one-out model computes what the all-INT8 one does up to the conv left float: it runs only from
     # there (`changed_region`), on the all-INT8 model's tensors where they enter, computed once.
     regions = {
-        name: changed_region(all_int8_model, insert_qdq(model, place_qdq(model, head, [name]), amax), outputs)
+        name: changed_region(all_int8, insert_qdq(model, place_qdq(model, head, [name]), amax), outputs)
         for name in convs
     }
     entering = list(dict.fromkeys(t for region in regions.values() for t in region.inputs if t not in outputs))
@@ -194,16 +194,14 @@ def layer_sensitivity(
     values = dict(
         zip(
             [*outputs, *fed],
-            _session(with_value_info(all_int8_model, fed), [*outputs, *fed]).run(
-                [*outputs, *fed], {input_name: images}
-            ),
+            _session(with_value_info(all_int8, fed), [*outputs, *fed]).run([*outputs, *fed], {input_name: images}),
             strict=True,
         )
     )
     values[input_name] = images
     if progress:
         progress(f"  sensitivity: all-INT8 model run once; {len(fed)} of its tensors feed the leave-one-out models")
-    all_int8 = error([values[o] for o in outputs])
+    all_int8_error = error([values[o] for o in outputs])
     results = []
     for position, name in enumerate(convs):
         region = regions[name]
@@ -213,7 +211,7 @@ def layer_sensitivity(
             feeds = {t: values[t] for t in region.inputs}
             computed = dict(zip(region.outputs, session.run(region.outputs, feeds), strict=True))
         left_out = error([computed.get(o, values[o]) for o in outputs])
-        gain = (all_int8 - left_out) / all_int8 if all_int8 > 0 else 0.0
+        gain = (all_int8_error - left_out) / all_int8_error if all_int8_error > 0 else 0.0
         results.append(LayerSensitivity(name, position, left_out, gain))
         if progress and ((position + 1) % 10 == 0 or position + 1 == len(convs)):
             progress(f"  sensitivity: {position + 1}/{len(convs)} convs")
@@ -231,15 +229,35 @@ class Region:
     outputs: list[str]
 
 
-def changed_region(base: onnx.ModelProto, variant: onnx.ModelProto, outputs: Sequence[str]) -> Region:
+@dataclass(frozen=True)
+class RegionBase:
+    """The model `changed_region` compares variants with, and what it compares, computed once: its nodes and
+    initializers (serialized) and the element type of every tensor."""
+
+    model: onnx.ModelProto
+    nodes: frozenset[bytes]
+    initializers: dict[str, bytes]
+    types: dict[str, int]
+
+
+def region_base(model: onnx.ModelProto) -> RegionBase:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return RegionBase(
+        model,
+        frozenset(node.SerializeToString() for node in model.graph.node),
+        {init.name: init.SerializeToString() for init in model.graph.initializer},
+        {value.name: value.type.tensor_type.elem_type for value in values},
+    )
+
+
+def changed_region(base: RegionBase, variant: onnx.ModelProto, outputs: Sequence[str]) -> Region:
     """The nodes of `variant` (in graph order) that are not nodes of `base`, read an initializer whose value
     differs from base's, or read a tensor such a node produces, with the nodes that compute what they read from
     initializers alone (Constant, the weights' DequantizeLinear), as a model
     from the tensors they read (computed identically by `base`) to those of `outputs` they compute."""
-    base_nodes = {node.SerializeToString() for node in base.graph.node}
-    base_inits = {init.name: init.SerializeToString() for init in base.graph.initializer}
     inits = {init.name: init for init in variant.graph.initializer}
-    changed_inits = {name for name, init in inits.items() if base_inits.get(name) != init.SerializeToString()}
+    changed_inits = {name for name, init in inits.items() if base.initializers.get(name) != init.SerializeToString()}
     constants: dict[str, onnx.NodeProto] = {}  # tensors computed from initializers alone -> their node
     for node in variant.graph.node:
         if all(name in inits or name in constants for name in node.input if name):
@@ -248,7 +266,7 @@ def changed_region(base: onnx.ModelProto, variant: onnx.ModelProto, outputs: Seq
     nodes = []
     for node in variant.graph.node:
         reads = set(node.input)
-        if node.SerializeToString() not in base_nodes or reads & changed_inits or reads & produced:
+        if node.SerializeToString() not in base.nodes or reads & changed_inits or reads & produced:
             nodes.append(node)
             produced.update(node.output)
     outputs = [o for o in outputs if o in produced]
@@ -264,7 +282,7 @@ def changed_region(base: onnx.ModelProto, variant: onnx.ModelProto, outputs: Seq
     order = {id(node): index for index, node in enumerate(variant.graph.node)}
     used_constants.sort(key=lambda node: order[id(node)])
     inputs = [name for name in read if name not in inits and name not in constants]
-    types = _elem_types(base)
+    types = base.types
     graph = helper.make_graph(
         [*used_constants, *nodes],
         "changed_region",
@@ -276,22 +294,14 @@ def changed_region(base: onnx.ModelProto, variant: onnx.ModelProto, outputs: Seq
     return Region(model, inputs, outputs)
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor of `model` (graph inputs, inferred intermediate tensors, outputs)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-    return {value.name: value.type.tensor_type.elem_type for value in values}
-
-
-def with_value_info(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose value_info types the tensors `names` (so a session can return them)."""
-    types = _elem_types(model)
+def with_value_info(base: RegionBase, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of the base model whose value_info types the tensors `names` (so a session can return them)."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(base.model)
     known = {value.name for value in (*out.graph.value_info, *out.graph.output)}
     for name in names:
         if name not in known:
-            out.graph.value_info.append(helper.make_tensor_value_info(name, types[name], None))
+            out.graph.value_info.append(helper.make_tensor_value_info(name, base.types[name], None))
     return out
 
 
